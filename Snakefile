@@ -1,0 +1,23 @@
+# d2retrain: COCO categories -> filtered, balanced data -> Mask R-CNN -> predictions.
+# Stages live in workflow/rules/, logic in src/d2retrain/, config keys in the schema.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+if not config:
+
+    configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_outputs(),

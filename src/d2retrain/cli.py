@@ -1,0 +1,153 @@
+"""The ``d2retrain`` command line: each workflow step, runnable by hand."""
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from d2retrain import __version__
+from d2retrain.errors import D2RetrainError
+from d2retrain.filtering import BALANCE_MODES, FilterOptions
+from d2retrain.logutil import configure_logging
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["main", "build_parser"]
+
+
+def _demo_data(args: argparse.Namespace) -> None:
+    from d2retrain.demo import write_demo_dataset
+
+    write_demo_dataset(
+        args.output, seed=args.seed, train=args.train, val=args.val, video_frames=args.video_frames
+    )
+
+
+def _filter(args: argparse.Namespace) -> None:
+    from d2retrain.prepare import filter_file
+
+    options = FilterOptions(
+        min_area=args.min_area, drop_crowd=args.drop_crowd, keep_empty_images=args.keep_empty_images
+    )
+    filter_file(args.input, args.output, args.categories, options)
+
+
+def _balance(args: argparse.Namespace) -> None:
+    from d2retrain.prepare import balance_file
+
+    balance_file(args.input, args.output, args.mode)
+
+
+def _images(args: argparse.Namespace) -> None:
+    from d2retrain.masks import copy_images
+
+    copy_images(args.input, args.image_dir, args.output, threads=args.threads)
+
+
+def _masks(args: argparse.Namespace) -> None:
+    from d2retrain.masks import render_masks
+
+    render_masks(args.input, args.output, threads=args.threads)
+
+
+def _stats(args: argparse.Namespace) -> None:
+    from d2retrain.prepare import write_stats
+
+    steps: dict[str, dict[str, str]] = {}
+    for item in args.inputs:
+        label, _, path = item.partition("=")
+        split, _, step = label.rpartition(":")
+        if not path or not step:
+            raise D2RetrainError(
+                f"stats input {item!r}: expected SPLIT:STEP=FILE, e.g. train:filtered=out.json"
+            )
+        steps.setdefault(split or "train", {})[step] = path
+    write_stats(steps, args.categories, args.csv, args.png, title=", ".join(args.categories))
+
+
+def _add_filter(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("filter", help="keep chosen categories of a COCO file, renumbered 1..N")
+    parser.add_argument(
+        "-i", "--input", "--input_json", dest="input", required=True, help="COCO instances JSON"
+    )
+    parser.add_argument("-o", "--output", "--output_json", dest="output", required=True, help="output JSON")
+    parser.add_argument(
+        "-c", "--categories", nargs="+", required=True, help="category names, in model class order"
+    )
+    parser.add_argument("--min-area", type=float, default=0.0, help="drop annotations of smaller area")
+    parser.add_argument("--drop-crowd", action="store_true", help="drop iscrowd annotations")
+    parser.add_argument(
+        "--keep-empty-images", action="store_true", help="keep images with no kept annotation (negatives)"
+    )
+    parser.set_defaults(handler=_filter)
+
+
+def _add_data_commands(commands: argparse._SubParsersAction) -> None:
+    demo = commands.add_parser("demo-data", help="write the deterministic demo dataset and video")
+    demo.add_argument("output", help="destination folder")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--train", type=int, default=80, help="training images")
+    demo.add_argument("--val", type=int, default=24, help="validation images")
+    demo.add_argument("--video-frames", type=int, default=40)
+    demo.set_defaults(handler=_demo_data)
+    _add_filter(commands)
+    balance = commands.add_parser("balance", help="keep only images holding every category")
+    balance.add_argument("-i", "--input", required=True, help="filtered COCO JSON")
+    balance.add_argument("-o", "--output", required=True, help="output JSON")
+    balance.add_argument("--mode", choices=BALANCE_MODES, default="all")
+    balance.set_defaults(handler=_balance)
+    for name, handler, text in (
+        ("images", _images, "hard-link or copy the images a COCO file names"),
+        ("masks", _masks, "render semantic and instance mask PNGs"),
+    ):
+        parser = commands.add_parser(name, help=text)
+        parser.add_argument("-i", "--input", required=True, help="COCO JSON")
+        parser.add_argument("-o", "--output", required=True, help="output folder")
+        if name == "images":
+            parser.add_argument("--image-dir", required=True, help="folder the file_names are relative to")
+        parser.add_argument("--threads", type=int, default=1)
+        parser.set_defaults(handler=handler)
+    stats = commands.add_parser("stats", help="per-category counts at each step, CSV and bar chart")
+    stats.add_argument("inputs", nargs="+", metavar="SPLIT:STEP=FILE")
+    stats.add_argument("-c", "--categories", nargs="+", required=True)
+    stats.add_argument("--csv", required=True)
+    stats.add_argument("--png", required=True)
+    stats.set_defaults(handler=_stats)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="d2retrain", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--log-file", help="also write the log to this file")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_data_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; a user error prints one line and returns 2.
+
+    Args:
+        argv: Arguments without the program name (``sys.argv[1:]`` when None).
+
+    Returns:
+        The exit status.
+    """
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_file, logging.WARNING if args.quiet else logging.INFO)
+    handler: Callable[[argparse.Namespace], None] = args.handler
+    try:
+        handler(args)
+    except D2RetrainError as error:
+        print(f"d2retrain {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"d2retrain {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

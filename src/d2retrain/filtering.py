@@ -1,0 +1,206 @@
+"""Filter a COCO document to chosen categories and balance it: pure transforms."""
+
+import dataclasses
+import difflib
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from d2retrain.coco import Category, CocoDocument, renumber_category
+from d2retrain.errors import AnnotationError, CategoryError, EmptyResultError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FilterOptions", "BALANCE_MODES", "resolve_categories", "filter_document", "balance_document"]
+
+BALANCE_MODES = ("none", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterOptions:
+    """What the filter keeps besides the chosen categories.
+
+    Attributes:
+        min_area: Drop annotations whose ``area`` is below this (0 keeps all).
+        drop_crowd: Drop ``iscrowd`` annotations.
+        keep_empty_images: Keep images with no kept annotation, as negatives.
+    """
+
+    min_area: float = 0.0
+    drop_crowd: bool = False
+    keep_empty_images: bool = False
+
+
+def resolve_categories(categories: Sequence[Category], names: Sequence[str], source: str) -> list[Category]:
+    """Look up categories by name, in the order given.
+
+    Args:
+        categories: The categories of a document.
+        names: Names to find; their order is the class order of the model.
+        source: File name used in error messages.
+
+    Returns:
+        The matching categories, in the order of ``names``.
+
+    Raises:
+        CategoryError: A name is unknown (close matches are suggested), repeated, or
+            ``names`` is empty.
+    """
+    if not names:
+        raise CategoryError("no categories chosen; name at least one, e.g. -c person")
+    repeated = sorted({name for name in names if list(names).count(name) > 1})
+    if repeated:
+        raise CategoryError(f"categories named more than once: {', '.join(repeated)}")
+    by_name = {category.name: category for category in categories}
+    chosen = []
+    for name in names:
+        if name not in by_name:
+            close = difflib.get_close_matches(name, list(by_name), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise CategoryError(f"{source}: no category named {name!r}{hint}")
+        chosen.append(by_name[name])
+    return chosen
+
+
+def filter_document(document: CocoDocument, names: Sequence[str], options: FilterOptions) -> CocoDocument:
+    """Keep the annotations of the named categories, renumbered 1..N in the given order.
+
+    Images with at least one kept annotation are kept (all images with
+    ``keep_empty_images``); images and annotations keep every field and their ids, and
+    come out sorted by id.
+
+    Args:
+        document: The input document.
+        names: Category names; their order sets the new ids 1..N.
+        options: Area, crowd and negative-image options.
+
+    Returns:
+        The filtered document.
+
+    Raises:
+        CategoryError: A name is unknown, or a chosen category keeps no annotation.
+        AnnotationError: ``min_area`` is set but an annotation has no ``area``.
+        EmptyResultError: Nothing is left.
+    """
+    chosen = resolve_categories(document.categories, names, document.source)
+    old_ids = np.array([category.id for category in chosen], dtype=np.int64)
+    keep = _annotation_mask(document, old_ids, options)
+    kept_categories = document.table.category_ids[keep]
+    for category in chosen:
+        if not np.any(kept_categories == category.id):
+            raise CategoryError(
+                f"{document.source}: category {category.name!r} has no annotations"
+                f"{'' if options == FilterOptions() else ' left after the area and crowd options'}"
+                "; drop it from the list or use another dataset"
+            )
+    index = np.flatnonzero(keep)
+    index = index[np.argsort(document.table.ids[index], kind="stable")]
+    new_id = {category.id: position + 1 for position, category in enumerate(chosen)}
+    table = document.table.take(index)
+    old_ids_kept = table.category_ids.tolist()
+    annotations = [
+        raw if old == new_id[old] else renumber_category(raw, new_id[old])
+        for raw, old in zip((document.annotations[i] for i in index), old_ids_kept, strict=True)
+    ]
+    table = dataclasses.replace(
+        table, category_ids=np.array([new_id[c] for c in old_ids_kept], dtype=np.int64)
+    )
+    image_mask = None if options.keep_empty_images else np.isin(document.image_ids, table.image_ids)
+    filtered = _with_records(
+        document,
+        annotations=annotations,
+        table=table,
+        image_mask=image_mask,
+        categories=[
+            Category(id=position + 1, name=category.name, supercategory=category.supercategory)
+            for position, category in enumerate(chosen)
+        ],
+    )
+    logger.info(
+        "filter %s: kept %d of %d annotations and %d of %d images for %s",
+        document.source,
+        len(annotations),
+        len(document.annotations),
+        len(filtered.images),
+        len(document.images),
+        ", ".join(names),
+    )
+    return filtered
+
+
+def _annotation_mask(document: CocoDocument, category_ids: np.ndarray, options: FilterOptions) -> np.ndarray:
+    table = document.table
+    keep = np.isin(table.category_ids, category_ids)
+    if options.drop_crowd:
+        keep &= ~table.iscrowd
+    if options.min_area > 0:
+        missing = keep & np.isnan(table.area)
+        if missing.any():
+            index = int(np.argmax(missing))
+            raise AnnotationError(
+                f"{document.source}: annotations[{index}] has no 'area', so min_area cannot be applied"
+            )
+        keep &= table.area >= options.min_area
+    return keep
+
+
+def balance_document(document: CocoDocument, mode: str) -> CocoDocument:
+    """Keep only images that hold every category (mode ``all``), with all their annotations.
+
+    Args:
+        document: A filtered document.
+        mode: ``none`` returns the document unchanged; ``all`` keeps images holding at
+            least one instance of every category.
+
+    Returns:
+        The balanced document: images sorted by id, annotations in input order.
+
+    Raises:
+        ValueError: ``mode`` is not a balance mode (a bug: config validation stops it first).
+        EmptyResultError: No image holds every category.
+    """
+    if mode == "none":
+        return document
+    if mode != "all":
+        raise ValueError(f"unknown balance mode {mode!r}; expected one of {BALANCE_MODES}")
+    table = document.table
+    pairs = np.unique(np.stack([table.image_ids, table.category_ids]), axis=1)
+    image_ids, category_counts = np.unique(pairs[0], return_counts=True)
+    keep_images = image_ids[category_counts == len(document.categories)]
+    if keep_images.size == 0:
+        names = ", ".join(category.name for category in document.categories)
+        raise EmptyResultError(
+            f"{document.source}: no image holds every category ({names}); use balance: none"
+        )
+    keep = np.isin(table.image_ids, keep_images)
+    index = np.flatnonzero(keep)
+    return _with_records(
+        document,
+        annotations=[document.annotations[i] for i in index],
+        table=table.take(index),
+        image_mask=np.isin(document.image_ids, keep_images),
+        categories=document.categories,
+    )
+
+
+def _with_records(
+    document: CocoDocument,
+    annotations: list,
+    table,
+    image_mask: np.ndarray | None,
+    categories: list[Category],
+) -> CocoDocument:
+    if not annotations:
+        raise EmptyResultError(f"{document.source}: no annotation is left")
+    image_index = np.arange(len(document.images)) if image_mask is None else np.flatnonzero(image_mask)
+    image_index = image_index[np.argsort(document.image_ids[image_index], kind="stable")]
+    return dataclasses.replace(
+        document,
+        images=[document.images[i] for i in image_index],
+        image_ids=document.image_ids[image_index],
+        file_names=[document.file_names[i] for i in image_index],
+        annotations=annotations,
+        table=table,
+        categories=categories,
+    )

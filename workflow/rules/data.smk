@@ -1,0 +1,92 @@
+# Data preparation: demo data -> filter -> balance -> (images, masks) -> stats.
+
+
+rule demo_data:
+    output:
+        train=f"{config['demo']['root']}/annotations/instances_train.json",
+        val=f"{config['demo']['root']}/annotations/instances_val.json",
+        train_images=directory(f"{config['demo']['root']}/train"),
+        val_images=directory(f"{config['demo']['root']}/val"),
+        video=f"{config['demo']['root']}/video/demo.mp4",
+    conda:
+        "../../envs/d2retrain.yaml"
+    log:
+        "logs/demo_data.log",
+    params:
+        seed=config["demo"]["seed"],
+        train=config["demo"]["train_images"],
+        val=config["demo"]["val_images"],
+        video_frames=config["demo"]["video_frames"],
+        code=code_version("demo"),
+    script:
+        "../scripts/demo_data.py"
+
+
+rule filter:
+    input:
+        split_annotations,
+    output:
+        "results/{subset}/data/{split}_filtered.json",
+    conda:
+        "../../envs/d2retrain.yaml"
+    log:
+        "logs/{subset}/filter_{split}.log",
+    params:
+        categories=subset_value("categories"),
+        min_area=subset_value("min_area"),
+        drop_crowd=subset_value("drop_crowd"),
+        keep_empty_images=subset_value("keep_empty_images"),
+        code=code_version("coco", "filtering", "prepare"),
+    script:
+        "../scripts/filter.py"
+
+
+rule balance:
+    input:
+        "results/{subset}/data/{split}_filtered.json",
+    output:
+        "results/{subset}/data/{split}.json",
+    conda:
+        "../../envs/d2retrain.yaml"
+    log:
+        "logs/{subset}/balance_{split}.log",
+    params:
+        mode=balance_mode,
+        code=code_version("coco", "filtering", "prepare"),
+    script:
+        "../scripts/balance.py"
+
+
+rule images_and_masks:
+    input:
+        annotations="results/{subset}/data/{split}.json",
+        images=split_images,
+    output:
+        images=directory("results/{subset}/images/{split}"),
+        masks=directory("results/{subset}/masks/{split}"),
+    conda:
+        "../../envs/d2retrain.yaml"
+    log:
+        "logs/{subset}/images_and_masks_{split}.log",
+    threads: 4
+    params:
+        code=code_version("coco", "masks"),
+    script:
+        "../scripts/images_and_masks.py"
+
+
+rule stats:
+    input:
+        unpack(stats_inputs),
+    output:
+        csv="results/{subset}/stats/counts.csv",
+        png="results/{subset}/stats/counts.png",
+    conda:
+        "../../envs/d2retrain.yaml"
+    log:
+        "logs/{subset}/stats.log",
+    params:
+        categories=subset_value("categories"),
+        code=code_version("coco", "stats", "prepare"),
+    script:
+        "../scripts/stats.py"

@@ -1,0 +1,12 @@
+"""Snakemake job: filter one split to the subset's categories."""
+
+from d2retrain.filtering import FilterOptions
+from d2retrain.logutil import run_job
+from d2retrain.prepare import filter_file
+
+snakemake = globals()["snakemake"]
+params = snakemake.params
+options = FilterOptions(
+    min_area=params.min_area, drop_crowd=params.drop_crowd, keep_empty_images=params.keep_empty_images
+)
+run_job(snakemake.log[0], filter_file, snakemake.input[0], snakemake.output[0], params.categories, options)
