@@ -174,8 +174,9 @@ def _decode(data: bytes | msgspec.Raw, kind: type, source: str, where: str):
     try:
         return msgspec.json.decode(data, type=kind)
     except msgspec.ValidationError as error:
-        message = str(error).replace("`$", f"`{where}", 1) if where != "the top level" else str(error)
-        raise AnnotationError(f"{source}: {message}") from None
+        if where == "the top level":
+            raise AnnotationError(f"{source}: the top level must be a JSON object ({error})") from None
+        raise AnnotationError(f"{source}: {str(error).replace('`$', f'`{where}', 1)}") from None
     except msgspec.DecodeError as error:
         raise InputFileError(f"{source}: not valid JSON in {where} ({error})") from None
 

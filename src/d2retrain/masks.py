@@ -98,7 +98,13 @@ def rasterize(segmentation: list | dict, height: int, width: int) -> np.ndarray:
         size = segmentation.get("size")
         if size != [height, width]:
             raise AnnotationError(f"RLE of size {size} on an image of size {[height, width]}")
-        rle = mask_utils.frPyObjects(segmentation, height, width)
+        counts = segmentation.get("counts")
+        if isinstance(counts, str):
+            rle = {"size": size, "counts": counts.encode("ascii")}
+        elif isinstance(counts, list) and sum(counts) == height * width and min(counts, default=0) >= 0:
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        else:
+            raise AnnotationError(f"RLE counts do not cover the {height}x{width} image")
     return mask_utils.decode(rle).astype(bool)
 
 

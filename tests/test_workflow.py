@@ -1,0 +1,137 @@
+"""The Snakemake workflow, run for real: outputs, counts, and what a change replans."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import COCO_MINI, REPO
+
+pytestmark = pytest.mark.slow
+
+TWO_SUBSETS = {
+    "datasets": {
+        "demo": {
+            split: {
+                "images": f"resources/demo/{split}",
+                "annotations": f"resources/demo/annotations/instances_{split}.json",
+            }
+            for split in ("train", "val")
+        }
+    },
+    "subsets": {
+        "ball": {"dataset": "demo", "categories": ["person", "sports ball"], "masks": True},
+        "car": {"dataset": "demo", "categories": ["car", "person"], "balance": "none"},
+    },
+}
+
+
+def snakemake(workdir: Path, config: dict, *args: str) -> str:
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir)]
+    command += ["--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def planned(workdir: Path, config: dict) -> set[str]:
+    """Output files of the jobs a dry run plans (the `all` target excluded)."""
+    text = snakemake(workdir, config, "--dry-run")
+    return {path for line in re.findall(r"^\s+output: (.*)$", text, re.M) for path in line.split(", ")}
+
+
+def counts_by_pycocotools(path: Path, names: list[str]) -> dict[str, tuple[int, int]]:
+    from pycocotools.coco import COCO
+
+    coco = COCO(str(path))
+    result = {}
+    for name in names:
+        (category_id,) = coco.getCatIds(catNms=[name])
+        result[name] = (len(coco.getAnnIds(catIds=[category_id])), len(coco.getImgIds(catIds=[category_id])))
+    return result
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    snakemake(workdir, TWO_SUBSETS)
+    return workdir
+
+
+def test_demo_workflow_writes_every_output_with_counts_pycocotools_agrees_with(demo_run):
+    results = demo_run / "results"
+    for subset, names in (("ball", ["person", "sports ball"]), ("car", ["car", "person"])):
+        table = pd.read_csv(results / subset / "stats" / "counts.csv")
+        assert (results / subset / "stats" / "counts.png").stat().st_size > 10_000
+        for split in ("train", "val"):
+            expected = counts_by_pycocotools(results / subset / "data" / f"{split}.json", names)
+            last_step = table[table.split == split].step.iloc[-1]
+            got = table[(table.split == split) & (table.step == last_step)].set_index("category")
+            assert {n: (got.instances[n], got.images[n]) for n in names} == expected
+    source_counts = counts_by_pycocotools(
+        demo_run / "resources/demo/annotations/instances_train.json", ["person"]
+    )
+    assert source_counts["person"][1] > len(list((results / "ball" / "images" / "train").glob("*.jpg")))
+    masks = sorted((results / "ball" / "masks" / "val").glob("*.png"))
+    assert len(masks) == 2 * len(list((results / "ball" / "images" / "val").glob("*.jpg"))) > 0
+    assert not (results / "car" / "masks").exists()
+
+
+def test_after_a_full_run_a_dry_run_plans_nothing(demo_run):
+    assert planned(demo_run, TWO_SUBSETS) == set()
+    assert "Nothing to be done" in snakemake(demo_run, TWO_SUBSETS, "--dry-run")
+
+
+def test_changing_one_subsets_categories_replans_that_subset_only(demo_run):
+    changed = {**TWO_SUBSETS, "subsets": {**TWO_SUBSETS["subsets"]}}
+    changed["subsets"]["car"] = {**changed["subsets"]["car"], "categories": ["car", "sports ball"]}
+    outputs = planned(demo_run, changed)
+    assert outputs == {
+        f"results/car/data/{name}.json" for name in ("train_filtered", "train", "val_filtered", "val")
+    } | {"results/car/stats/counts.csv", "results/car/stats/counts.png"}
+
+
+def test_editing_an_input_json_replans_what_depends_on_it(demo_run):
+    source = demo_run / "resources/demo/annotations/instances_val.json"
+    source.write_bytes(source.read_bytes().replace(b'"year":2026', b'"year":2027', 1))
+    outputs = planned(demo_run, TWO_SUBSETS)
+    assert {p for p in outputs if "train" in p} == set()
+    assert {"results/ball/data/val.json", "results/car/data/val.json", "results/ball/masks/val"} <= outputs
+    snakemake(demo_run, TWO_SUBSETS)
+    assert planned(demo_run, TWO_SUBSETS) == set()
+
+
+def test_coco_mini_workflow_matches_pycocotools(tmp_path):
+    names = ["person", "sports ball"]
+    config = {
+        "datasets": {
+            "mini": {
+                split: {
+                    "images": str(COCO_MINI / f"{split}2017"),
+                    "annotations": str(COCO_MINI / "annotations" / f"instances_{split}2017.json"),
+                }
+                for split in ("train", "val")
+            }
+        },
+        "subsets": {"pb": {"dataset": "mini", "categories": names, "masks": True}},
+    }
+    snakemake(tmp_path, config)
+    for split in ("train", "val"):
+        path = COCO_MINI / "annotations" / f"instances_{split}2017.json"
+        from pycocotools.coco import COCO
+
+        coco = COCO(str(path))
+        both = coco.getImgIds(catIds=coco.getCatIds(catNms=names))
+        output = tmp_path / "results" / "pb" / "data" / f"{split}.json"
+        kept = counts_by_pycocotools(output, names)
+        if split == "train":
+            assert sorted(p.name for p in (tmp_path / "results/pb/images/train").glob("*.jpg")) == sorted(
+                img["file_name"] for img in coco.loadImgs(both)
+            )
+            assert kept["sports ball"][1] == len(both) == 3
+        else:
+            assert kept == counts_by_pycocotools(path, names)
