@@ -54,7 +54,7 @@ def test_images_are_linked_and_a_missing_one_is_named(tmp_path):
     for image in document["images"][:1]:
         cv2.imwrite(str(tmp_path / "imgs" / image["file_name"]), np.zeros((64, 64, 3), np.uint8))
     annotations = write_json(tmp_path / "a.json", document)
-    with pytest.raises(InputFileError, match="1 image.*img_2.jpg"):
+    with pytest.raises(InputFileError, match=r"1 image.*img_2\.jpg"):
         copy_images_and_masks(
             str(annotations), str(tmp_path / "imgs"), str(tmp_path / "o"), str(tmp_path / "m")
         )
