@@ -51,7 +51,7 @@ def _masks(args: argparse.Namespace) -> None:
 
 
 def _stats(args: argparse.Namespace) -> None:
-    from d2retrain.prepare import write_stats
+    from d2retrain.stats import write_stats
 
     steps: dict[str, dict[str, str]] = {}
     for item in args.inputs:

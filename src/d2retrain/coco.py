@@ -7,9 +7,11 @@ input and is copied to the output untouched.
 
 import dataclasses
 import logging
+import mmap
 import os
 import re
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from operator import attrgetter
+from pathlib import PurePosixPath, PureWindowsPath
 
 import msgspec
 import numpy as np
@@ -42,12 +44,29 @@ class Category(msgspec.Struct, frozen=True):
     supercategory: str = ""
 
 
-class _ImageKeys(msgspec.Struct):
+_ABSENT = msgspec.Raw(b"")
+
+
+class _Records(msgspec.Struct, gc=False, forbid_unknown_fields=True):
+    """The top level: one scan finds every record's bytes."""
+
+    images: list[msgspec.Raw]
+    annotations: list[msgspec.Raw]
+    categories: list[Category]
+    info: msgspec.Raw = _ABSENT
+    licenses: msgspec.Raw = _ABSENT
+
+
+class _LooseRecords(_Records, forbid_unknown_fields=False):
+    """The top level of a file with keys beyond the COCO ones."""
+
+
+class _ImageKeys(msgspec.Struct, gc=False):
     id: int
     file_name: str
 
 
-class _AnnotationKeys(msgspec.Struct):
+class _AnnotationKeys(msgspec.Struct, gc=False):
     id: int
     image_id: int
     category_id: int
@@ -84,7 +103,8 @@ class CocoDocument:
 
     Attributes:
         source: Where the document came from, for messages.
-        top: Every top-level key in file order; the three record lists are rebuilt on
+        top: Every top-level key in output order (``info``, ``licenses``, the record
+            lists, then any other key); the record lists are None here and rebuilt on
             write from the attributes below, every other value is kept raw.
         images: Raw JSON of each image record.
         image_ids: Id of each image, in the order of ``images``.
@@ -95,7 +115,7 @@ class CocoDocument:
     """
 
     source: str
-    top: dict[str, msgspec.Raw]
+    top: dict[str, msgspec.Raw | None]
     images: list[msgspec.Raw]
     image_ids: np.ndarray
     file_names: list[str]
@@ -119,7 +139,7 @@ def read_coco(path: str | os.PathLike[str]) -> CocoDocument:
         UnsafePathError: An image ``file_name`` escapes its image folder.
     """
     try:
-        data = Path(path).read_bytes()
+        data = _map(path)
     except FileNotFoundError:
         raise InputFileError(f"{path}: no such file; check the path in the config") from None
     except IsADirectoryError:
@@ -129,7 +149,15 @@ def read_coco(path: str | os.PathLike[str]) -> CocoDocument:
     return parse_coco(data, source=str(path))
 
 
-def parse_coco(data: bytes, source: str = "<memory>") -> CocoDocument:
+def _map(path: str | os.PathLike[str]) -> bytes | mmap.mmap:
+    """Map the file (no copy; records keep views into it), or read it when empty."""
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+
+
+def parse_coco(data: bytes | mmap.mmap, source: str = "<memory>") -> CocoDocument:
     """Parse and validate COCO instances JSON held in memory.
 
     Args:
@@ -144,51 +172,85 @@ def parse_coco(data: bytes, source: str = "<memory>") -> CocoDocument:
         AnnotationError: The document breaks a COCO rule.
         UnsafePathError: An image ``file_name`` escapes its image folder.
     """
-    top = _decode(data, dict[str, msgspec.Raw], source, "the top level")
-    missing = [key for key in _REQUIRED_KEYS if key not in top]
-    if missing:
-        raise AnnotationError(
-            f"{source}: missing key(s) {', '.join(missing)}; a COCO instances file needs "
-            "'images', 'annotations' and 'categories'"
-        )
-    images = _decode(top["images"], list[msgspec.Raw], source, "images")
-    image_keys = _decode(top["images"], list[_ImageKeys], source, "images")
-    annotations = _decode(top["annotations"], list[msgspec.Raw], source, "annotations")
-    annotation_keys = _decode(top["annotations"], list[_AnnotationKeys], source, "annotations")
-    categories = _decode(top["categories"], list[Category], source, "categories")
+    records, top = _decode_top(data, source)
+    image_keys = _decode_each(records.images, _ImageKeys, source, "images")
     document = CocoDocument(
         source=source,
         top=top,
-        images=images,
-        image_ids=np.fromiter((key.id for key in image_keys), dtype=np.int64, count=len(images)),
-        file_names=[key.file_name for key in image_keys],
-        annotations=annotations,
-        table=_table(annotation_keys),
-        categories=categories,
+        images=records.images,
+        image_ids=_column(image_keys, "id", np.int64),
+        file_names=list(map(attrgetter("file_name"), image_keys)),
+        annotations=records.annotations,
+        table=_table(_decode_each(records.annotations, _AnnotationKeys, source, "annotations")),
+        categories=records.categories,
     )
     _validate(document)
     return document
 
 
-def _decode(data: bytes | msgspec.Raw, kind: type, source: str, where: str):
+def _decode_top(data: bytes | mmap.mmap, source: str) -> tuple[_Records, dict[str, msgspec.Raw | None]]:
+    """Split the top level into record lists, and every key in output order."""
+    try:
+        records = _decode(data, _Records, source)
+    except _UnknownTopLevelKeyError:
+        top = _decode(data, dict[str, msgspec.Raw], source)
+        return _decode(data, _LooseRecords, source), {
+            k: None if k in _REQUIRED_KEYS else v for k, v in top.items()
+        }
+    top = {key: getattr(records, key) for key in ("info", "licenses") if getattr(records, key) is not _ABSENT}
+    return records, top | dict.fromkeys(_REQUIRED_KEYS)
+
+
+class _UnknownTopLevelKeyError(Exception):
+    pass
+
+
+def _decode(data: bytes | mmap.mmap, kind: type, source: str):
     try:
         return msgspec.json.decode(data, type=kind)
-    except msgspec.ValidationError as error:
-        if where == "the top level":
-            raise AnnotationError(f"{source}: the top level must be a JSON object ({error})") from None
-        raise AnnotationError(f"{source}: {str(error).replace('`$', f'`{where}', 1)}") from None
+    except msgspec.ValidationError as error:  # a subclass of DecodeError: first
+        message = str(error)
     except msgspec.DecodeError as error:
-        raise InputFileError(f"{source}: not valid JSON in {where} ({error})") from None
+        raise InputFileError(f"{source}: not valid JSON ({error})") from None
+    if message.startswith("Object contains unknown field"):
+        raise _UnknownTopLevelKeyError
+    missing = re.match(r"Object missing required field `(\w+)`$", message)
+    if missing:
+        raise AnnotationError(
+            f"{source}: missing key(s) {missing.group(1)}; a COCO instances file needs "
+            "'images', 'annotations' and 'categories'"
+        )
+    if "- at `$" not in message:
+        raise AnnotationError(f"{source}: the top level must be a JSON object ({message})")
+    raise AnnotationError(f"{source}: {message.replace('`$.', '`', 1)}")
+
+
+def _decode_each(records: list[msgspec.Raw], kind: type, source: str, where: str) -> list:
+    decoder = msgspec.json.Decoder(kind)
+    try:
+        return [decoder.decode(record) for record in records]
+    except msgspec.ValidationError:
+        pass
+    for index, record in enumerate(records):
+        try:
+            decoder.decode(record)
+        except msgspec.ValidationError as error:
+            message = str(error).replace("`$", f"`{where}[{index}]", 1)
+            raise AnnotationError(f"{source}: {where}[{index}]: {message}") from None
+    raise AssertionError("unreachable")
+
+
+def _column(keys: list, field: str, dtype: type) -> np.ndarray:
+    return np.fromiter(map(attrgetter(field), keys), dtype=dtype, count=len(keys))
 
 
 def _table(keys: list[_AnnotationKeys]) -> AnnotationTable:
-    count = len(keys)
     return AnnotationTable(
-        ids=np.fromiter((k.id for k in keys), dtype=np.int64, count=count),
-        image_ids=np.fromiter((k.image_id for k in keys), dtype=np.int64, count=count),
-        category_ids=np.fromiter((k.category_id for k in keys), dtype=np.int64, count=count),
-        iscrowd=np.fromiter((bool(k.iscrowd) for k in keys), dtype=bool, count=count),
-        area=np.fromiter((np.nan if k.area is None else k.area for k in keys), dtype=np.float64, count=count),
+        ids=_column(keys, "id", np.int64),
+        image_ids=_column(keys, "image_id", np.int64),
+        category_ids=_column(keys, "category_id", np.int64),
+        iscrowd=_column(keys, "iscrowd", np.int64).astype(bool),
+        area=np.array(list(map(attrgetter("area"), keys)), dtype=np.float64),  # None -> nan
     )
 
 
@@ -218,7 +280,8 @@ def _validate(document: CocoDocument) -> None:
     category_ids = np.array([c.id for c in document.categories], dtype=np.int64)
     _check_references(source, "category_id", table.category_ids, category_ids)
     for index, file_name in enumerate(document.file_names):
-        check_file_name(file_name, where=f"{source}: images[{index}].file_name")
+        if not _PLAIN_NAME.fullmatch(file_name):
+            check_file_name(file_name, where=f"{source}: images[{index}].file_name")
 
 
 def _check_references(source: str, field: str, values: np.ndarray, known: np.ndarray) -> None:
@@ -229,6 +292,10 @@ def _check_references(source: str, field: str, values: np.ndarray, known: np.nda
             f"{source}: annotations[{index}].{field} is {int(values[index])}, which no "
             f"{field.removesuffix('_id')} in the file has ({int(dangling.sum())} such annotations)"
         )
+
+
+# A name without separators, drive colons or NUL that is not "." or "..": always safe.
+_PLAIN_NAME = re.compile(r"(?!\.\.?$)[^/\\:\0]+")
 
 
 def check_file_name(file_name: str, where: str) -> None:

@@ -14,11 +14,15 @@ __all__ = ["atomic_open", "write_bytes_atomic", "write_text_atomic"]
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+def atomic_open(path: str | os.PathLike[str], durable: bool = False) -> Iterator[BinaryIO]:
     """Open a temporary file beside ``path``; rename it onto ``path`` on success.
+
+    A killed process never leaves a partial ``path``; ``durable`` also flushes the data
+    to the disk before the rename, so it survives a power loss (for checkpoints).
 
     Args:
         path: Final destination. Its parent folder is created when missing.
+        durable: fsync before renaming.
 
     Yields:
         A binary file object. On an exception the temporary file is removed and
@@ -30,8 +34,9 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.chmod(tmp_name, 0o644)
         os.replace(tmp_name, target)
     except BaseException:

@@ -4,6 +4,7 @@ import dataclasses
 import difflib
 import logging
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -12,7 +13,15 @@ from d2retrain.errors import AnnotationError, CategoryError, EmptyResultError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FilterOptions", "BALANCE_MODES", "resolve_categories", "filter_document", "balance_document"]
+__all__ = [
+    "CategoryCount",
+    "count_categories",
+    "FilterOptions",
+    "BALANCE_MODES",
+    "resolve_categories",
+    "filter_document",
+    "balance_document",
+]
 
 BALANCE_MODES = ("none", "all")
 
@@ -30,6 +39,34 @@ class FilterOptions:
     min_area: float = 0.0
     drop_crowd: bool = False
     keep_empty_images: bool = False
+
+
+class CategoryCount(NamedTuple):
+    """Instances and images of one category."""
+
+    category: str
+    instances: int
+    images: int
+
+
+def count_categories(document: CocoDocument, names: Sequence[str] | None = None) -> list[CategoryCount]:
+    """Count instances and images per category.
+
+    Args:
+        document: The document to count.
+        names: Categories to report, in this order; all of the document's when None.
+            A name the document lacks counts zero.
+
+    Returns:
+        One count per category.
+    """
+    by_name = {category.name: category.id for category in document.categories}
+    table = document.table
+    counts = []
+    for name in by_name if names is None else names:
+        hits = table.category_ids == by_name.get(name, -1)
+        counts.append(CategoryCount(name, int(hits.sum()), int(np.unique(table.image_ids[hits]).size)))
+    return counts
 
 
 def resolve_categories(categories: Sequence[Category], names: Sequence[str], source: str) -> list[Category]:

@@ -3,15 +3,18 @@
 import logging
 from collections.abc import Sequence
 
-import pandas as pd
-
 from d2retrain.coco import read_coco, write_coco
-from d2retrain.filtering import FilterOptions, balance_document, filter_document
-from d2retrain.stats import category_counts, format_counts, plot_counts, write_counts_csv
+from d2retrain.filtering import (
+    CategoryCount,
+    FilterOptions,
+    balance_document,
+    count_categories,
+    filter_document,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["filter_file", "balance_file", "write_stats"]
+__all__ = ["filter_file", "balance_file", "format_counts"]
 
 
 def filter_file(input_path: str, output_path: str, names: Sequence[str], options: FilterOptions) -> None:
@@ -32,7 +35,7 @@ def filter_file(input_path: str, output_path: str, names: Sequence[str], options
         "per-category counts, %s -> %s:\n%s",
         input_path,
         output_path,
-        format_counts(category_counts(document, names), category_counts(filtered)),
+        format_counts(count_categories(document, names), count_categories(filtered)),
     )
     write_coco(output_path, filtered)
 
@@ -56,32 +59,26 @@ def balance_file(input_path: str, output_path: str, mode: str) -> None:
         mode,
         len(document.images),
         len(balanced.images),
-        format_counts(category_counts(document), category_counts(balanced)),
+        format_counts(count_categories(document), count_categories(balanced)),
     )
     write_coco(output_path, balanced)
 
 
-def write_stats(
-    steps: dict[str, dict[str, str]], names: Sequence[str], csv_path: str, png_path: str, title: str
-) -> pd.DataFrame:
-    """Count instances and images per category at each step and write a CSV and a bar chart.
+def format_counts(before: list[CategoryCount], after: list[CategoryCount]) -> str:
+    """Render per-category counts before and after a step as a small table, for logs.
 
     Args:
-        steps: ``{split: {step name: COCO file}}``, in display order.
-        names: The chosen category names.
-        csv_path: CSV destination.
-        png_path: PNG destination.
-        title: Chart title.
+        before: Counts before the step.
+        after: Counts after it, same categories by name.
 
     Returns:
-        The counts table.
+        Fixed-width text, one row per category.
     """
-    frames = []
-    for split, files in steps.items():
-        for step, path in files.items():
-            counts = category_counts(read_coco(path), names)
-            frames.append(counts.assign(split=split, step=step))
-    table = pd.concat(frames, ignore_index=True)
-    write_counts_csv(csv_path, table)
-    plot_counts(png_path, table, title)
-    return table
+    after_by_name = {row.category: row for row in after}
+    width = max(len("category"), *(len(row.category) for row in before))
+    lines = [f"{'category':>{width}}  instances before  images before  instances after  images after"]
+    for row in before:
+        new = after_by_name.get(row.category, CategoryCount(row.category, 0, 0))
+        numbers = f"{row.instances:>16}  {row.images:>13}  {new.instances:>15}  {new.images:>12}"
+        lines.append(f"{row.category:>{width}}  {numbers}")
+    return "\n".join(lines)

@@ -4,58 +4,30 @@ import io
 import logging
 from collections.abc import Sequence
 
-import numpy as np
 import pandas as pd
 
-from d2retrain.coco import CocoDocument
+from d2retrain.coco import CocoDocument, read_coco
 from d2retrain.fileio import write_bytes_atomic, write_text_atomic
+from d2retrain.filtering import count_categories
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["category_counts", "format_counts", "write_counts_csv", "plot_counts"]
+__all__ = ["category_counts", "write_counts_csv", "plot_counts", "write_stats"]
 
 COLUMNS = ["split", "step", "category", "instances", "images"]
 
 
 def category_counts(document: CocoDocument, names: Sequence[str] | None = None) -> pd.DataFrame:
-    """Count instances and images per category.
+    """Count instances and images per category, as a frame (see :func:`count_categories`).
 
     Args:
         document: The document to count.
         names: Categories to report, in this order; all of the document's when None.
-            A name the document lacks counts zero.
 
     Returns:
         A frame with columns ``category``, ``instances`` and ``images``.
     """
-    by_name = {category.name: category.id for category in document.categories}
-    names = list(by_name) if names is None else list(names)
-    table = document.table
-    rows = []
-    for name in names:
-        hits = table.category_ids == by_name.get(name, -1)
-        rows.append(
-            {
-                "category": name,
-                "instances": int(hits.sum()),
-                "images": int(np.unique(table.image_ids[hits]).size),
-            }
-        )
-    return pd.DataFrame(rows, columns=["category", "instances", "images"])
-
-
-def format_counts(before: pd.DataFrame, after: pd.DataFrame) -> str:
-    """Render two count tables side by side, for logs.
-
-    Args:
-        before: Counts before a step.
-        after: Counts after it.
-
-    Returns:
-        A small fixed-width table.
-    """
-    merged = before.merge(after, on="category", suffixes=(" before", " after"))
-    return merged.to_string(index=False)
+    return pd.DataFrame(count_categories(document, names), columns=["category", "instances", "images"])
 
 
 def write_counts_csv(path: str, counts: pd.DataFrame) -> None:
@@ -98,3 +70,29 @@ def plot_counts(path: str, counts: pd.DataFrame, title: str) -> None:
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
     write_bytes_atomic(path, buffer.getvalue())
+
+
+def write_stats(
+    steps: dict[str, dict[str, str]], names: Sequence[str], csv_path: str, png_path: str, title: str
+) -> pd.DataFrame:
+    """Count instances and images per category at each step and write a CSV and a bar chart.
+
+    Args:
+        steps: ``{split: {step name: COCO file}}``, in display order.
+        names: The chosen category names.
+        csv_path: CSV destination.
+        png_path: PNG destination.
+        title: Chart title.
+
+    Returns:
+        The counts table.
+    """
+    frames = []
+    for split, files in steps.items():
+        for step, path in files.items():
+            counts = category_counts(read_coco(path), names)
+            frames.append(counts.assign(split=split, step=step))
+    table = pd.concat(frames, ignore_index=True)
+    write_counts_csv(csv_path, table)
+    plot_counts(png_path, table, title)
+    return table
