@@ -79,7 +79,8 @@ def generate(path: Path, images: int = 82_783, annotations: int = 604_907, seed:
             )
             rows.append(
                 f'{{"segmentation":{segmentation},"area":{area[k]},"iscrowd":{int(crowd[k])},'
-                f'"image_id":{owner[k]},"bbox":[1.5,2.5,30.0,40.0],"category_id":{category_ids[k]},"id":{k + 1}}}'
+                f'"image_id":{owner[k]},"bbox":[1.5,2.5,30.0,40.0],'
+                f'"category_id":{category_ids[k]},"id":{k + 1}}}'
             )
         out.write(",".join(rows))
         out.write('],"categories":' + json.dumps(categories) + "}")
