@@ -1,0 +1,214 @@
+"""What shapes a model: engine, architecture, weights, solver; its fingerprint and classes.json."""
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from d2retrain.coco import read_coco
+from d2retrain.errors import D2RetrainError
+from d2retrain.fileio import write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ModelSpec",
+    "SolverSpec",
+    "TrainJob",
+    "ClassInfo",
+    "ModelFolderError",
+    "fingerprint",
+    "lr_factor",
+    "read_classes",
+    "write_classes",
+    "source_category_ids",
+]
+
+
+class ModelFolderError(D2RetrainError):
+    """A model folder lacks classes.json, or was trained for other classes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Which network and which starting weights.
+
+    Attributes:
+        engine: ``detectron2`` or ``torchvision`` (``auto`` is resolved before this).
+        architecture: detectron2: a model-zoo config name or a config file; torchvision:
+            ``maskrcnn_resnet50_fpn``, ``maskrcnn_resnet50_fpn_v2`` or ``maskrcnn_resnet18_fpn``.
+        weights: ``none``, a local file, a ``detectron2://`` or http(s) URL, or a
+            torchvision weights name such as ``MaskRCNN_ResNet50_FPN_Weights.COCO_V1``.
+        head_surgery: Start the class-specific layers from the base model's rows of the
+            chosen COCO categories.
+    """
+
+    engine: str
+    architecture: str
+    weights: str = "none"
+    head_surgery: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverSpec:
+    """Solver and augmentation, with detectron2's semantics for both engines.
+
+    Attributes:
+        iterations: Total iterations (detectron2 ``SOLVER.MAX_ITER``).
+        images_per_batch: Images per iteration, over all devices.
+        base_lr: Learning rate after warmup.
+        warmup_iterations: Linear warmup length (factor 0.001 -> 1).
+        steps: Iterations at which the learning rate is multiplied by ``gamma``.
+        gamma: Step decay factor.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        checkpoint_period: Iterations between checkpoints.
+        min_size_train: Shortest-edge sizes, one drawn per image.
+        max_size_train: Longest-edge cap in training.
+        min_size_test: Shortest edge at inference.
+        max_size_test: Longest-edge cap at inference.
+        flip: Random horizontal flip in training.
+        amp: Mixed precision on a GPU (ignored on the CPU).
+        seed: Seed of weights init and data order.
+        max_loss: A loss above this (or NaN) stops training.
+    """
+
+    iterations: int = 600
+    images_per_batch: int = 4
+    base_lr: float = 0.02
+    warmup_iterations: int = 50
+    steps: tuple[int, ...] = (450, 550)
+    gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    checkpoint_period: int = 100
+    min_size_train: tuple[int, ...] = (640, 672, 704, 736, 768, 800)
+    max_size_train: int = 1333
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    flip: bool = True
+    amp: bool = True
+    seed: int = 0
+    max_loss: float = 1e4
+
+
+def lr_factor(solver: SolverSpec, iteration: int) -> float:
+    """detectron2's WarmupMultiStepLR factor at ``iteration`` (linear warmup from 0.001)."""
+    factor = solver.gamma ** sum(1 for step in solver.steps if step <= iteration)
+    if iteration < solver.warmup_iterations:
+        alpha = iteration / solver.warmup_iterations
+        factor *= 0.001 * (1 - alpha) + alpha
+    return factor
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainJob:
+    """Everything one training run needs.
+
+    Attributes:
+        train_json: Filtered (and balanced) training annotations, category ids 1..N.
+        train_images: Folder of the training images.
+        val_json: Filtered validation annotations.
+        val_images: Folder of the validation images.
+        classes: Class names in model order.
+        source_ids: Original dataset category id of each class.
+        model: Network and weights.
+        solver: Solver settings.
+        output_dir: The model folder (``results/<subset>/model``).
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        threads: CPU threads for the job.
+    """
+
+    train_json: str
+    train_images: str
+    val_json: str
+    val_images: str
+    classes: tuple[str, ...]
+    source_ids: tuple[int, ...]
+    model: ModelSpec
+    solver: SolverSpec
+    output_dir: str
+    device: str = "cpu"
+    threads: int = 1
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Checkpoints and live metrics: beside the outputs, not Snakemake outputs."""
+        return Path(self.output_dir) / "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassInfo:
+    """What ``classes.json`` records about a trained model."""
+
+    classes: list[str]
+    source_ids: list[int]
+    engine: str
+    architecture: str
+    weights: str
+    fingerprint: str
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(job: TrainJob) -> str:
+    """Hash of everything that shapes the model: specs, classes and training data bytes.
+
+    A checkpoint is resumed only when its fingerprint equals the job's.
+    """
+    content = {
+        "model": dataclasses.asdict(job.model),
+        "solver": dataclasses.asdict(job.solver),
+        "classes": list(job.classes),
+        "source_ids": list(job.source_ids),
+        "train": _file_digest(job.train_json),
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def write_classes(path: str | os.PathLike[str], info: ClassInfo) -> None:
+    """Write ``classes.json`` atomically."""
+    write_text_atomic(path, json.dumps(dataclasses.asdict(info), indent=2) + "\n")
+
+
+def read_classes(model_dir: str | os.PathLike[str], expected: Sequence[str] | None = None) -> ClassInfo:
+    """Read a model folder's ``classes.json``, checking the classes when asked.
+
+    Args:
+        model_dir: The model folder.
+        expected: Class names the caller needs, in order; None skips the check.
+
+    Returns:
+        The recorded class information.
+
+    Raises:
+        ModelFolderError: The file is missing or unreadable, or its classes differ.
+    """
+    path = Path(model_dir) / "classes.json"
+    try:
+        info = ClassInfo(**json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise ModelFolderError(f"{path}: missing; is {model_dir} a folder written by d2retrain train?") from None
+    except (ValueError, TypeError) as error:
+        raise ModelFolderError(f"{path}: unreadable ({error})") from None
+    if expected is not None and list(expected) != info.classes:
+        raise ModelFolderError(
+            f"{path}: the model was trained for classes {info.classes}, not {list(expected)}; "
+            "retrain it or point to the right model folder"
+        )
+    return info
+
+
+def source_category_ids(annotations_json: str, classes: Sequence[str]) -> tuple[int, ...]:
+    """Original dataset ids of the named categories, as the filter's input file numbers them."""
+    by_name = {category.name: category.id for category in read_coco(annotations_json).categories}
+    return tuple(by_name[name] for name in classes)
