@@ -8,10 +8,10 @@ rule demo_data:
         train_images=directory(f"{config['demo']['root']}/train"),
         val_images=directory(f"{config['demo']['root']}/val"),
         video=f"{config['demo']['root']}/video/demo.mp4",
-    conda:
-        "../../envs/d2retrain.yaml"
     log:
         "logs/demo_data.log",
+    conda:
+        "../../envs/d2retrain.yaml"
     params:
         seed=config["demo"]["seed"],
         train=config["demo"]["train_images"],
@@ -27,10 +27,10 @@ rule filter:
         split_annotations,
     output:
         "results/{subset}/data/{split}_filtered.json",
-    conda:
-        "../../envs/d2retrain.yaml"
     log:
         "logs/{subset}/filter_{split}.log",
+    conda:
+        "../../envs/d2retrain.yaml"
     params:
         categories=subset_value("categories"),
         min_area=subset_value("min_area"),
@@ -46,10 +46,10 @@ rule balance:
         "results/{subset}/data/{split}_filtered.json",
     output:
         "results/{subset}/data/{split}.json",
-    conda:
-        "../../envs/d2retrain.yaml"
     log:
         "logs/{subset}/balance_{split}.log",
+    conda:
+        "../../envs/d2retrain.yaml"
     params:
         mode=balance_mode,
         code=code_version("coco", "filtering", "prepare"),
@@ -64,10 +64,10 @@ rule images_and_masks:
     output:
         images=directory("results/{subset}/images/{split}"),
         masks=directory("results/{subset}/masks/{split}"),
-    conda:
-        "../../envs/d2retrain.yaml"
     log:
         "logs/{subset}/images_and_masks_{split}.log",
+    conda:
+        "../../envs/d2retrain.yaml"
     threads: 4
     params:
         code=code_version("coco", "masks"),
@@ -81,10 +81,10 @@ rule stats:
     output:
         csv="results/{subset}/stats/counts.csv",
         png="results/{subset}/stats/counts.png",
-    conda:
-        "../../envs/d2retrain.yaml"
     log:
         "logs/{subset}/stats.log",
+    conda:
+        "../../envs/d2retrain.yaml"
     params:
         categories=subset_value("categories"),
         code=code_version("coco", "stats", "prepare"),
