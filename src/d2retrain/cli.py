@@ -4,6 +4,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from d2retrain import __version__
 from d2retrain.errors import D2RetrainError
@@ -65,6 +66,68 @@ def _stats(args: argparse.Namespace) -> None:
     write_stats(steps, args.categories, args.csv, args.png, title=", ".join(args.categories))
 
 
+def _train(args: argparse.Namespace) -> None:
+    from d2retrain.engines import train_from_config
+    from d2retrain.settings import load_config
+
+    config = load_config(args.config) if args.config else {"model": {}, "train": {}}
+    if args.iterations:
+        config["train"]["iterations"] = args.iterations
+    train_from_config(
+        model=config["model"],
+        train=config["train"],
+        classes=args.categories,
+        train_json=args.train_json,
+        train_images=args.train_images,
+        val_json=args.val_json,
+        val_images=args.val_images,
+        source_json=args.source_json or args.train_json,
+        output_dir=args.output,
+        threads=args.threads,
+    )
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from d2retrain.engines import evaluate_model
+    from d2retrain.trainspec import read_classes
+
+    classes = read_classes(args.model).classes
+    out = Path(args.output)
+    evaluate_model(
+        args.model,
+        args.val_json,
+        args.val_images,
+        classes,
+        str(out / "metrics.json"),
+        str(out / "per_class.csv"),
+        device=args.device,
+        threads=args.threads,
+    )
+
+
+def _add_model_commands(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser("train", help="train (or resume) a Mask R-CNN on filtered annotations")
+    train.add_argument("--train-json", required=True, help="filtered (balanced) training annotations")
+    train.add_argument("--train-images", required=True)
+    train.add_argument("--val-json", required=True)
+    train.add_argument("--val-images", required=True)
+    train.add_argument("--source-json", help="unfiltered training annotations (original category ids)")
+    train.add_argument("-c", "--categories", nargs="+", required=True, help="class names, in model order")
+    train.add_argument("--config", help="YAML with `model` and `train` sections (schema defaults otherwise)")
+    train.add_argument("--iterations", type=int, help="override train.iterations")
+    train.add_argument("-o", "--output", required=True, help="model folder")
+    train.add_argument("--threads", type=int, default=2)
+    train.set_defaults(handler=_train)
+    evaluate = commands.add_parser("evaluate", help="COCO AP of a model folder on a validation split")
+    evaluate.add_argument("--model", required=True, help="model folder (with classes.json)")
+    evaluate.add_argument("--val-json", required=True)
+    evaluate.add_argument("--val-images", required=True)
+    evaluate.add_argument("-o", "--output", required=True, help="folder for metrics.json and per_class.csv")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--threads", type=int, default=2)
+    evaluate.set_defaults(handler=_evaluate)
+
+
 def _add_filter(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("filter", help="keep chosen categories of a COCO file, renumbered 1..N")
     parser.add_argument(
@@ -123,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_data_commands(commands)
+    _add_model_commands(commands)
     return parser
 
 

@@ -44,17 +44,26 @@ class ModelSpec:
             torchvision weights name such as ``MaskRCNN_ResNet50_FPN_Weights.COCO_V1``.
         head_surgery: Start the class-specific layers from the base model's rows of the
             chosen COCO categories.
+        roi_batch_size_per_image: Sampled regions per image for the box and mask heads
+            (detectron2 ``ROI_HEADS.BATCH_SIZE_PER_IMAGE``).
+        rpn_post_nms_topk_train: Proposals kept per image in training.
+        rpn_post_nms_topk_test: Proposals kept per image at inference.
     """
 
     engine: str
     architecture: str
-    weights: str = "none"
-    head_surgery: bool = True
+    weights: str
+    head_surgery: bool
+    roi_batch_size_per_image: int
+    rpn_post_nms_topk_train: int
+    rpn_post_nms_topk_test: int
 
 
 @dataclasses.dataclass(frozen=True)
 class SolverSpec:
     """Solver and augmentation, with detectron2's semantics for both engines.
+
+    Defaults live in the config schema (see :mod:`d2retrain.settings`).
 
     Attributes:
         iterations: Total iterations (detectron2 ``SOLVER.MAX_ITER``).
@@ -76,23 +85,23 @@ class SolverSpec:
         max_loss: A loss above this (or NaN) stops training.
     """
 
-    iterations: int = 600
-    images_per_batch: int = 4
-    base_lr: float = 0.02
-    warmup_iterations: int = 50
-    steps: tuple[int, ...] = (450, 550)
-    gamma: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    checkpoint_period: int = 100
-    min_size_train: tuple[int, ...] = (640, 672, 704, 736, 768, 800)
-    max_size_train: int = 1333
-    min_size_test: int = 800
-    max_size_test: int = 1333
-    flip: bool = True
-    amp: bool = True
-    seed: int = 0
-    max_loss: float = 1e4
+    iterations: int
+    images_per_batch: int
+    base_lr: float
+    warmup_iterations: int
+    steps: tuple[int, ...]
+    gamma: float
+    momentum: float
+    weight_decay: float
+    checkpoint_period: int
+    min_size_train: tuple[int, ...]
+    max_size_train: int
+    min_size_test: int
+    max_size_test: int
+    flip: bool
+    amp: bool
+    seed: int
+    max_loss: float
 
 
 def lr_factor(solver: SolverSpec, iteration: int) -> float:
@@ -197,7 +206,9 @@ def read_classes(model_dir: str | os.PathLike[str], expected: Sequence[str] | No
     try:
         info = ClassInfo(**json.loads(path.read_text()))
     except FileNotFoundError:
-        raise ModelFolderError(f"{path}: missing; is {model_dir} a folder written by d2retrain train?") from None
+        raise ModelFolderError(
+            f"{path}: missing; is {model_dir} a folder written by d2retrain train?"
+        ) from None
     except (ValueError, TypeError) as error:
         raise ModelFolderError(f"{path}: unreadable ({error})") from None
     if expected is not None and list(expected) != info.classes:

@@ -37,6 +37,22 @@ def split_images(wildcards):
     return dataset_split(wildcards)["images"]
 
 
+def source_annotations(wildcards):
+    """The unfiltered training annotations: they give the classes' original ids."""
+    return config["datasets"][subset_config(wildcards)["dataset"]]["train"][
+        "annotations"
+    ]
+
+
+def images_of_split(split):
+    """Input function: the image folder of one split of the subset's dataset."""
+
+    def lookup(wildcards):
+        return config["datasets"][subset_config(wildcards)["dataset"]][split]["images"]
+
+    return lookup
+
+
 def balance_mode_of(subset, split):
     """Balancing applies to the training split; val stays as filtered, for honest AP."""
     return config["subsets"][subset]["balance"] if split == "train" else "none"
@@ -73,6 +89,10 @@ def stats_inputs(wildcards):
 def data_outputs(subset):
     outputs = [f"results/{subset}/data/{split}.json" for split in SPLITS]
     outputs += [f"results/{subset}/stats/counts.{ext}" for ext in ("csv", "png")]
+    outputs += [
+        f"results/{subset}/model/model_final.pth",
+        f"results/{subset}/eval/metrics.json",
+    ]
     if config["subsets"][subset]["masks"]:
         outputs += [
             f"results/{subset}/{kind}/{split}"

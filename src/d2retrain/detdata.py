@@ -1,0 +1,155 @@
+"""Detection records from a filtered COCO file: image paths, boxes, classes and masks."""
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import cv2
+import msgspec
+import numpy as np
+import torch
+
+from d2retrain.errors import D2RetrainError, InputFileError
+from d2retrain.masks import rasterize, resolve_image_path
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ImageRecord", "load_records", "read_image", "TrainSamples"]
+
+
+class _Annotation(msgspec.Struct):
+    image_id: int
+    category_id: int
+    bbox: list[float]
+    segmentation: list[list[float]] | dict
+    iscrowd: int | bool = 0
+
+
+class _Image(msgspec.Struct):
+    id: int
+    file_name: str
+    height: int
+    width: int
+
+
+class _Document(msgspec.Struct):
+    images: list[_Image]
+    annotations: list[_Annotation]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+    """One image and its non-crowd instances (class ids 1..N as in the filtered file)."""
+
+    image_id: int
+    path: Path
+    height: int
+    width: int
+    annotations: tuple[_Annotation, ...]
+
+
+def load_records(
+    annotations_json: str, image_dir: str, require_annotations: bool = True
+) -> list[ImageRecord]:
+    """Read a filtered COCO file into per-image records, checking every image exists.
+
+    Args:
+        annotations_json: The COCO file.
+        image_dir: Folder the ``file_name`` values are relative to.
+        require_annotations: Refuse an empty split.
+
+    Returns:
+        One record per image, in file order; crowd annotations are left out.
+
+    Raises:
+        InputFileError: Images are missing (the first few are listed) or the file is unusable.
+        D2RetrainError: The split holds no image.
+    """
+    try:
+        document = msgspec.json.decode(Path(annotations_json).read_bytes(), type=_Document)
+    except (OSError, msgspec.DecodeError) as error:
+        raise InputFileError(f"{annotations_json}: cannot be used ({error})") from None
+    if require_annotations and not document.annotations:
+        raise D2RetrainError(f"{annotations_json}: the training split is empty; check the filter's output")
+    by_image: dict[int, list[_Annotation]] = {}
+    for annotation in document.annotations:
+        if not annotation.iscrowd:
+            by_image.setdefault(annotation.image_id, []).append(annotation)
+    records = [
+        ImageRecord(
+            image.id,
+            resolve_image_path(image_dir, image.file_name),
+            image.height,
+            image.width,
+            tuple(by_image.get(image.id, ())),
+        )
+        for image in document.images
+    ]
+    missing = [str(record.path) for record in records if not record.path.is_file()]
+    if missing:
+        raise InputFileError(
+            f"{len(missing)} of {len(records)} images of {annotations_json} are missing in {image_dir}, "
+            f"e.g. {', '.join(missing[:3])}"
+        )
+    return records
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image as BGR uint8.
+
+    Raises:
+        InputFileError: The file cannot be decoded.
+    """
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise InputFileError(f"{path}: not a readable image")
+    return image
+
+
+class TrainSamples(torch.utils.data.Dataset):
+    """Training samples addressed by global sample position, for a deterministic, resumable order.
+
+    Position ``p`` is image ``permutation(seed + epoch)[p % n]`` of epoch ``p // n``,
+    flipped when a generator seeded by ``(seed, p)`` says so.
+    """
+
+    def __init__(self, records: list[ImageRecord], seed: int, flip: bool) -> None:
+        """Args:
+        records: Images with at least one instance.
+        seed: Seed of the order and the flips.
+        flip: Random horizontal flips.
+        """
+        self.records = [record for record in records if record.annotations]
+        self.seed = seed
+        self.flip = flip
+
+    def __len__(self) -> int:
+        """Samples per epoch."""
+        return len(self.records)
+
+    def index_at(self, position: int) -> int:
+        """Record index served at a global position."""
+        epoch, offset = divmod(position, len(self.records))
+        return int(np.random.default_rng([self.seed, epoch]).permutation(len(self.records))[offset])
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Image (RGB float CHW in 0..1) and target (boxes xyxy, labels, uint8 masks)."""
+        record = self.records[self.index_at(position)]
+        image = read_image(record.path)[:, :, ::-1]
+        masks = np.stack([rasterize(a.segmentation, record.height, record.width) for a in record.annotations])
+        boxes = np.array(
+            [[x, y, x + w, y + h] for x, y, w, h in (a.bbox for a in record.annotations)], np.float32
+        )
+        if self.flip and np.random.default_rng([self.seed, position, 1]).random() < 0.5:
+            image, masks = image[:, ::-1], masks[:, :, ::-1]
+            boxes = np.stack(
+                [record.width - boxes[:, 2], boxes[:, 1], record.width - boxes[:, 0], boxes[:, 3]], 1
+            )
+        keep = (boxes[:, 2] > boxes[:, 0] + 0.5) & (boxes[:, 3] > boxes[:, 1] + 0.5)
+        target = {
+            "boxes": torch.from_numpy(np.ascontiguousarray(boxes[keep])),
+            "labels": torch.tensor([a.category_id for a in record.annotations], dtype=torch.int64)[keep],
+            "masks": torch.from_numpy(np.ascontiguousarray(masks[keep])).to(torch.uint8),
+        }
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+        return tensor, target

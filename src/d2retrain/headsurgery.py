@@ -1,0 +1,93 @@
+"""Base weights: where they come from, and head surgery that keeps the chosen classes' rows."""
+
+import logging
+import urllib.error
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from d2retrain.errors import D2RetrainError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["WeightsError", "load_state_dict_source", "subset_class_rows"]
+
+
+class WeightsError(D2RetrainError):
+    """Base weights that cannot be found, fetched or trusted."""
+
+
+def _unwrap(state: Mapping) -> dict[str, torch.Tensor]:
+    for key in ("model", "state_dict"):
+        if isinstance(state.get(key), Mapping):
+            state = state[key]
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def load_state_dict_source(weights: str, torchvision_names: bool = False) -> dict[str, torch.Tensor] | None:
+    """Load base weights from ``none``, a local ``.pth``, an http(s) URL or a torchvision name.
+
+    ``.pth`` files load with ``torch.load(weights_only=True)``: no code in them runs.
+
+    Args:
+        weights: The source.
+        torchvision_names: Accept torchvision weights names such as
+            ``MaskRCNN_ResNet50_FPN_Weights.COCO_V1``.
+
+    Returns:
+        A state dict, or None for ``none``.
+
+    Raises:
+        WeightsError: The file is missing, the name unknown, or the download failed.
+    """
+    if weights in ("", "none"):
+        return None
+    if "://" not in weights and (Path(weights).suffix in (".pth", ".pt") or Path(weights).exists()):
+        if not Path(weights).is_file():
+            raise WeightsError(f"model.weights {weights}: no such file")
+        return _unwrap(torch.load(weights, map_location="cpu", weights_only=True))
+    try:
+        if weights.startswith(("http://", "https://")):
+            return _unwrap(torch.hub.load_state_dict_from_url(weights, map_location="cpu", weights_only=True))
+        if torchvision_names:
+            import torchvision
+
+            try:
+                entry = torchvision.models.get_weight(weights)
+            except (ValueError, KeyError, AttributeError):
+                raise WeightsError(
+                    f"model.weights {weights!r}: not a file, URL or torchvision weights name "
+                    "(e.g. MaskRCNN_ResNet50_FPN_Weights.COCO_V1)"
+                ) from None
+            return _unwrap(entry.get_state_dict(progress=False))
+    except (urllib.error.URLError, OSError) as error:
+        raise WeightsError(
+            f"model.weights {weights}: cannot be downloaded ({error}); offline, download the file "
+            "on a connected machine and set model.weights to its local path"
+        ) from None
+    raise WeightsError(f"model.weights {weights!r}: not a file, an http(s) URL, or a known weights name")
+
+
+def subset_class_rows(
+    state: Mapping[str, torch.Tensor], layers: Mapping[str, int], rows: Sequence[int]
+) -> dict[str, torch.Tensor]:
+    """Keep, in each class-specific layer, the rows of the given classes in the given order.
+
+    Args:
+        state: A full model's state dict.
+        layers: Layer name (without ``.weight``/``.bias``) -> rows per class (4 for box
+            regression, 1 otherwise).
+        rows: Class indices of the full model, in the new model's class order.
+
+    Returns:
+        A new state dict; other tensors are shared, not copied.
+    """
+    result = dict(state)
+    for layer, per_class in layers.items():
+        index = torch.tensor([row * per_class + k for row in rows for k in range(per_class)])
+        for suffix in ("weight", "bias"):
+            key = f"{layer}.{suffix}"
+            if key in result:
+                result[key] = result[key].index_select(0, index).clone()
+    return result

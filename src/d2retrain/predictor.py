@@ -1,0 +1,40 @@
+"""What every engine's predictor returns for one image."""
+
+import dataclasses
+import logging
+from typing import Protocol
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Instances", "Predictor"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Instances:
+    """Instances found in one image.
+
+    Attributes:
+        boxes: ``(K, 4)`` float boxes, x0 y0 x1 y1 in pixels.
+        scores: ``(K,)`` confidences.
+        classes: ``(K,)`` class indices 0..N-1 in model order.
+        masks: ``(K, H, W)`` booleans.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    classes: np.ndarray
+    masks: np.ndarray
+
+    def __len__(self) -> int:
+        """Number of instances."""
+        return len(self.scores)
+
+
+class Predictor(Protocol):
+    """A loaded model: call it on a BGR uint8 image."""
+
+    def __call__(self, image_bgr: np.ndarray) -> Instances:
+        """Predict one image."""
+        ...

@@ -1,0 +1,65 @@
+"""The configuration: schema defaults (the one source of them), validation, and specs built from it."""
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from d2retrain.errors import D2RetrainError
+from d2retrain.trainspec import ModelSpec, SolverSpec
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SCHEMA_PATH", "load_schema", "section_defaults", "model_spec", "solver_spec", "load_config"]
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def load_schema() -> dict[str, Any]:
+    """The configuration's JSON Schema."""
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def section_defaults(section: str) -> dict[str, Any]:
+    """Defaults of one top-level section (``model``, ``train``, ...), from the schema."""
+    properties = load_schema()["properties"][section]["properties"]
+    return {key: copy.deepcopy(value["default"]) for key, value in properties.items() if "default" in value}
+
+
+def model_spec(model: dict[str, Any], engine: str) -> ModelSpec:
+    """A :class:`ModelSpec` from the ``model`` section (defaults filled in) and a resolved engine."""
+    values = section_defaults("model") | model
+    values.pop("engine")
+    return ModelSpec(engine=engine, **values)
+
+
+def solver_spec(train: dict[str, Any]) -> SolverSpec:
+    """A :class:`SolverSpec` from the ``train`` section (defaults filled in)."""
+    values = section_defaults("train") | train
+    values.pop("device")
+    return SolverSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a config file, check it against the schema and fill the section defaults.
+
+    Raises:
+        D2RetrainError: The file is missing, not YAML, or breaks the schema.
+    """
+    try:
+        config = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise D2RetrainError(f"{path}: cannot be read as YAML ({error})") from None
+    schema = load_schema()
+    partial = {**schema, "required": []}
+    try:
+        jsonschema.validate(config, partial)
+    except jsonschema.ValidationError as error:
+        where = "/".join(str(part) for part in error.absolute_path) or "top level"
+        raise D2RetrainError(f"{path}: {where}: {error.message}") from None
+    for section in ("model", "train"):
+        config[section] = section_defaults(section) | config.get(section, {})
+    return config

@@ -1,0 +1,216 @@
+"""Training plumbing and the torchvision engine: schedule, surgery, resume, divergence."""
+
+import json
+import logging
+
+import pytest
+import torch
+from conftest import COCO_MINI
+
+from d2retrain import tv_engine
+from d2retrain.engines import evaluate_model, resolve_engine, train_from_config
+from d2retrain.errors import D2RetrainError
+from d2retrain.filtering import FilterOptions
+from d2retrain.prepare import filter_file
+from d2retrain.settings import model_spec, solver_spec
+from d2retrain.trainloop import CheckpointStore, TrainingDivergedError, check_losses
+from d2retrain.trainspec import lr_factor, read_classes
+
+TINY = {
+    "iterations": 4,
+    "images_per_batch": 2,
+    "checkpoint_period": 2,
+    "warmup_iterations": 2,
+    "steps": [3],
+    "min_size_train": [128],
+    "max_size_train": 200,
+    "min_size_test": 128,
+    "max_size_test": 200,
+    "base_lr": 0.005,
+    "device": "cpu",
+}
+
+
+@pytest.mark.parametrize(
+    ("iteration", "expected"),
+    [(0, 0.001), (50, 0.5005), (100, 1.0), (299, 1.0), (300, 0.1), (370, 0.01), (399, 0.01)],
+)
+def test_lr_factor_follows_detectron2_warmup_multistep(iteration, expected):
+    solver = solver_spec({"warmup_iterations": 100, "steps": [300, 370]})
+    assert lr_factor(solver, iteration) == pytest.approx(expected)
+
+
+@pytest.mark.detectron2
+def test_lr_factor_equals_detectron2s_scheduler():
+    from detectron2.solver.lr_scheduler import WarmupParamScheduler  # noqa: F401
+    from detectron2.solver.lr_scheduler import WarmupParamScheduler as Warmup
+    from fvcore.common.param_scheduler import MultiStepParamScheduler
+
+    solver = solver_spec({"warmup_iterations": 100, "steps": [300, 370], "iterations": 400})
+    schedule = Warmup(
+        MultiStepParamScheduler([1, 0.1, 0.01], milestones=[300, 370], num_updates=400),
+        0.001,
+        100 / 400,
+        "linear",
+        rescale_interval=False,
+    )
+    for iteration in (0, 10, 99, 100, 299, 300, 369, 370, 399):
+        assert lr_factor(solver, iteration) == pytest.approx(schedule(iteration / 400), rel=1e-6)
+
+
+def test_divergence_guard_names_the_iteration_and_the_losses():
+    check_losses({"loss_a": 1.0}, 3, 100.0)
+    with pytest.raises(TrainingDivergedError, match=r"iteration 7 \(loss_a=nan"):
+        check_losses({"loss_a": float("nan")}, 7, 100.0)
+    with pytest.raises(TrainingDivergedError):
+        check_losses({"loss_a": 1e6}, 7, 100.0)
+
+
+def test_checkpoints_resume_only_with_the_same_fingerprint_and_only_when_unfinished(tmp_path):
+    store = CheckpointStore(tmp_path, "abc")
+    store.start_fresh()
+    store.save({"model": {"w": torch.ones(1)}}, 10)
+    assert store.resumable() == (tmp_path / "model_0000010.pth", 10)
+    assert CheckpointStore(tmp_path, "other").resumable() is None
+    store.mark_finished(10)
+    assert store.resumable() is None
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_unknown_engine_is_refused():
+    with pytest.raises(D2RetrainError, match="unknown"):
+        resolve_engine("caffe2")
+    assert resolve_engine("auto", "maskrcnn_resnet50_fpn") == "torchvision"
+
+
+def test_head_surgery_keeps_the_chosen_classes_outputs_exactly(tmp_path):
+    torch.manual_seed(0)
+    solver = solver_spec({"min_size_train": [128], "max_size_train": 200})
+    full_spec = model_spec({"architecture": "maskrcnn_resnet18_fpn"}, "torchvision")
+    full = tv_engine.build_model(full_spec, 90, solver).eval()  # 91 rows: a COCO-shaped model
+    torch.save({"model": full.state_dict()}, tmp_path / "coco.pth")
+    ids = [37, 1]
+    spec = model_spec(
+        {"architecture": "maskrcnn_resnet18_fpn", "weights": str(tmp_path / "coco.pth")}, "torchvision"
+    )
+    subset = tv_engine.build_model(spec, len(ids), solver).eval()
+    subset.load_state_dict(tv_engine.initial_state(spec, ids, subset))
+    image = torch.rand(1, 3, 128, 160)
+    proposals = [torch.tensor([[10.0, 10, 80, 90], [30, 5, 60, 40], [0, 0, 150, 120]])]
+    sizes = [(128, 160)]
+    rows = [0, *ids]
+    with torch.no_grad():
+        outputs = []
+        for model in (full, subset):
+            features = model.backbone(image)
+            heads = model.roi_heads
+            boxes = heads.box_head(heads.box_roi_pool(features, proposals, sizes))
+            logits, deltas = heads.box_predictor(boxes)
+            masks = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, proposals, sizes)))
+            outputs.append((logits, deltas.view(3, -1, 4), masks))
+    (full_logits, full_deltas, full_masks), (logits, deltas, masks) = outputs
+    # equal up to float rounding (GEMMs of another width sum in another order)
+    torch.testing.assert_close(logits, full_logits[:, rows], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(deltas, full_deltas[:, rows], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(masks, full_masks[:, rows], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(logits, full_logits[:, :3], atol=1e-3), "rows 0..2 differ from the chosen ones"
+
+
+@pytest.fixture(scope="module")
+def mini_split(tmp_path_factory):
+    """coco-mini filtered to person + sports ball (train balanced), as the workflow does."""
+    folder = tmp_path_factory.mktemp("mini")
+    paths = {}
+    for split in ("train", "val"):
+        source = COCO_MINI / "annotations" / f"instances_{split}2017.json"
+        filter_file(str(source), str(folder / f"{split}.json"), ["person", "sports ball"], FilterOptions())
+        paths[split] = str(folder / f"{split}.json")
+    return folder, paths
+
+
+def _train_mini(folder, paths, output, **train) -> None:
+    train_from_config(
+        model={"engine": "torchvision", "architecture": "maskrcnn_resnet18_fpn"},
+        train=TINY | train,
+        classes=["person", "sports ball"],
+        train_json=paths["train"],
+        train_images=str(COCO_MINI / "train2017"),
+        val_json=paths["val"],
+        val_images=str(COCO_MINI / "val2017"),
+        source_json=str(COCO_MINI / "annotations/instances_train2017.json"),
+        output_dir=str(output),
+        threads=2,
+    )
+
+
+def test_torchvision_engine_trains_and_evaluates_on_coco_mini_from_scratch(mini_split, tmp_path):
+    folder, paths = mini_split
+    _train_mini(folder, paths, tmp_path / "model")
+    model = tmp_path / "model"
+    for name in ("model_final.pth", "classes.json", "config.yaml", "metrics.jsonl", "loss.png"):
+        assert (model / name).is_file(), name
+    info = read_classes(model, ["person", "sports ball"])
+    assert info.source_ids == [1, 37] and info.engine == "torchvision"
+    lines = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
+    assert [line["iteration"] for line in lines] == [0, 1, 2, 3]
+    assert {"total_loss", "loss_mask", "lr", "time", "data_time"} <= set(lines[0])
+    reports = evaluate_model(
+        str(model),
+        paths["val"],
+        str(COCO_MINI / "val2017"),
+        info.classes,
+        str(tmp_path / "m.json"),
+        str(tmp_path / "c.csv"),
+        device="cpu",
+    )
+    assert set(reports["retrained"]["segm"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert "sports ball" in (tmp_path / "c.csv").read_text()
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(mini_split, tmp_path, monkeypatch, caplog):
+    folder, paths = mini_split
+    real_step = tv_engine._step
+    calls = {"n": 0}
+
+    def dying_step(*args):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # killed during iteration 3, after the checkpoint at 2
+        return real_step(*args)
+
+    monkeypatch.setattr(tv_engine, "_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        _train_mini(folder, paths, tmp_path / "model")
+    assert not (tmp_path / "model" / "model_final.pth").exists()
+    monkeypatch.setattr(tv_engine, "_step", real_step)
+    with caplog.at_level(logging.INFO):
+        _train_mini(folder, paths, tmp_path / "model")
+    assert "at iteration 2" in caplog.text
+    lines = [json.loads(line) for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["iteration"] for line in lines] == [0, 1, 2, 3]
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # a finished run is not resumed: a forced rerun starts fresh
+        _train_mini(folder, paths, tmp_path / "model")
+    assert "finished: starting fresh" in caplog.text
+
+
+def test_a_diverging_run_stops_with_a_clear_error(mini_split, tmp_path):
+    folder, paths = mini_split
+    with pytest.raises(TrainingDivergedError, match="diverged"):
+        _train_mini(folder, paths, tmp_path / "model", base_lr=1e6, warmup_iterations=0, max_loss=50)
+
+
+def test_missing_images_are_listed_before_training(mini_split, tmp_path):
+    _, paths = mini_split
+    with pytest.raises(D2RetrainError, match=r"images of .* are missing"):
+        train_from_config(
+            model={"architecture": "maskrcnn_resnet18_fpn"},
+            train=TINY,
+            classes=["person", "sports ball"],
+            train_json=paths["train"],
+            train_images=str(tmp_path),
+            val_json=paths["val"],
+            val_images=str(tmp_path),
+            source_json=paths["train"],
+            output_dir=str(tmp_path / "m"),
+        )
