@@ -22,3 +22,8 @@ rule all:
     default_target: True
     input:
         all_outputs(),
+
+
+rule data:
+    input:
+        [data_outputs(subset) for subset in config["subsets"]],

@@ -214,3 +214,59 @@ def test_missing_images_are_listed_before_training(mini_split, tmp_path):
             source_json=paths["train"],
             output_dir=str(tmp_path / "m"),
         )
+
+
+@pytest.mark.detectron2
+def test_detectron2_engine_trains_resumes_and_evaluates_on_coco_mini(mini_split, tmp_path, caplog):
+    _, paths = mini_split
+    common = {
+        "classes": ["person", "sports ball"],
+        "train_json": paths["train"],
+        "train_images": str(COCO_MINI / "train2017"),
+        "val_json": paths["val"],
+        "val_images": str(COCO_MINI / "val2017"),
+        "source_json": str(COCO_MINI / "annotations/instances_train2017.json"),
+        "output_dir": str(tmp_path / "model"),
+        "threads": 2,
+    }
+    model = {
+        "engine": "detectron2",
+        "architecture": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
+        "rpn_post_nms_topk_train": 100,
+        "roi_batch_size_per_image": 32,
+    }
+    train_from_config(model=model, train=TINY | {"base_lr": 1e-5, "max_loss": 1e5}, **common)
+    info = read_classes(tmp_path / "model", ["person", "sports ball"])
+    assert info.engine == "detectron2" and info.source_ids == [1, 37]
+    lines = [json.loads(line) for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["iteration"] for line in lines] == [0, 1, 2, 3]
+    assert lines[0]["lr"] == pytest.approx(1e-5 * 0.001)
+    reports = evaluate_model(
+        str(tmp_path / "model"),
+        paths["val"],
+        str(COCO_MINI / "val2017"),
+        info.classes,
+        str(tmp_path / "m.json"),
+        str(tmp_path / "c.csv"),
+        device="cpu",
+    )
+    assert set(reports["retrained"]["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    state = json.loads((tmp_path / "model" / "checkpoints" / "state.json").read_text())
+    assert state["finished"] and state["iteration"] == 4
+
+
+@pytest.mark.detectron2
+def test_detectron2_rejects_an_unknown_model_zoo_name(mini_split, tmp_path):
+    _, paths = mini_split
+    with pytest.raises(D2RetrainError, match="model-zoo name"):
+        train_from_config(
+            model={"engine": "detectron2", "architecture": "COCO-InstanceSegmentation/nope.yaml"},
+            train=TINY,
+            classes=["person", "sports ball"],
+            train_json=paths["train"],
+            train_images=str(COCO_MINI / "train2017"),
+            val_json=paths["val"],
+            val_images=str(COCO_MINI / "val2017"),
+            source_json=paths["train"],
+            output_dir=str(tmp_path / "m"),
+        )

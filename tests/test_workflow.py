@@ -1,5 +1,6 @@
 """The Snakemake workflow, run for real: outputs, counts, and what a change replans."""
 
+import json
 import re
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def snakemake(workdir: Path, config: dict, *args: str) -> str:
 
 def planned(workdir: Path, config: dict) -> set[str]:
     """Output files of the jobs a dry run plans (the `all` target excluded)."""
-    text = snakemake(workdir, config, "--dry-run")
+    text = snakemake(workdir, config, "--dry-run", "data")
     return {path for line in re.findall(r"^\s+output: (.*)$", text, re.M) for path in line.split(", ")}
 
 
@@ -58,7 +59,7 @@ def counts_by_pycocotools(path: Path, names: list[str]) -> dict[str, tuple[int, 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
-    snakemake(workdir, TWO_SUBSETS)
+    snakemake(workdir, TWO_SUBSETS, "data")
     return workdir
 
 
@@ -83,7 +84,7 @@ def test_demo_workflow_writes_every_output_with_counts_pycocotools_agrees_with(d
 
 def test_after_a_full_run_a_dry_run_plans_nothing(demo_run):
     assert planned(demo_run, TWO_SUBSETS) == set()
-    assert "Nothing to be done" in snakemake(demo_run, TWO_SUBSETS, "--dry-run")
+    assert "Nothing to be done" in snakemake(demo_run, TWO_SUBSETS, "--dry-run", "data")
 
 
 def test_changing_one_subsets_categories_replans_that_subset_only(demo_run):
@@ -101,7 +102,7 @@ def test_editing_an_input_json_replans_what_depends_on_it(demo_run):
     outputs = planned(demo_run, TWO_SUBSETS)
     assert {p for p in outputs if "train" in p} == set()
     assert {"results/ball/data/val.json", "results/car/data/val.json", "results/ball/masks/val"} <= outputs
-    snakemake(demo_run, TWO_SUBSETS)
+    snakemake(demo_run, TWO_SUBSETS, "data")
     assert planned(demo_run, TWO_SUBSETS) == set()
 
 
@@ -119,7 +120,7 @@ def test_coco_mini_workflow_matches_pycocotools(tmp_path):
         },
         "subsets": {"pb": {"dataset": "mini", "categories": names, "masks": True}},
     }
-    snakemake(tmp_path, config)
+    snakemake(tmp_path, config, "data")
     for split in ("train", "val"):
         path = COCO_MINI / "annotations" / f"instances_{split}2017.json"
         from pycocotools.coco import COCO
@@ -135,3 +136,18 @@ def test_coco_mini_workflow_matches_pycocotools(tmp_path):
             assert kept["sports ball"][1] == len(both) == 3
         else:
             assert kept == counts_by_pycocotools(path, names)
+
+
+def test_the_default_main_job_trains_a_model_reaching_segm_ap_050(tmp_path):
+    """The embedded default, as the README runs it: data, training on the CPU, evaluation."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    snakemake(tmp_path, config, "--resources", "gpu=1")
+    metrics = json.loads((tmp_path / "results/person_ball/eval/metrics.json").read_text())["retrained"]
+    assert metrics["segm"]["AP"] >= 0.50, metrics["segm"]
+    assert metrics["bbox"]["AP"] >= 0.50, metrics["bbox"]
+    model = tmp_path / "results/person_ball/model"
+    assert json.loads((model / "classes.json").read_text())["classes"] == ["person", "sports ball"]
+    assert len((model / "metrics.jsonl").read_text().splitlines()) == config.get("train", {}).get(
+        "iterations", 400
+    )
+    assert "Nothing to be done" in snakemake(tmp_path, config, "--dry-run")

@@ -16,6 +16,7 @@ from d2retrain.trainloop import (
     TrainingDivergedError,
     check_losses,
     load_checkpoint,
+    loader_workers,
 )
 from d2retrain.trainspec import ModelSpec, SolverSpec, TrainJob
 
@@ -200,7 +201,7 @@ def train(job: TrainJob, fingerprint: str) -> Path:
     )
     cfg = build_config(job.model, job.solver, len(job.classes), job.device, str(job.checkpoint_dir))
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train_name,), ()
-    cfg.DATALOADER.NUM_WORKERS = min(4, max(0, job.threads - 1))
+    cfg.DATALOADER.NUM_WORKERS = loader_workers(job.threads)
     store = CheckpointStore(job.checkpoint_dir, fingerprint)
     resume = store.resumable()
     if resume is None:

@@ -20,6 +20,7 @@ __all__ = [
     "CheckpointStore",
     "MetricsLog",
     "check_losses",
+    "loader_workers",
     "load_checkpoint",
     "plot_metrics",
 ]
@@ -139,6 +140,12 @@ class MetricsLog:
     def close(self) -> None:
         """Close the log."""
         self._handle.close()
+
+
+def loader_workers(threads: int) -> int:
+    """Data-loading processes for a job with ``threads`` CPUs: none on small machines, where a
+    worker only takes a core from the model, else a quarter of the threads (at most 4)."""
+    return 0 if threads <= 2 else min(4, threads // 4 or 1)
 
 
 def check_losses(losses: dict[str, float], iteration: int, max_loss: float) -> None:

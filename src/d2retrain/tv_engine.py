@@ -23,7 +23,7 @@ from d2retrain.detdata import TrainSamples, load_records
 from d2retrain.errors import D2RetrainError
 from d2retrain.headsurgery import load_state_dict_source, subset_class_rows
 from d2retrain.predictor import Instances
-from d2retrain.trainloop import CheckpointStore, MetricsLog, check_losses, load_checkpoint
+from d2retrain.trainloop import CheckpointStore, MetricsLog, check_losses, load_checkpoint, loader_workers
 from d2retrain.trainspec import ModelSpec, SolverSpec, TrainJob, lr_factor
 
 logger = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ def train(job: TrainJob, fingerprint: str) -> Path:
     store = CheckpointStore(job.checkpoint_dir, fingerprint)
     run, start = _prepare(job, store)
     metrics = MetricsLog(store.folder / "metrics.jsonl", resume_from=start)
-    workers = min(4, max(0, job.threads - 1))
+    workers = loader_workers(job.threads)
     iteration = start
     clock = time.perf_counter()
     bar = tqdm(total=job.solver.iterations, initial=start, desc="train", unit="it", disable=None)
