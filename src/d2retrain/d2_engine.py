@@ -89,6 +89,9 @@ def build_config(spec: ModelSpec, solver: SolverSpec, num_classes: int, device: 
     cfg.SOLVER.MOMENTUM = solver.momentum
     cfg.SOLVER.WEIGHT_DECAY = solver.weight_decay
     cfg.SOLVER.CHECKPOINT_PERIOD = solver.checkpoint_period
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = solver.clip_gradients > 0
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "norm"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = solver.clip_gradients or 1.0
     cfg.SOLVER.AMP.ENABLED = solver.amp and cfg.MODEL.DEVICE.startswith("cuda")
     cfg.INPUT.MIN_SIZE_TRAIN = tuple(solver.min_size_train)
     cfg.INPUT.MAX_SIZE_TRAIN = solver.max_size_train

@@ -82,6 +82,7 @@ class SolverSpec:
         flip: Random horizontal flip in training.
         amp: Mixed precision on a GPU (ignored on the CPU).
         seed: Seed of weights init and data order.
+        clip_gradients: Per-parameter gradient L2-norm cap (0: off).
         max_loss: A loss above this (or NaN) stops training.
     """
 
@@ -101,6 +102,7 @@ class SolverSpec:
     flip: bool
     amp: bool
     seed: int
+    clip_gradients: float
     max_loss: float
 
 

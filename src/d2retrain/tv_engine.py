@@ -176,6 +176,7 @@ class _Run:
     scaler: torch.amp.GradScaler
     device: torch.device
     amp: bool
+    clip: float
 
 
 def _prepare(job: TrainJob, store: CheckpointStore) -> tuple[_Run, int]:
@@ -202,7 +203,7 @@ def _prepare(job: TrainJob, store: CheckpointStore) -> tuple[_Run, int]:
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         logger.info("resuming from %s at iteration %d", path, start)
-    return _Run(model, optimizer, scheduler, scaler, device, amp), start
+    return _Run(model, optimizer, scheduler, scaler, device, amp, job.solver.clip_gradients), start
 
 
 def _step(run: _Run, images: list, targets: list) -> dict[str, float]:
@@ -214,6 +215,12 @@ def _step(run: _Run, images: list, targets: list) -> dict[str, float]:
     total = sum(losses.values())
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(total).backward()
+    if run.clip > 0:  # detectron2's "norm" clipping: each parameter on its own
+        run.scaler.unscale_(run.optimizer)
+        for group in run.optimizer.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is not None:
+                    torch.nn.utils.clip_grad_norm_(parameter, run.clip)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     return {name: float(value.detach()) for name, value in losses.items()}

@@ -89,10 +89,6 @@ def stats_inputs(wildcards):
 def data_outputs(subset):
     outputs = [f"results/{subset}/data/{split}.json" for split in SPLITS]
     outputs += [f"results/{subset}/stats/counts.{ext}" for ext in ("csv", "png")]
-    outputs += [
-        f"results/{subset}/model/model_final.pth",
-        f"results/{subset}/eval/metrics.json",
-    ]
     if config["subsets"][subset]["masks"]:
         outputs += [
             f"results/{subset}/{kind}/{split}"
@@ -102,5 +98,16 @@ def data_outputs(subset):
     return outputs
 
 
+def model_outputs(subset):
+    return [
+        f"results/{subset}/model/model_final.pth",
+        f"results/{subset}/eval/metrics.json",
+    ]
+
+
 def all_outputs():
-    return [path for subset in config["subsets"] for path in data_outputs(subset)]
+    return [
+        path
+        for subset in config["subsets"]
+        for path in data_outputs(subset) + model_outputs(subset)
+    ]
