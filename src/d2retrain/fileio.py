@@ -10,7 +10,7 @@ from typing import BinaryIO
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["atomic_open", "write_bytes_atomic", "write_text_atomic"]
+__all__ = ["atomic_open", "write_bytes_atomic", "write_text_atomic", "write_figure"]
 
 
 @contextlib.contextmanager
@@ -64,3 +64,23 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
         text: Text to write.
     """
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_figure(path: str | os.PathLike[str], figure: "matplotlib.figure.Figure", title: str) -> None:  # noqa: F821
+    """Title, lay out and save a matplotlib figure as PNG atomically, then close it.
+
+    Args:
+        path: PNG destination.
+        figure: The figure.
+        title: Its title.
+    """
+    import io
+
+    import matplotlib.pyplot as plt
+
+    figure.suptitle(title)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    write_bytes_atomic(path, buffer.getvalue())

@@ -1,13 +1,12 @@
 """Per-category instance and image counts at each data step, as a table and a bar chart."""
 
-import io
 import logging
 from collections.abc import Sequence
 
 import pandas as pd
 
 from d2retrain.coco import CocoDocument, read_coco
-from d2retrain.fileio import write_bytes_atomic, write_text_atomic
+from d2retrain.fileio import write_figure, write_text_atomic
 from d2retrain.filtering import count_categories
 
 logger = logging.getLogger(__name__)
@@ -64,12 +63,7 @@ def plot_counts(path: str, counts: pd.DataFrame, title: str) -> None:
             axes[row][column].set_xlabel("")
             for container in axes[row][column].containers:
                 axes[row][column].bar_label(container, fontsize=7)
-    figure.suptitle(title)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    write_bytes_atomic(path, buffer.getvalue())
+    write_figure(path, figure, title)
 
 
 def write_stats(

@@ -1,6 +1,5 @@
 """Engine-neutral training plumbing: resumable checkpoints, metrics log, divergence guard, plots."""
 
-import io
 import json
 import logging
 import math
@@ -11,7 +10,7 @@ from typing import Any
 import torch
 
 from d2retrain.errors import D2RetrainError
-from d2retrain.fileio import atomic_open, write_bytes_atomic
+from d2retrain.fileio import atomic_open, write_figure
 
 logger = logging.getLogger(__name__)
 
@@ -194,9 +193,4 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str) -> 
     rate.plot(iterations, [r["lr"] for r in records])
     rate.set_xlabel("iteration")
     rate.set_title("learning rate")
-    figure.suptitle(title)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    write_bytes_atomic(png_path, buffer.getvalue())
+    write_figure(png_path, figure, title)
