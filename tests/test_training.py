@@ -94,7 +94,9 @@ def test_head_surgery_keeps_the_chosen_classes_outputs_exactly(tmp_path):
         {"architecture": "maskrcnn_resnet18_fpn", "weights": str(tmp_path / "coco.pth")}, "torchvision"
     )
     subset = tv_engine.build_model(spec, len(ids), solver).eval()
-    subset.load_state_dict(tv_engine.initial_state(spec, ids, subset))
+    state, surgery = tv_engine.initial_state(spec, ids, subset)
+    assert surgery
+    subset.load_state_dict(state)
     image = torch.rand(1, 3, 128, 160)
     proposals = [torch.tensor([[10.0, 10, 80, 90], [30, 5, 60, 40], [0, 0, 150, 120]])]
     sizes = [(128, 160)]
@@ -270,3 +272,37 @@ def test_detectron2_rejects_an_unknown_model_zoo_name(mini_split, tmp_path):
             source_json=paths["train"],
             output_dir=str(tmp_path / "m"),
         )
+
+
+def test_coco_base_weights_give_a_baseline_beside_the_retrained_model(mini_split, tmp_path):
+    _, paths = mini_split
+    solver = solver_spec({"min_size_train": [128], "max_size_train": 200})
+    coco_shaped = tv_engine.build_model(
+        model_spec({"architecture": "maskrcnn_resnet18_fpn"}, "torchvision"), 90, solver
+    )
+    torch.save({"model": coco_shaped.state_dict()}, tmp_path / "coco.pth")
+    train_from_config(
+        model={"architecture": "maskrcnn_resnet18_fpn", "weights": str(tmp_path / "coco.pth")},
+        train=TINY | {"iterations": 2},
+        classes=["person", "sports ball"],
+        train_json=paths["train"],
+        train_images=str(COCO_MINI / "train2017"),
+        val_json=paths["val"],
+        val_images=str(COCO_MINI / "val2017"),
+        source_json=str(COCO_MINI / "annotations/instances_train2017.json"),
+        output_dir=str(tmp_path / "m"),
+    )
+    reports = evaluate_model(
+        str(tmp_path / "m"),
+        paths["val"],
+        str(COCO_MINI / "val2017"),
+        ["person", "sports ball"],
+        str(tmp_path / "e.json"),
+        str(tmp_path / "e.csv"),
+        device="cpu",
+    )
+    assert set(reports) == {"retrained", "baseline"}
+    rows = (tmp_path / "e.csv").read_text().splitlines()
+    assert rows[0] == "model,kind,class,AP" and any(
+        row.startswith("baseline,segm,sports ball,") for row in rows
+    )

@@ -104,14 +104,20 @@ def build_config(spec: ModelSpec, solver: SolverSpec, num_classes: int, device: 
     return cfg
 
 
-def initial_state(spec: ModelSpec, source_ids: Sequence[int], model: torch.nn.Module) -> dict | None:
+def initial_state(
+    spec: ModelSpec, source_ids: Sequence[int], model: torch.nn.Module
+) -> tuple[dict | None, bool]:
     """Base weights for ``model`` (detectron2 URLs and ``.pkl`` files included), with head surgery.
+
+    Returns:
+        The state dict (None for random initialisation), and whether head surgery made it
+        the COCO base model restricted to the classes.
 
     Raises:
         WeightsError: The weights cannot be found or fetched.
     """
     if spec.weights in ("", "none"):
-        return None
+        return None, False
     from detectron2.checkpoint import DetectionCheckpointer
 
     checkpointer = DetectionCheckpointer(model)
@@ -127,12 +133,13 @@ def initial_state(spec: ModelSpec, source_ids: Sequence[int], model: torch.nn.Mo
         for k, v in loaded["model"].items()
     }
     head = state.get("roi_heads.box_predictor.cls_score.weight")
-    if (
+    surgery = (
         spec.head_surgery
         and head is not None
         and head.shape[0] == len(COCO_IDS) + 1
         and set(source_ids) <= set(COCO_IDS)
-    ):
+    )
+    if surgery:
         rows = [COCO_IDS.index(i) for i in source_ids]
         state = subset_class_rows(
             state, {"roi_heads.box_predictor.bbox_pred": 4, "roi_heads.mask_head.predictor": 1}, rows
@@ -140,7 +147,7 @@ def initial_state(spec: ModelSpec, source_ids: Sequence[int], model: torch.nn.Mo
         state = subset_class_rows(state, {"roi_heads.box_predictor.cls_score": 1}, [*rows, len(COCO_IDS)])
         logger.info("head surgery: class layers start from COCO classes %s", list(source_ids))
     expected = model.state_dict()
-    return {k: v for k, v in state.items() if k in expected and v.shape == expected[k].shape}
+    return {k: v for k, v in state.items() if k in expected and v.shape == expected[k].shape}, surgery
 
 
 def _trainer_class():
@@ -212,7 +219,7 @@ def train(job: TrainJob, fingerprint: str) -> Path:
     trainer = _trainer_class()(cfg)
     trainer.store, trainer.max_loss = store, job.solver.max_loss
     if resume is None:
-        state = initial_state(job.model, job.source_ids, trainer.model)
+        state, _ = initial_state(job.model, job.source_ids, trainer.model)
         if state is not None:
             trainer.model.load_state_dict(state, strict=False)
     else:
@@ -256,7 +263,9 @@ class Detectron2Predictor:
         cfg.TEST.DETECTIONS_PER_IMAGE = max_detections
         self.cfg = cfg
         self._predictor = DefaultPredictor(cfg)
-        self._predictor.model.load_state_dict(load_checkpoint(weights)["model"])
+        self.model = self._predictor.model
+        if weights is not None:
+            self.model.load_state_dict(load_checkpoint(weights)["model"])
 
     def __call__(self, image_bgr: np.ndarray) -> Instances:
         """Predict one BGR uint8 image."""

@@ -196,11 +196,7 @@ def load_predictor(
     info = read_classes(model_dir, expected_classes)
     spec, solver = read_model_config(model_dir)
     resolve_engine(spec.engine)
-    module = _engine_module(spec.engine)
-    predictor_class = (
-        module.Detectron2Predictor if spec.engine == "detectron2" else module.TorchvisionPredictor
-    )
-    predictor = predictor_class(
+    predictor = _predictor_class(spec.engine)(
         Path(model_dir) / "model_final.pth",
         spec,
         solver,
@@ -230,5 +226,28 @@ def evaluate_model(
     torch.set_num_threads(max(1, threads))
     predictor, info = load_predictor(model_dir, classes, device=device)
     reports = {"retrained": evaluate(predictor, val_json, val_images, info.classes)}
+    baseline = _baseline_predictor(model_dir, info, device)
+    if baseline is not None:
+        reports["baseline"] = evaluate(baseline, val_json, val_images, info.classes)
     write_evaluation(reports, metrics_path, per_class_path)
     return reports
+
+
+def _predictor_class(engine: str) -> type:
+    module = _engine_module(engine)
+    return module.Detectron2Predictor if engine == "detectron2" else module.TorchvisionPredictor
+
+
+def _baseline_predictor(model_dir: str | Path, info: ClassInfo, device: str) -> Predictor | None:
+    """The COCO base model restricted to the classes (head surgery at iteration 0), or None
+    when the base weights are not a COCO model of these categories."""
+    spec, solver = read_model_config(model_dir)
+    if spec.weights in ("", "none") or not spec.head_surgery:
+        return None
+    predictor = _predictor_class(spec.engine)(None, spec, solver, len(info.classes), device=device)
+    state, surgery = _engine_module(spec.engine).initial_state(spec, info.source_ids, predictor.model)
+    if not surgery:
+        return None
+    predictor.model.load_state_dict(state, strict=False)
+    logger.info("baseline: the base weights %s restricted to %s", spec.weights, ", ".join(info.classes))
+    return predictor

@@ -94,7 +94,7 @@ def _small_maskrcnn(num_classes: int, options: dict) -> MaskRCNN:
 
 def initial_state(
     spec: ModelSpec, source_ids: Sequence[int], model: nn.Module
-) -> dict[str, torch.Tensor] | None:
+) -> tuple[dict[str, torch.Tensor] | None, bool]:
     """The starting weights for ``model``: base weights, with head surgery when they are COCO's.
 
     Args:
@@ -103,22 +103,24 @@ def initial_state(
         model: The model the weights are for (gives the expected shapes).
 
     Returns:
-        A state dict to load, or None for random initialisation.
+        A state dict to load (None for random initialisation), and whether head surgery
+        made it the COCO base model restricted to the classes.
 
     Raises:
         WeightsError: The weights cannot be found or fetched.
     """
     state = load_state_dict_source(spec.weights, torchvision_names=True)
     if state is None:
-        return None
+        return None, False
     expected = model.state_dict()
     coco_head = state.get("roi_heads.box_predictor.cls_score.weight")
-    if (
+    surgery = (
         spec.head_surgery
         and coco_head is not None
         and coco_head.shape[0] == COCO_ROWS
         and max(source_ids) < COCO_ROWS
-    ):
+    )
+    if surgery:
         rows = [0, *source_ids]
         state = subset_class_rows(state, HEAD_LAYERS, rows)
         logger.info("head surgery: class layers start from COCO rows %s", rows)
@@ -127,7 +129,7 @@ def initial_state(
         del state[key]
     if mismatched:
         logger.info("left at random (shape differs from the base weights): %s", ", ".join(mismatched))
-    return state
+    return state, surgery
 
 
 def _device(name: str) -> torch.device:
@@ -188,7 +190,7 @@ def _prepare(job: TrainJob, store: CheckpointStore) -> tuple[_Run, int]:
     start = 0
     if resume is None:
         store.start_fresh()
-        state = initial_state(job.model, job.source_ids, model)
+        state, _ = initial_state(job.model, job.source_ids, model)
         if state is not None:
             model.load_state_dict(state, strict=False)
     model.to(device).train()
@@ -314,8 +316,8 @@ class TorchvisionPredictor:
         self.model = build_model(spec, num_classes, solver)
         self.model.roi_heads.score_thresh = score_threshold
         self.model.roi_heads.detections_per_img = max_detections
-        state = load_checkpoint(weights)
-        self.model.load_state_dict(state.get("model", state))
+        if weights is not None:
+            self.model.load_state_dict(load_checkpoint(weights)["model"])
         self.device = _device(device)
         self.model.to(self.device).eval()
 
