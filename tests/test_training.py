@@ -306,3 +306,21 @@ def test_coco_base_weights_give_a_baseline_beside_the_retrained_model(mini_split
     assert rows[0] == "model,kind,class,AP" and any(
         row.startswith("baseline,segm,sports ball,") for row in rows
     )
+
+
+@pytest.mark.parametrize(
+    ("weights", "words"),
+    [
+        ("http://127.0.0.1:9/model_final.pth", "cannot be downloaded"),
+        ("no/such/file.pth", "no such file"),
+        ("NotAWeights.NAME", "not a file, URL or torchvision weights name"),
+    ],
+)
+def test_unusable_weights_say_what_to_do(weights, words, tmp_path, monkeypatch):
+    from d2retrain.headsurgery import WeightsError, load_state_dict_source
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsError, match=words) as caught:
+        load_state_dict_source(weights, torchvision_names=True)
+    if words == "cannot be downloaded":
+        assert "set model.weights to its local path" in str(caught.value)
