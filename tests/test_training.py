@@ -324,3 +324,24 @@ def test_unusable_weights_say_what_to_do(weights, words, tmp_path, monkeypatch):
         load_state_dict_source(weights, torchvision_names=True)
     if words == "cannot be downloaded":
         assert "set model.weights to its local path" in str(caught.value)
+
+
+def test_a_class_list_not_matching_the_annotations_is_refused(mini_split, tmp_path):
+    _, paths = mini_split
+    for classes, words in (
+        (["sports ball", "person"], "not the class list"),
+        (["person", "kite"], "not the class"),
+    ):
+        with pytest.raises(D2RetrainError, match=words):
+            train_from_config(
+                model={},
+                train=TINY,
+                classes=classes,
+                train_json=paths["train"],
+                train_images=str(COCO_MINI / "train2017"),
+                val_json=paths["val"],
+                val_images=str(COCO_MINI / "val2017"),
+                source_json=str(COCO_MINI / "annotations/instances_train2017.json"),
+                output_dir=str(tmp_path / "m"),
+            )
+    assert not (tmp_path / "m").exists()

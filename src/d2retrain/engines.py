@@ -19,6 +19,7 @@ from d2retrain.trainspec import (
     ModelSpec,
     SolverSpec,
     TrainJob,
+    check_class_list,
     fingerprint,
     read_classes,
     source_category_ids,
@@ -135,6 +136,8 @@ def train_from_config(
 
     model = section_defaults("model") | model
     engine = resolve_engine(model["engine"], model["architecture"])
+    for annotations in (train_json, val_json):
+        check_class_list(annotations, classes)
     job = TrainJob(
         train_json=train_json,
         train_images=train_images,

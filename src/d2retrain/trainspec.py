@@ -9,8 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from d2retrain.coco import read_coco
-from d2retrain.errors import D2RetrainError
+from d2retrain.errors import CategoryError, D2RetrainError
 from d2retrain.fileio import write_text_atomic
+from d2retrain.filtering import resolve_categories
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ __all__ = [
     "read_classes",
     "write_classes",
     "source_category_ids",
+    "check_class_list",
 ]
 
 
@@ -223,5 +225,21 @@ def read_classes(model_dir: str | os.PathLike[str], expected: Sequence[str] | No
 
 def source_category_ids(annotations_json: str, classes: Sequence[str]) -> tuple[int, ...]:
     """Original dataset ids of the named categories, as the filter's input file numbers them."""
-    by_name = {category.name: category.id for category in read_coco(annotations_json).categories}
-    return tuple(by_name[name] for name in classes)
+    return tuple(
+        category.id
+        for category in resolve_categories(read_coco(annotations_json).categories, classes, annotations_json)
+    )
+
+
+def check_class_list(annotations_json: str, classes: Sequence[str]) -> None:
+    """Refuse training when a filtered file's categories are not the class list, in order.
+
+    Raises:
+        CategoryError: The names or their order differ.
+    """
+    found = [category.name for category in read_coco(annotations_json).categories]
+    if found != list(classes):
+        raise CategoryError(
+            f"{annotations_json}: its categories are {found}, not the class list {list(classes)}; "
+            "rerun the filter with these categories"
+        )
