@@ -130,19 +130,23 @@ def mini_split(tmp_path_factory):
     return folder, paths
 
 
+def mini_inputs(paths: dict, output, **overrides) -> dict:
+    """The data arguments of train_from_config for the filtered coco-mini splits."""
+    return {
+        "classes": ["person", "sports ball"],
+        "train_json": paths["train"],
+        "train_images": str(COCO_MINI / "train2017"),
+        "val_json": paths["val"],
+        "val_images": str(COCO_MINI / "val2017"),
+        "source_json": str(COCO_MINI / "annotations/instances_train2017.json"),
+        "output_dir": str(output),
+        "threads": 2,
+    } | overrides
+
+
 def _train_mini(folder, paths, output, **train) -> None:
-    train_from_config(
-        model={"engine": "torchvision", "architecture": "maskrcnn_resnet18_fpn"},
-        train=TINY | train,
-        classes=["person", "sports ball"],
-        train_json=paths["train"],
-        train_images=str(COCO_MINI / "train2017"),
-        val_json=paths["val"],
-        val_images=str(COCO_MINI / "val2017"),
-        source_json=str(COCO_MINI / "annotations/instances_train2017.json"),
-        output_dir=str(output),
-        threads=2,
-    )
+    model = {"engine": "torchvision", "architecture": "maskrcnn_resnet18_fpn"}
+    train_from_config(model=model, train=TINY | train, **mini_inputs(paths, output))
 
 
 def test_torchvision_engine_trains_and_evaluates_on_coco_mini_from_scratch(mini_split, tmp_path):
@@ -205,32 +209,14 @@ def test_a_diverging_run_stops_with_a_clear_error(mini_split, tmp_path):
 def test_missing_images_are_listed_before_training(mini_split, tmp_path):
     _, paths = mini_split
     with pytest.raises(D2RetrainError, match=r"images of .* are missing"):
-        train_from_config(
-            model={"architecture": "maskrcnn_resnet18_fpn"},
-            train=TINY,
-            classes=["person", "sports ball"],
-            train_json=paths["train"],
-            train_images=str(tmp_path),
-            val_json=paths["val"],
-            val_images=str(tmp_path),
-            source_json=paths["train"],
-            output_dir=str(tmp_path / "m"),
-        )
+        inputs = mini_inputs(paths, tmp_path / "m", train_images=str(tmp_path), val_images=str(tmp_path))
+        train_from_config(model={"architecture": "maskrcnn_resnet18_fpn"}, train=TINY, **inputs)
 
 
 @pytest.mark.detectron2
 def test_detectron2_engine_trains_resumes_and_evaluates_on_coco_mini(mini_split, tmp_path, caplog):
     _, paths = mini_split
-    common = {
-        "classes": ["person", "sports ball"],
-        "train_json": paths["train"],
-        "train_images": str(COCO_MINI / "train2017"),
-        "val_json": paths["val"],
-        "val_images": str(COCO_MINI / "val2017"),
-        "source_json": str(COCO_MINI / "annotations/instances_train2017.json"),
-        "output_dir": str(tmp_path / "model"),
-        "threads": 2,
-    }
+    common = mini_inputs(paths, tmp_path / "model")
     model = {
         "engine": "detectron2",
         "architecture": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
@@ -261,17 +247,8 @@ def test_detectron2_engine_trains_resumes_and_evaluates_on_coco_mini(mini_split,
 def test_detectron2_rejects_an_unknown_model_zoo_name(mini_split, tmp_path):
     _, paths = mini_split
     with pytest.raises(D2RetrainError, match="model-zoo name"):
-        train_from_config(
-            model={"engine": "detectron2", "architecture": "COCO-InstanceSegmentation/nope.yaml"},
-            train=TINY,
-            classes=["person", "sports ball"],
-            train_json=paths["train"],
-            train_images=str(COCO_MINI / "train2017"),
-            val_json=paths["val"],
-            val_images=str(COCO_MINI / "val2017"),
-            source_json=paths["train"],
-            output_dir=str(tmp_path / "m"),
-        )
+        model = {"engine": "detectron2", "architecture": "COCO-InstanceSegmentation/nope.yaml"}
+        train_from_config(model=model, train=TINY, **mini_inputs(paths, tmp_path / "m"))
 
 
 def test_coco_base_weights_give_a_baseline_beside_the_retrained_model(mini_split, tmp_path):
@@ -281,17 +258,8 @@ def test_coco_base_weights_give_a_baseline_beside_the_retrained_model(mini_split
         model_spec({"architecture": "maskrcnn_resnet18_fpn"}, "torchvision"), 90, solver
     )
     torch.save({"model": coco_shaped.state_dict()}, tmp_path / "coco.pth")
-    train_from_config(
-        model={"architecture": "maskrcnn_resnet18_fpn", "weights": str(tmp_path / "coco.pth")},
-        train=TINY | {"iterations": 2},
-        classes=["person", "sports ball"],
-        train_json=paths["train"],
-        train_images=str(COCO_MINI / "train2017"),
-        val_json=paths["val"],
-        val_images=str(COCO_MINI / "val2017"),
-        source_json=str(COCO_MINI / "annotations/instances_train2017.json"),
-        output_dir=str(tmp_path / "m"),
-    )
+    model = {"architecture": "maskrcnn_resnet18_fpn", "weights": str(tmp_path / "coco.pth")}
+    train_from_config(model=model, train=TINY | {"iterations": 2}, **mini_inputs(paths, tmp_path / "m"))
     reports = evaluate_model(
         str(tmp_path / "m"),
         paths["val"],
@@ -333,15 +301,5 @@ def test_a_class_list_not_matching_the_annotations_is_refused(mini_split, tmp_pa
         (["person", "kite"], "not the class"),
     ):
         with pytest.raises(D2RetrainError, match=words):
-            train_from_config(
-                model={},
-                train=TINY,
-                classes=classes,
-                train_json=paths["train"],
-                train_images=str(COCO_MINI / "train2017"),
-                val_json=paths["val"],
-                val_images=str(COCO_MINI / "val2017"),
-                source_json=str(COCO_MINI / "annotations/instances_train2017.json"),
-                output_dir=str(tmp_path / "m"),
-            )
+            train_from_config(model={}, train=TINY, **mini_inputs(paths, tmp_path / "m", classes=classes))
     assert not (tmp_path / "m").exists()
