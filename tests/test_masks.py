@@ -8,7 +8,7 @@ import pytest
 from conftest import make_coco, square, write_json
 from pycocotools import mask as mask_utils
 
-from d2retrain.errors import InputFileError, UnsafePathError
+from d2retrain.errors import AnnotationError, InputFileError, UnsafePathError
 from d2retrain.masks import CROWD_INSTANCE, IGNORE, copy_images_and_masks, rasterize, render_masks
 
 
@@ -83,5 +83,5 @@ def test_a_symlink_pointing_out_of_the_image_folder_is_refused(tmp_path):
 
 
 def test_rle_of_the_wrong_size_is_refused():
-    with pytest.raises(Exception, match="RLE of size"):
+    with pytest.raises(AnnotationError, match="RLE of size"):
         rasterize({"counts": [0, 4], "size": [2, 3]}, 2, 2)

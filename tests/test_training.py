@@ -144,6 +144,19 @@ def mini_inputs(paths: dict, output, **overrides) -> dict:
     } | overrides
 
 
+def evaluate_mini(model_dir, paths: dict, folder, classes: list[str], metrics: str, per_class: str) -> dict:
+    """Evaluate a model folder on the filtered coco-mini val split, writing into ``folder``."""
+    return evaluate_model(
+        str(model_dir),
+        paths["val"],
+        str(COCO_MINI / "val2017"),
+        classes,
+        str(folder / metrics),
+        str(folder / per_class),
+        device="cpu",
+    )
+
+
 def _train_mini(folder, paths, output, **train) -> None:
     model = {"engine": "torchvision", "architecture": "maskrcnn_resnet18_fpn"}
     train_from_config(model=model, train=TINY | train, **mini_inputs(paths, output))
@@ -160,15 +173,7 @@ def test_torchvision_engine_trains_and_evaluates_on_coco_mini_from_scratch(mini_
     lines = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
     assert [line["iteration"] for line in lines] == [0, 1, 2, 3]
     assert {"total_loss", "loss_mask", "lr", "time", "data_time"} <= set(lines[0])
-    reports = evaluate_model(
-        str(model),
-        paths["val"],
-        str(COCO_MINI / "val2017"),
-        info.classes,
-        str(tmp_path / "m.json"),
-        str(tmp_path / "c.csv"),
-        device="cpu",
-    )
+    reports = evaluate_mini(model, paths, tmp_path, info.classes, "m.json", "c.csv")
     assert set(reports["retrained"]["segm"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert "sports ball" in (tmp_path / "c.csv").read_text()
 
@@ -229,15 +234,7 @@ def test_detectron2_engine_trains_resumes_and_evaluates_on_coco_mini(mini_split,
     lines = [json.loads(line) for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
     assert [line["iteration"] for line in lines] == [0, 1, 2, 3]
     assert lines[0]["lr"] == pytest.approx(1e-5 * 0.001)
-    reports = evaluate_model(
-        str(tmp_path / "model"),
-        paths["val"],
-        str(COCO_MINI / "val2017"),
-        info.classes,
-        str(tmp_path / "m.json"),
-        str(tmp_path / "c.csv"),
-        device="cpu",
-    )
+    reports = evaluate_mini(tmp_path / "model", paths, tmp_path, info.classes, "m.json", "c.csv")
     assert set(reports["retrained"]["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     state = json.loads((tmp_path / "model" / "checkpoints" / "state.json").read_text())
     assert state["finished"] and state["iteration"] == 4
@@ -260,15 +257,7 @@ def test_coco_base_weights_give_a_baseline_beside_the_retrained_model(mini_split
     torch.save({"model": coco_shaped.state_dict()}, tmp_path / "coco.pth")
     model = {"architecture": "maskrcnn_resnet18_fpn", "weights": str(tmp_path / "coco.pth")}
     train_from_config(model=model, train=TINY | {"iterations": 2}, **mini_inputs(paths, tmp_path / "m"))
-    reports = evaluate_model(
-        str(tmp_path / "m"),
-        paths["val"],
-        str(COCO_MINI / "val2017"),
-        ["person", "sports ball"],
-        str(tmp_path / "e.json"),
-        str(tmp_path / "e.csv"),
-        device="cpu",
-    )
+    reports = evaluate_mini(tmp_path / "m", paths, tmp_path, ["person", "sports ball"], "e.json", "e.csv")
     assert set(reports) == {"retrained", "baseline"}
     rows = (tmp_path / "e.csv").read_text().splitlines()
     assert rows[0] == "model,kind,class,AP" and any(

@@ -3,7 +3,6 @@
 import dataclasses
 import importlib.util
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -11,7 +10,7 @@ import yaml
 
 from d2retrain.errors import D2RetrainError
 from d2retrain.evaluation import evaluate, write_evaluation
-from d2retrain.fileio import atomic_open, write_text_atomic
+from d2retrain.fileio import atomic_open, write_bytes_atomic, write_text_atomic
 from d2retrain.predictor import Predictor
 from d2retrain.trainloop import load_checkpoint, plot_metrics
 from d2retrain.trainspec import (
@@ -87,8 +86,7 @@ def train_model(job: TrainJob) -> None:
         torch.save({"model": load_checkpoint(final)["model"]}, handle)
     write_text_atomic(output / "config.yaml", yaml.safe_dump(_config_record(job), sort_keys=False))
     live_metrics = job.checkpoint_dir / "metrics.jsonl"
-    shutil.copyfile(live_metrics, output / ".metrics.jsonl.tmp")
-    (output / ".metrics.jsonl.tmp").replace(output / "metrics.jsonl")
+    write_bytes_atomic(output / "metrics.jsonl", live_metrics.read_bytes())
     plot_metrics(
         output / "metrics.jsonl", output / "loss.png", f"{', '.join(job.classes)} ({job.model.engine})"
     )

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from d2retrain.coco import Category, CocoDocument, renumber_category
+from d2retrain.coco import AnnotationTable, Category, CocoDocument, renumber_category
 from d2retrain.errors import AnnotationError, CategoryError, EmptyResultError
 
 logger = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ def balance_document(document: CocoDocument, mode: str) -> CocoDocument:
 def _with_records(
     document: CocoDocument,
     annotations: list,
-    table,
+    table: AnnotationTable,
     image_mask: np.ndarray | None,
     categories: list[Category],
 ) -> CocoDocument:
