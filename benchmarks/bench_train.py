@@ -123,6 +123,7 @@ def main() -> None:
     train = {
         "iterations": args.iterations,
         "checkpoint_period": 10**6,
+        "eval_period": 0,
         "warmup_iterations": 0,
         "steps": [],
         "base_lr": 0.002,

@@ -20,6 +20,7 @@ TINY = {
     "iterations": 4,
     "images_per_batch": 2,
     "checkpoint_period": 2,
+    "eval_period": 0,
     "warmup_iterations": 2,
     "steps": [3],
     "min_size_train": [128],
@@ -164,15 +165,19 @@ def _train_mini(folder, paths, output, **train) -> None:
 
 def test_torchvision_engine_trains_and_evaluates_on_coco_mini_from_scratch(mini_split, tmp_path):
     folder, paths = mini_split
-    _train_mini(folder, paths, tmp_path / "model")
+    _train_mini(folder, paths, tmp_path / "model", eval_period=2)
     model = tmp_path / "model"
     for name in ("model_final.pth", "classes.json", "config.yaml", "metrics.jsonl", "loss.png"):
         assert (model / name).is_file(), name
     info = read_classes(model, ["person", "sports ball"])
     assert info.source_ids == [1, 37] and info.engine == "torchvision"
     lines = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
-    assert [line["iteration"] for line in lines] == [0, 1, 2, 3]
-    assert {"total_loss", "loss_mask", "lr", "time", "data_time"} <= set(lines[0])
+    steps = [line for line in lines if "total_loss" in line]
+    assert [line["iteration"] for line in steps] == [0, 1, 2, 3]
+    assert {"total_loss", "loss_mask", "lr", "time", "data_time"} <= set(steps[0])
+    evals = [line for line in lines if "segm_AP" in line]  # train.eval_period = 2
+    assert [line["iteration"] for line in evals] == [1, 3]
+    assert all(0 <= line["bbox_AP"] <= 1 and 0 <= line["segm_AP50"] <= 1 for line in evals)
     reports = evaluate_mini(model, paths, tmp_path, info.classes, "m.json", "c.csv")
     assert set(reports["retrained"]["segm"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert "sports ball" in (tmp_path / "c.csv").read_text()
@@ -191,17 +196,25 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(mini_split, tmp_path, mon
 
     monkeypatch.setattr(tv_engine, "_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
-        _train_mini(folder, paths, tmp_path / "model")
+        _train_mini(folder, paths, tmp_path / "model", eval_period=2)
     assert not (tmp_path / "model" / "model_final.pth").exists()
     monkeypatch.setattr(tv_engine, "_step", real_step)
     with caplog.at_level(logging.INFO):
-        _train_mini(folder, paths, tmp_path / "model")
+        _train_mini(folder, paths, tmp_path / "model", eval_period=2)
     assert "at iteration 2" in caplog.text
     lines = [json.loads(line) for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
-    assert [line["iteration"] for line in lines] == [0, 1, 2, 3]
+    # the evaluation after iteration 1 survives the kill; nothing is logged twice
+    assert [(line["iteration"], "segm_AP" in line) for line in lines] == [
+        (0, False),
+        (1, False),
+        (1, True),
+        (2, False),
+        (3, False),
+        (3, True),
+    ]
     caplog.clear()
     with caplog.at_level(logging.INFO):  # a finished run is not resumed: a forced rerun starts fresh
-        _train_mini(folder, paths, tmp_path / "model")
+        _train_mini(folder, paths, tmp_path / "model", eval_period=2)
     assert "finished: starting fresh" in caplog.text
 
 
@@ -228,11 +241,13 @@ def test_detectron2_engine_trains_resumes_and_evaluates_on_coco_mini(mini_split,
         "rpn_post_nms_topk_train": 100,
         "roi_batch_size_per_image": 32,
     }
-    train_from_config(model=model, train=TINY | {"base_lr": 1e-5, "max_loss": 1e5}, **common)
+    train = TINY | {"base_lr": 1e-5, "max_loss": 1e5, "eval_period": 2}
+    train_from_config(model=model, train=train, **common)
     info = read_classes(tmp_path / "model", ["person", "sports ball"])
     assert info.engine == "detectron2" and info.source_ids == [1, 37]
     lines = [json.loads(line) for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
-    assert [line["iteration"] for line in lines] == [0, 1, 2, 3]
+    assert [line["iteration"] for line in lines if "total_loss" in line] == [0, 1, 2, 3]
+    assert [line["iteration"] for line in lines if "segm_AP" in line] == [1, 3]
     assert lines[0]["lr"] == pytest.approx(1e-5 * 0.001)
     reports = evaluate_mini(tmp_path / "model", paths, tmp_path, info.classes, "m.json", "c.csv")
     assert set(reports["retrained"]["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}

@@ -99,7 +99,7 @@ def build_config(spec: ModelSpec, solver: SolverSpec, num_classes: int, device: 
     cfg.INPUT.MAX_SIZE_TEST = solver.max_size_test
     cfg.INPUT.RANDOM_FLIP = "horizontal" if solver.flip else "none"
     cfg.SEED = solver.seed
-    cfg.TEST.EVAL_PERIOD = 0
+    cfg.TEST.EVAL_PERIOD = solver.eval_period  # run by the workflow's hook, not DefaultTrainer.test
     cfg.OUTPUT_DIR = output_dir
     return cfg
 
@@ -159,12 +159,13 @@ def _trainer_class():
         store: CheckpointStore
         metrics: MetricsLog
         max_loss: float
+        job: TrainJob
 
         def build_hooks(self):
             kept = [
                 h
                 for h in super().build_hooks()
-                if not isinstance(h, hooks.PeriodicCheckpointer | hooks.PeriodicWriter)
+                if not isinstance(h, hooks.PeriodicCheckpointer | hooks.PeriodicWriter | hooks.EvalHook)
             ]
             return [*kept, hooks.CallbackHook(after_step=_after_step)]
 
@@ -186,8 +187,23 @@ def _trainer_class():
         done = trainer.iter + 1
         if done % trainer.cfg.SOLVER.CHECKPOINT_PERIOD == 0 and done < trainer.max_iter:
             trainer.store.save(_payload(trainer), done)
+        if trainer.cfg.TEST.EVAL_PERIOD and done % trainer.cfg.TEST.EVAL_PERIOD == 0:
+            trainer.metrics.write(_evaluate_now(trainer))
 
     return Trainer
+
+
+def _evaluate_now(trainer) -> dict:
+    """AP of the weights so far on the val split, with the workflow's evaluation (as the
+    evaluate rule), through a separate inference copy of the model."""
+    from d2retrain.evaluation import progress_record
+
+    job = trainer.job
+    predictor = Detectron2Predictor(
+        None, job.model, job.solver, len(job.classes), device=trainer.cfg.MODEL.DEVICE
+    )
+    predictor.model.load_state_dict(trainer.model.state_dict())
+    return progress_record(predictor, job.val_json, job.val_images, job.classes, trainer.iter)
 
 
 def _payload(trainer) -> dict:
@@ -217,7 +233,7 @@ def train(job: TrainJob, fingerprint: str) -> Path:
     if resume is None:
         store.start_fresh()
     trainer = _trainer_class()(cfg)
-    trainer.store, trainer.max_loss = store, job.solver.max_loss
+    trainer.store, trainer.max_loss, trainer.job = store, job.solver.max_loss, job
     if resume is None:
         state, _ = initial_state(job.model, job.source_ids, trainer.model)
         if state is not None:

@@ -19,7 +19,15 @@ from d2retrain.predictor import Instances, Predictor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SUMMARY_KEYS", "to_coco_results", "predict_split", "coco_ap", "evaluate", "write_evaluation"]
+__all__ = [
+    "SUMMARY_KEYS",
+    "to_coco_results",
+    "predict_split",
+    "coco_ap",
+    "evaluate",
+    "progress_record",
+    "write_evaluation",
+]
 
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -106,6 +114,28 @@ def evaluate(predictor: Predictor, annotations_json: str, image_dir: str, classe
         "AP on %s: bbox %.3f, segm %.3f", annotations_json, report["bbox"]["AP"], report["segm"]["AP"]
     )
     return report
+
+
+def progress_record(
+    predictor: Predictor, annotations_json: str, image_dir: str, classes: Sequence[str], iteration: int
+) -> dict:
+    """Evaluate during training: a ``metrics.jsonl`` record of bbox and segm AP.
+
+    Args:
+        predictor: The model as trained so far.
+        annotations_json: The val split.
+        image_dir: Its images.
+        classes: Class names in model order.
+        iteration: Index of the last completed iteration (as in the loss records).
+
+    Returns:
+        ``{"iteration", "bbox_AP", "segm_AP", "bbox_AP50", "segm_AP50"}``.
+    """
+    report = evaluate(predictor, annotations_json, image_dir, classes)
+    return {
+        "iteration": iteration,
+        **{f"{kind}_{key}": report[kind][key] for kind in ("bbox", "segm") for key in ("AP", "AP50")},
+    }
 
 
 def write_evaluation(reports: dict[str, dict], metrics_path: str, per_class_path: str) -> None:

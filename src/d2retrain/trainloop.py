@@ -164,10 +164,11 @@ def check_losses(losses: dict[str, float], iteration: int, max_loss: float) -> N
 
 
 def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str) -> None:
-    """Plot total and component losses and the learning rate against iterations.
+    """Plot total and component losses, the learning rate and, when training evaluated the val
+    split, its AP against iterations.
 
     Args:
-        metrics_path: A ``metrics.jsonl``.
+        metrics_path: A ``metrics.jsonl`` (loss records, and AP records from ``train.eval_period``).
         png_path: The PNG to write.
         title: Figure title.
     """
@@ -177,12 +178,15 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str) -> 
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    iterations = [r["iteration"] for r in records]
-    figure, (losses, rate) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for key in sorted({k for r in records for k in r if k.startswith("loss") or k == "total_loss"}):
+    steps = [r for r in records if "total_loss" in r]
+    evals = [r for r in records if "segm_AP" in r]
+    figure, axes = plt.subplots(1, 3 if evals else 2, figsize=(16 if evals else 11, 3.8))
+    losses, rate = axes[0], axes[1]
+    iterations = [r["iteration"] for r in steps]
+    for key in sorted({k for r in steps for k in r if k.startswith("loss") or k == "total_loss"}):
         losses.plot(
             iterations,
-            [r.get(key, float("nan")) for r in records],
+            [r.get(key, float("nan")) for r in steps],
             label=key,
             linewidth=2 if key == "total_loss" else 1,
         )
@@ -190,7 +194,13 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str) -> 
     losses.set_xlabel("iteration")
     losses.set_title("losses")
     losses.legend(fontsize=7)
-    rate.plot(iterations, [r["lr"] for r in records])
+    rate.plot(iterations, [r["lr"] for r in steps])
     rate.set_xlabel("iteration")
     rate.set_title("learning rate")
+    if evals:
+        for key in ("bbox_AP", "segm_AP"):
+            axes[2].plot([r["iteration"] for r in evals], [r[key] for r in evals], marker="o", label=key)
+        axes[2].set_xlabel("iteration")
+        axes[2].set_title("val AP during training")
+        axes[2].legend(fontsize=7)
     write_figure(png_path, figure, title)

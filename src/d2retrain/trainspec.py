@@ -77,6 +77,7 @@ class SolverSpec:
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
         checkpoint_period: Iterations between checkpoints.
+        eval_period: Iterations between AP evaluations on the val split (0: off).
         min_size_train: Shortest-edge sizes, one drawn per image.
         max_size_train: Longest-edge cap in training.
         min_size_test: Shortest edge at inference.
@@ -97,6 +98,7 @@ class SolverSpec:
     momentum: float
     weight_decay: float
     checkpoint_period: int
+    eval_period: int
     min_size_train: tuple[int, ...]
     max_size_train: int
     min_size_test: int

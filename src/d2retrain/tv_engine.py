@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from d2retrain.detdata import TrainSamples, load_records
 from d2retrain.errors import D2RetrainError
+from d2retrain.evaluation import progress_record
 from d2retrain.headsurgery import load_state_dict_source, subset_class_rows
 from d2retrain.predictor import Instances
 from d2retrain.trainloop import CheckpointStore, MetricsLog, check_losses, load_checkpoint, loader_workers
@@ -269,6 +270,8 @@ def train(job: TrainJob, fingerprint: str) -> Path:
             bar.update(1)
             if iteration % job.solver.checkpoint_period == 0 and iteration < job.solver.iterations:
                 store.save(_payload(run), iteration)
+            if job.solver.eval_period and iteration % job.solver.eval_period == 0:
+                metrics.write(_evaluate_now(job, run, iteration - 1))
             clock = time.perf_counter()
     finally:
         bar.close()
@@ -277,6 +280,13 @@ def train(job: TrainJob, fingerprint: str) -> Path:
     store.mark_finished(iteration)
     logger.info("trained %d iterations (%d this run)", iteration, iteration - start)
     return final
+
+
+def _evaluate_now(job: TrainJob, run: _Run, iteration: int) -> dict:
+    """AP of the weights so far on the val split, through a separate inference copy."""
+    predictor = TorchvisionPredictor(None, job.model, job.solver, len(job.classes), device=str(run.device))
+    predictor.model.load_state_dict(run.model.state_dict())
+    return progress_record(predictor, job.val_json, job.val_images, job.classes, iteration)
 
 
 def _payload(run: _Run) -> dict:
