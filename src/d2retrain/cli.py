@@ -105,6 +105,52 @@ def _evaluate(args: argparse.Namespace) -> None:
     )
 
 
+def _infer(args: argparse.Namespace) -> int:
+    from d2retrain.inference import run_inference
+    from d2retrain.inputs import discover
+    from d2retrain.settings import inference_options
+
+    options = inference_options(
+        {
+            "score_threshold": args.score_threshold,
+            "max_detections": args.max_detections,
+            "device": args.device,
+            "save_frames": args.save_frames,
+            "max_frames": args.max_frames,
+        }
+    )
+    images = discover(args.images, "image")
+    videos = discover(args.videos, "video")
+    if not images and not videos:
+        raise D2RetrainError("nothing to infer: give images with -i and/or videos with -v")
+    statuses = run_inference(
+        args.model, images, videos, args.output, options, args.classes, threads=args.threads
+    )
+    return 1 if any(status.status != "ok" for status in statuses) else 0
+
+
+def _add_infer(commands: argparse._SubParsersAction) -> None:
+    from d2retrain.settings import section_defaults
+
+    defaults = section_defaults("inference")
+    infer = commands.add_parser(
+        "infer",
+        help="draw and save a model's predictions on images and videos (exit 1 if a file was not inferred)",
+    )
+    infer.add_argument("--model", required=True, help="model folder (with classes.json)")
+    infer.add_argument("-i", "--images", nargs="+", default=[], help="image files, folders or globs")
+    infer.add_argument("-v", "--videos", nargs="+", default=[], help="video files, folders or globs")
+    infer.add_argument("-o", "--output", required=True, help="folder for images/ and videos/")
+    infer.add_argument("--classes", nargs="+", help="refuse a model trained for other classes")
+    infer.add_argument("--score-threshold", type=float, default=defaults["score_threshold"])
+    infer.add_argument("--max-detections", type=int, default=defaults["max_detections"])
+    infer.add_argument("--device", default=defaults["device"])
+    infer.add_argument("--save-frames", action="store_true", help="also write video frames as PNG")
+    infer.add_argument("--max-frames", type=int, default=0, help="frames per video (0: all)")
+    infer.add_argument("--threads", type=int, default=2)
+    infer.set_defaults(handler=_infer)
+
+
 def _add_model_commands(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="train (or resume) a Mask R-CNN on filtered annotations")
     train.add_argument("--train-json", required=True, help="filtered (balanced) training annotations")
@@ -126,6 +172,7 @@ def _add_model_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--threads", type=int, default=2)
     evaluate.set_defaults(handler=_evaluate)
+    _add_infer(commands)
 
 
 def _add_filter(commands: argparse._SubParsersAction) -> None:
@@ -201,16 +248,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     configure_logging(args.log_file, logging.WARNING if args.quiet else logging.INFO)
-    handler: Callable[[argparse.Namespace], None] = args.handler
+    handler: Callable[[argparse.Namespace], int | None] = args.handler
     try:
-        handler(args)
+        status = handler(args) or 0
     except D2RetrainError as error:
         print(f"d2retrain {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"d2retrain {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from d2retrain.fileio import atomic_open, write_bytes_atomic
+from d2retrain.layout import DemoLayout
 
 logger = logging.getLogger(__name__)
 
@@ -26,26 +27,6 @@ DEMO_CATEGORIES = (
 )
 _PERSON, _CAR, _BALL = 1, 3, 37
 WIDTH, HEIGHT = 256, 192
-
-
-@dataclasses.dataclass(frozen=True)
-class DemoLayout:
-    """Where :func:`write_demo_dataset` puts its files, relative to its root."""
-
-    root: Path
-
-    def images(self, split: str) -> Path:
-        """Folder of a split's JPEG images."""
-        return self.root / split
-
-    def annotations(self, split: str) -> Path:
-        """COCO instances file of a split."""
-        return self.root / "annotations" / f"instances_{split}.json"
-
-    @property
-    def video(self) -> Path:
-        """The demo video."""
-        return self.root / "video" / "demo.mp4"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,10 +209,10 @@ def _annotation(instance: Instance, annotation_id: int, image_id: int) -> dict:
 
 def _write_split(layout: DemoLayout, split: str, count: int, rng: np.random.Generator, first_id: int) -> None:
     images, annotations = [], []
-    for number in tqdm(range(count), desc=f"demo {split}", unit="img", disable=None):
+    names = layout.image_names(split, count)
+    for number, file_name in enumerate(tqdm(names, desc=f"demo {split}", unit="img", disable=None)):
         image_id = first_id + number
         picture, instances = render_scene(rng)
-        file_name = f"demo_{split}_{number:04d}.jpg"
         ok, encoded = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, 92])
         assert ok
         write_bytes_atomic(layout.images(split) / file_name, encoded.tobytes())

@@ -32,11 +32,11 @@ __all__ = [
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def to_coco_results(image_id: int, instances: Instances, category_ids: Sequence[int]) -> list[dict]:
+def to_coco_results(image_id: int | None, instances: Instances, category_ids: Sequence[int]) -> list[dict]:
     """Instances of one image in COCO results format (RLE masks, xywh boxes).
 
     Args:
-        image_id: The image's id.
+        image_id: The image's id (None: left out, for files outside a dataset).
         instances: Predictions.
         category_ids: Category id of each class index.
 
@@ -49,15 +49,14 @@ def to_coco_results(image_id: int, instances: Instances, category_ids: Sequence[
     ):
         rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
         x0, y0, x1, y1 = (float(v) for v in box)
-        results.append(
-            {
-                "image_id": image_id,
-                "category_id": int(category_ids[int(label)]),
-                "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-                "score": round(float(score), 5),
-                "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
-            }
-        )
+        record = {} if image_id is None else {"image_id": image_id}
+        record |= {
+            "category_id": int(category_ids[int(label)]),
+            "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+            "score": round(float(score), 5),
+            "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
+        }
+        results.append(record)
     return results
 
 

@@ -1,6 +1,7 @@
 """The configuration: schema defaults (the one source of them), validation, and specs built from it."""
 
 import copy
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -9,11 +10,20 @@ import jsonschema
 import yaml
 
 from d2retrain.errors import D2RetrainError
+from d2retrain.inference import InferenceOptions
 from d2retrain.trainspec import ModelSpec, SolverSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SCHEMA_PATH", "load_schema", "section_defaults", "model_spec", "solver_spec", "load_config"]
+__all__ = [
+    "SCHEMA_PATH",
+    "load_schema",
+    "section_defaults",
+    "model_spec",
+    "solver_spec",
+    "inference_options",
+    "load_config",
+]
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -43,6 +53,14 @@ def solver_spec(train: dict[str, Any]) -> SolverSpec:
     return SolverSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
+def inference_options(inference: dict[str, Any]) -> InferenceOptions:
+    """:class:`InferenceOptions` from the ``inference`` section (defaults filled in)."""
+    values = section_defaults("inference") | inference
+    return InferenceOptions(
+        **{field.name: values[field.name] for field in dataclasses.fields(InferenceOptions)}
+    )
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read a config file, check it against the schema and fill the section defaults.
 
@@ -60,6 +78,6 @@ def load_config(path: str | Path) -> dict[str, Any]:
     except jsonschema.ValidationError as error:
         where = "/".join(str(part) for part in error.absolute_path) or "top level"
         raise D2RetrainError(f"{path}: {where}: {error.message}") from None
-    for section in ("model", "train"):
+    for section in ("model", "train", "inference"):
         config[section] = section_defaults(section) | config.get(section, {})
     return config

@@ -1,6 +1,11 @@
 # Config lookups and path helpers; no logic beyond that.
 import hashlib
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from d2retrain.inputs import discover, output_files, shards
+from d2retrain.layout import DemoLayout
 
 SRC = Path(workflow.basedir) / "src" / "d2retrain"
 SPLITS = ["train", "val"]
@@ -105,9 +110,81 @@ def model_outputs(subset):
     ]
 
 
+def demo_planned_files():
+    """Files that demo_data writes, so inference may name them before they exist."""
+    demo = config["demo"]
+    layout = DemoLayout(Path(demo["root"]))
+    planned = {
+        str(layout.images(split)): layout.image_names(split, demo[f"{split}_images"])
+        for split in SPLITS
+    }
+    return planned | {str(layout.video): []}
+
+
+def inference_files():
+    """The configured images, then videos (resolved once, at parse time)."""
+    inference = config["inference"]
+    planned = demo_planned_files()
+    return discover(inference["images"], "image", planned) + discover(
+        inference["videos"], "video", planned
+    )
+
+
+INFERENCE_SHARDS = shards(inference_files(), config["inference"]["shards"])
+
+
+def shard_outputs(shard):
+    """The shard's per-file outputs, as patterns with the {subset} wildcard (braces in file
+    names escaped)."""
+    return [
+        path
+        for item in INFERENCE_SHARDS[shard]
+        for path in output_files(
+            item,
+            "results/{subset}/inference",
+            item.name.replace("{", "{{").replace("}", "}}"),
+        )
+    ]
+
+
+def shard_inputs(shard):
+    """Input function: the model and the shard's files; waits for the demo data when
+    the files are ones it writes."""
+    files = INFERENCE_SHARDS[shard]
+
+    def lookup(wildcards):
+        if any(item.pending for item in files):
+            checkpoints.demo_data.get()
+        return {
+            "weights": f"results/{wildcards.subset}/model/model_final.pth",
+            "classes": f"results/{wildcards.subset}/model/classes.json",
+            "images": [item.path for item in files if item.kind == "image"],
+            "videos": [item.path for item in files if item.kind == "video"],
+        }
+
+    return lookup
+
+
+def inference_outputs(subset):
+    if not INFERENCE_SHARDS:
+        return []
+    return [f"results/{subset}/inference/summary.csv"]
+
+
 def all_outputs():
     return [
         path
         for subset in config["subsets"]
-        for path in data_outputs(subset) + model_outputs(subset)
+        for path in data_outputs(subset)
+        + model_outputs(subset)
+        + inference_outputs(subset)
     ]
+
+
+def inference_options():
+    """The inference settings a job depends on (the file lists are its inputs)."""
+    return {
+        key: value
+        for key, value in config["inference"].items()
+        if key not in ("images", "videos")
+    }

@@ -1,7 +1,7 @@
 # Data preparation: demo data -> filter -> balance -> (images, masks) -> stats.
 
 
-rule demo_data:
+checkpoint demo_data:
     output:
         train=f"{config['demo']['root']}/annotations/instances_train.json",
         val=f"{config['demo']['root']}/annotations/instances_val.json",

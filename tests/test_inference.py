@@ -1,0 +1,261 @@
+"""Inference on images and videos: outputs, the real video, bad files, inputs and shards, the CLI."""
+
+import json
+import shutil
+from fractions import Fraction
+
+import av
+import cv2
+import numpy as np
+import pytest
+from conftest import COCO_MINI, SHARED_DATA
+from pycocotools import mask as mask_utils
+
+from d2retrain.cli import main
+from d2retrain.demo import write_demo_dataset
+from d2retrain.engines import train_from_config
+from d2retrain.errors import D2RetrainError
+from d2retrain.filtering import FilterOptions
+from d2retrain.inference import load_image, run_inference
+from d2retrain.inputs import InputFile, discover, shard_of, shards
+from d2retrain.prepare import filter_file
+from d2retrain.settings import inference_options
+
+VIDEO = SHARED_DATA / "video" / "one-by-one-person-detection.mp4"
+CLASSES = ["person", "sports ball"]
+# An untrained model scores everything low: a low threshold and a cap keep instances to draw.
+OPTIONS = {"score_threshold": 0.01, "max_detections": 5, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory):
+    """A model folder trained for two iterations on a small demo dataset, and that dataset."""
+    root = tmp_path_factory.mktemp("infer")
+    layout = write_demo_dataset(root / "demo", train=6, val=4, video_frames=12)
+    filtered = {}
+    for split in ("train", "val"):
+        filtered[split] = str(root / f"{split}.json")
+        filter_file(str(layout.annotations(split)), filtered[split], CLASSES, FilterOptions())
+    train_from_config(
+        model={"engine": "torchvision", "architecture": "maskrcnn_resnet18_fpn"},
+        train={"iterations": 2, "images_per_batch": 2, "warmup_iterations": 1, "steps": [], "device": "cpu"},
+        classes=CLASSES,
+        train_json=filtered["train"],
+        train_images=str(layout.images("train")),
+        val_json=filtered["val"],
+        val_images=str(layout.images("val")),
+        source_json=str(layout.annotations("train")),
+        output_dir=str(root / "model"),
+    )
+    return root / "model", layout
+
+
+def test_each_image_gets_a_drawn_png_and_coco_results_json(demo_model, tmp_path):
+    model, layout = demo_model
+    images = sorted(layout.images("val").glob("*.jpg"))
+    statuses = run_inference(model, images, [], tmp_path, inference_options(OPTIONS), CLASSES)
+    assert [s.status for s in statuses] == ["ok"] * len(images)
+    for image in images:
+        source = cv2.imread(str(image))
+        drawn = cv2.imread(str(tmp_path / "images" / f"{image.stem}.png"))
+        record = json.loads((tmp_path / "images" / f"{image.stem}.json").read_text())
+        assert drawn.shape == source.shape and not np.array_equal(drawn, source)  # something drawn
+        assert record["status"] == "ok" and (record["width"], record["height"]) == (256, 192)
+        assert 1 <= len(record["instances"]) <= 5
+        for instance in record["instances"]:
+            assert (instance["category_id"], instance["category_name"]) in {
+                (1, "person"),
+                (37, "sports ball"),
+            }
+            assert instance["score"] >= 0.01 and len(instance["bbox"]) == 4
+            assert mask_utils.decode(instance["segmentation"]).shape == (192, 256)
+
+
+def test_the_real_video_gives_h264_yuv420p_with_its_rate_and_frame_count(demo_model, tmp_path):
+    model, _ = demo_model
+    options = inference_options(OPTIONS | {"max_frames": 12, "save_frames": True})
+    (status,) = run_inference(model, [], [VIDEO], tmp_path, options, CLASSES)
+    assert (status.status, status.frames) == ("ok", 12)
+    output = tmp_path / "videos" / "one-by-one-person-detection.mp4"
+    with av.open(str(output)) as container:
+        stream = container.streams.video[0]
+        assert (stream.codec_context.name, stream.codec_context.pix_fmt) == ("h264", "yuv420p")
+        assert stream.average_rate == Fraction(10) and (stream.width, stream.height) == (768, 432)
+        assert sum(1 for _ in container.decode(stream)) == 12
+    lines = [
+        json.loads(line) for line in (tmp_path / "videos" / f"{VIDEO.stem}.jsonl").read_text().splitlines()
+    ]
+    assert [line["frame"] for line in lines] == list(range(12))
+    assert lines[3]["time"] == pytest.approx(0.3)
+    frames = sorted((tmp_path / "videos").glob(f"{VIDEO.stem}_frame_*.png"))
+    assert [f.name for f in frames] == [f"{VIDEO.stem}_frame_{i:04d}.png" for i in range(12)]
+
+
+def test_an_odd_sized_video_is_padded_to_even_for_yuv420p(demo_model, tmp_path):
+    model, _ = demo_model
+    odd = tmp_path / "odd.mp4"
+    with av.open(str(odd), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 65, 49, "yuv420p"
+        for _ in range(3):
+            frame = av.VideoFrame.from_ndarray(np.full((49, 65, 3), 120, np.uint8), format="bgr24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    (status,) = run_inference(model, [], [odd], tmp_path / "out", inference_options(OPTIONS), CLASSES)
+    assert status.status == "ok" and status.frames == 3
+    with av.open(str(tmp_path / "out" / "videos" / "odd.mp4")) as container:
+        assert (container.streams.video[0].width, container.streams.video[0].height) == (66, 50)
+
+
+def _bad_files(folder, layout):
+    good = folder / "ünï cödé name.jpg"
+    shutil.copy(next(layout.images("val").glob("*.jpg")), good)
+    jpeg = next(COCO_MINI.glob("val2017/*.jpg")).read_bytes()
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "garbage.jpg").write_bytes(b"\x00" * 512)
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
+    shutil.copy(layout.video, folder / "clip with space.mp4")
+    images = [good, *(folder / n for n in ("truncated.jpg", "empty.png", "notes.txt", "garbage.jpg"))]
+    return images, [folder / "empty.mp4", folder / "noise.mp4", folder / "clip with space.mp4"]
+
+
+def test_bad_files_are_reported_and_never_stop_the_others(demo_model, tmp_path):
+    model, layout = demo_model
+    images, videos = _bad_files(tmp_path, layout)
+    status_path = tmp_path / "out" / "status.json"
+    statuses = run_inference(
+        model, images, videos, tmp_path / "out", inference_options(OPTIONS), CLASSES, status_path
+    )
+    by_name = {s.name: s for s in statuses}
+    assert by_name["ünï cödé name"].status == "ok" and by_name["clip with space"].status == "ok"
+    assert by_name["clip with space"].frames == 12
+    expected_errors = {
+        "truncated": "truncated",
+        "empty": "empty file",
+        "notes": "unsupported file type",
+        "garbage": "not a readable image",
+        "noise": "not a readable video",
+    }
+    for name, words in expected_errors.items():
+        assert by_name[name].status == "error" and words in by_name[name].error, by_name[name]
+    for name in ("truncated", "empty", "notes", "garbage"):
+        record = json.loads((tmp_path / "out" / "images" / f"{name}.json").read_text())
+        assert record["status"] == "error" and record["instances"] == [] and record["error"]
+        assert cv2.imread(str(tmp_path / "out" / "images" / f"{name}.png")) is not None  # says "not inferred"
+    for name in ("empty", "noise"):
+        (line,) = (tmp_path / "out" / "videos" / f"{name}.jsonl").read_text().splitlines()
+        assert json.loads(line)["status"] == "error"
+    assert {row["name"] for row in json.loads(status_path.read_text()) if row["status"] != "ok"} == {
+        *expected_errors,
+        "empty",
+    }
+
+
+def test_a_video_cut_short_keeps_its_frames_and_says_it_was_truncated(demo_model, tmp_path):
+    model, _ = demo_model
+    source = tmp_path / "source.mp4"
+    with (
+        av.open(str(VIDEO)) as container_in,
+        av.open(str(source), "w", options={"movflags": "+faststart"}) as out,
+    ):
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 768, 432, "yuv420p"
+        for index, frame in enumerate(container_in.decode(video=0)):
+            if index == 30:
+                break
+            out.mux(
+                stream.encode(av.VideoFrame.from_ndarray(frame.to_ndarray(format="bgr24"), format="bgr24"))
+            )
+        out.mux(stream.encode())
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(source.read_bytes()[: source.stat().st_size * 2 // 3])
+    (status,) = run_inference(model, [], [cut], tmp_path / "out", inference_options(OPTIONS), CLASSES)
+    assert status.status == "truncated" and 0 < status.frames < 30, status
+    lines = [
+        json.loads(line) for line in (tmp_path / "out" / "videos" / "cut.jsonl").read_text().splitlines()
+    ]
+    assert len(lines) == status.frames + 1 and lines[-1]["status"] == "truncated"
+    with av.open(str(tmp_path / "out" / "videos" / "cut.mp4")) as container:
+        assert sum(1 for _ in container.decode(video=0)) == status.frames
+
+
+def test_exif_orientation_is_applied_like_detectron2(tmp_path):
+    from PIL import Image
+
+    picture = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = picture.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    picture.save(tmp_path / "rotated.jpg", exif=exif)
+    assert load_image(tmp_path / "rotated.jpg").shape == (40, 20, 3)
+
+
+def test_discover_lists_folders_by_type_takes_globs_and_files_as_given(tmp_path):
+    for name in ("b.jpg", "a.PNG", "readme.txt", "c.mp4"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [f.name for f in discover([str(tmp_path)], "image")] == ["a", "b"]
+    assert [f.name for f in discover([str(tmp_path / "*.txt")], "image")] == ["readme"]
+    assert [f.name for f in discover([str(tmp_path / "c.mp4"), str(tmp_path)], "video")] == ["c"]
+    planned = discover(["later/val"], "image", {"later/val/": ["x.jpg", "y.jpg"]})
+    assert [(f.path, f.pending) for f in planned] == [("later/val/x.jpg", True), ("later/val/y.jpg", True)]
+
+
+@pytest.mark.parametrize(
+    ("specs", "message"),
+    [(["missing/folder"], "neither a folder"), (["{d}/a.jpg", "{d}/sub/a.png"], "would both write")],
+)
+def test_discover_refuses_missing_inputs_and_clashing_names(tmp_path, specs, message):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "sub" / "a.png").write_bytes(b"x")
+    with pytest.raises(D2RetrainError, match=message):
+        discover([spec.format(d=tmp_path) for spec in specs], "image")
+
+
+def test_shards_are_stable_when_files_are_added():
+    files = [InputFile(f"in/img_{i:03d}.jpg", "image", f"img_{i:03d}") for i in range(200)]
+    before = {item.name: shard for shard, group in shards(files, 4).items() for item in group}
+    after = shards([*files, InputFile("in/new.jpg", "image", "new")], 4)
+    moved = {
+        item.name for shard, group in after.items() for item in group if before.get(item.name, -1) != shard
+    }
+    assert moved == {"new"}
+    assert min(len(group) for group in after.values()) > 30  # a hash spreads the files
+    # the shard follows the output name, not the folder: moving the inputs moves no output
+    assert shard_of(InputFile("elsewhere/new.png", "image", "new"), 4) == shard_of(after_new(after), 4)
+
+
+def after_new(groups: dict) -> InputFile:
+    return next(item for group in groups.values() for item in group if item.name == "new")
+
+
+def test_infer_command_writes_outputs_and_exits_1_when_a_file_failed(demo_model, tmp_path, capsys):
+    model, layout = demo_model
+    good = next(layout.images("val").glob("*.jpg"))
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    arguments = ["infer", "--model", str(model), "-o", str(tmp_path / "out"), "--score-threshold", "0.01"]
+    assert main([*arguments, "-i", str(good), "--device", "cpu"]) == 0
+    assert (tmp_path / "out" / "images" / f"{good.stem}.png").is_file()
+    assert main([*arguments, "-i", str(good), str(tmp_path / "bad.jpg"), "-v", str(layout.video)]) == 1
+    assert (tmp_path / "out" / "videos" / "demo.mp4").is_file()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [("no_classes", "classes.json"), ("other_classes", "trained for")],
+)
+def test_infer_command_refuses_a_model_without_or_with_other_classes(
+    demo_model, tmp_path, capsys, change, message
+):
+    model, layout = demo_model
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    classes = ["car", "person"] if change == "other_classes" else CLASSES
+    if change == "no_classes":
+        (copy / "classes.json").unlink()
+    arguments = ["infer", "--model", str(copy), "-o", str(tmp_path / "out"), "--classes", *classes]
+    assert main([*arguments, "-i", str(next(layout.images("val").glob("*.jpg")))]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,47 @@
+# Inference: each subset's model on the configured images and videos. Files are split into
+# stable shards (a hash of their names); one job per shard loads the model once.
+
+
+for shard in INFERENCE_SHARDS:
+
+    rule:
+        name:
+            f"infer_{shard:02d}"
+        input:
+            unpack(shard_inputs(shard)),
+        output:
+            shard_outputs(shard),
+            status=f"results/{{subset}}/inference/status/shard_{shard:02d}.json",
+        log:
+            f"logs/{{subset}}/infer_{shard:02d}.log",
+        conda:
+            "../../envs/d2retrain.yaml"
+        threads: 4
+        resources:
+            gpu=1,
+        params:
+            categories=subset_value("categories"),
+            options=inference_options(),
+            code=code_version(
+                "inference", "draw", "videoio", "inputs", "predictor", "engines"
+            ),
+        script:
+            "../scripts/infer.py"
+
+
+rule inference_summary:
+    input:
+        expand(
+            "results/{{subset}}/inference/status/shard_{shard:02d}.json",
+            shard=INFERENCE_SHARDS,
+        ),
+    output:
+        "results/{subset}/inference/summary.csv",
+    log:
+        "logs/{subset}/inference_summary.log",
+    conda:
+        "../../envs/d2retrain.yaml"
+    params:
+        code=code_version("inference"),
+    script:
+        "../scripts/inference_summary.py"
