@@ -1,0 +1,196 @@
+"""Inference throughput: the workflow's per-shard jobs against a plain load-once loop, in one run.
+
+Images: 200 demo images through `run_inference` shard by shard, as the `infer_NN` jobs run it
+(one model load per shard, decoding, drawing, PNG and JSON writing included) against a loop that
+loads the model once and predicts the same files. Video: `infer_video` (decode, infer, draw,
+encode overlapped) against the bare model on the same frames, decoded beforehand. Where
+detectron2 is installed, also detectron2's own demo loop (`DefaultPredictor` + `VideoVisualizer`,
+frame by frame, written with cv2.VideoWriter as its demo does) against the workflow on the same
+detectron2 model. Targets: images >= 0.9x, video >= 0.9x, and above detectron2's demo loop.
+
+Usage: python benchmarks/bench_infer.py [--model DIR] [--images 200] [--frames 60] [--shards 4]
+Without --model, a small model is trained for two iterations on demo data (its low scores are
+taken at threshold 0.01, capped at 8 instances, so every image has objects to draw).
+"""
+
+import argparse
+import importlib.util
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import torch
+
+from d2retrain.demo import write_demo_dataset
+from d2retrain.engines import load_predictor, train_from_config
+from d2retrain.filtering import FilterOptions
+from d2retrain.inference import Labels, infer_video, run_inference
+from d2retrain.inputs import InputFile, shards
+from d2retrain.prepare import filter_file
+from d2retrain.settings import inference_options
+from d2retrain.videoio import read_frames
+
+logger = logging.getLogger("bench_infer")
+
+__all__ = ["main"]
+
+CLASSES = ["person", "sports ball"]
+VIDEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "video" / "one-by-one-person-detection.mp4"
+
+
+def _quick_model(root: Path, engine: str, architecture: str, test_size: int) -> Path:
+    layout = write_demo_dataset(root / "demo", train=4, val=2, video_frames=2)
+    files = {}
+    for split in ("train", "val"):
+        files[split] = str(root / f"{split}.json")
+        filter_file(str(layout.annotations(split)), files[split], CLASSES, FilterOptions())
+    output = root / f"model_{engine}"
+    train_from_config(
+        model={"engine": engine, "architecture": architecture},
+        train={
+            "iterations": 1,
+            "images_per_batch": 2,
+            "base_lr": 1e-5,
+            "warmup_iterations": 0,
+            "steps": [],
+            "eval_period": 0,
+            "min_size_test": test_size,
+            "max_size_test": 2 * test_size,
+            "device": "cpu",
+        },
+        classes=CLASSES,
+        train_json=files["train"],
+        train_images=str(layout.images("train")),
+        val_json=files["val"],
+        val_images=str(layout.images("val")),
+        source_json=str(layout.annotations("train")),
+        output_dir=str(output),
+        threads=torch.get_num_threads(),
+    )
+    return output
+
+
+def bench_images(model: Path, folder: Path, count: int, shard_count: int, options) -> float:
+    """Prints images/s of the workflow's shard jobs and of a plain loop; returns the ratio."""
+    layout = write_demo_dataset(folder / "images", train=1, val=count, video_frames=2)
+    paths = sorted(layout.images("val").glob("*.jpg"))
+    for path in paths:
+        path.read_bytes()  # warm the page cache for both sides
+
+    load_predictor(model, device=options.device)  # imports paid before timing, for both sides
+    start = time.perf_counter()
+    predictor, _ = load_predictor(
+        model, device=options.device, score_threshold=options.score_threshold, max_detections=8
+    )
+    for path in paths:
+        predictor(cv2.imread(str(path)))
+    plain = count / (time.perf_counter() - start)
+
+    files = [InputFile.of(path, "image") for path in paths]
+    start = time.perf_counter()
+    for shard, group in shards(files, shard_count).items():
+        status = folder / f"status_{shard}.json"
+        run_inference(
+            model, group, [], folder / "out", options, status_path=status, threads=torch.get_num_threads()
+        )
+    workflow = count / (time.perf_counter() - start)
+    print(f"images ({count}, {shard_count} shards, one model load each):")
+    print(f"  plain load-once loop (read + predict)            {plain:7.2f} img/s")
+    print(f"  workflow jobs (read, predict, draw, PNG + JSON)   {workflow:7.2f} img/s")
+    print(f"  ratio {workflow / plain:.3f} (target >= 0.9)")
+    return workflow / plain
+
+
+def bench_video(model: Path, folder: Path, frames: int, options) -> float:
+    """Prints frames/s of the bare model on decoded frames and of the workflow; returns the ratio."""
+    decoded = list(read_frames(VIDEO, frames))
+    predictor, info = load_predictor(
+        model, device=options.device, score_threshold=options.score_threshold, max_detections=8
+    )
+    predictor(decoded[0])  # warm-up
+    start = time.perf_counter()
+    for frame in decoded:
+        predictor(frame)
+    bare = len(decoded) / (time.perf_counter() - start)
+
+    labels = Labels(tuple(info.classes), tuple(info.source_ids))
+    start = time.perf_counter()
+    status = infer_video(predictor, labels, InputFile.of(VIDEO, "video"), folder / "videos", options)
+    workflow = status.frames / (time.perf_counter() - start)
+    print(f"video ({status.frames} frames of {VIDEO.name}):")
+    print(f"  bare model on decoded frames                      {bare:7.2f} frames/s")
+    print(f"  workflow (decode, predict, draw, encode, JSONL)   {workflow:7.2f} frames/s")
+    print(f"  ratio {workflow / bare:.3f} (target >= 0.9)")
+    return workflow / bare
+
+
+def bench_detectron2_demo(model: Path, folder: Path, frames: int, options) -> float:
+    """Prints frames/s of detectron2's demo loop and of the workflow on the same model."""
+    from detectron2.data import MetadataCatalog
+    from detectron2.utils.video_visualizer import VideoVisualizer
+    from detectron2.utils.visualizer import ColorMode
+
+    predictor, info = load_predictor(
+        model, device=options.device, score_threshold=options.score_threshold, max_detections=8
+    )
+    metadata = MetadataCatalog.get("bench_infer_demo").set(thing_classes=list(info.classes))
+    visualizer = VideoVisualizer(metadata, ColorMode.IMAGE)
+    default_predictor = predictor._predictor
+    writer = None
+    start = time.perf_counter()
+    count = 0
+    for frame in read_frames(VIDEO, frames):  # detectron2 demo/predictor.py: run_on_video
+        outputs = default_predictor(frame)["instances"].to("cpu")
+        drawn = visualizer.draw_instance_predictions(frame[:, :, ::-1], outputs).get_image()[:, :, ::-1]
+        if writer is None:
+            fourcc = cv2.VideoWriter_fourcc(*"mp4v")
+            writer = cv2.VideoWriter(str(folder / "d2demo.mp4"), fourcc, 10.0, drawn.shape[1::-1], True)
+        writer.write(drawn)
+        count += 1
+    writer.release()
+    demo = count / (time.perf_counter() - start)
+
+    labels = Labels(tuple(info.classes), tuple(info.source_ids))
+    start = time.perf_counter()
+    status = infer_video(predictor, labels, InputFile.of(VIDEO, "video"), folder / "videos_d2", options)
+    workflow = status.frames / (time.perf_counter() - start)
+    print(f"detectron2 model, video ({count} frames):")
+    print(f"  detectron2 demo loop (DefaultPredictor + VideoVisualizer)  {demo:7.2f} frames/s")
+    print(f"  workflow on the same model                                 {workflow:7.2f} frames/s")
+    print(f"  ratio {workflow / demo:.3f} (target > 1)")
+    return workflow / demo
+
+
+def main() -> None:
+    """Run the benchmarks and print their figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="a model folder (default: a quick demo model)")
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--frames", type=int, default=60)
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--threshold", type=float, default=0.01)
+    parser.add_argument("--d2-test-size", type=int, default=320, help="detectron2 model's test size")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(torch.get_num_threads())
+    options = inference_options(
+        {"score_threshold": args.threshold, "max_detections": 8, "device": "cpu", "max_frames": args.frames}
+    )
+    print(f"CPU threads: {torch.get_num_threads()}; cuda: {torch.cuda.is_available()}")
+    with tempfile.TemporaryDirectory() as temporary:
+        root = Path(temporary)
+        model = args.model or _quick_model(root, "torchvision", "maskrcnn_resnet18_fpn", 192)
+        bench_images(model, root, args.images, args.shards, options)
+        bench_video(model, root, args.frames, options)
+        if importlib.util.find_spec("detectron2") is not None:
+            zoo = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
+            d2_model = _quick_model(root, "detectron2", zoo, args.d2_test_size)
+            bench_detectron2_demo(d2_model, root, min(args.frames, 30), options)
+        else:
+            print("detectron2 is not installed: its demo loop is not compared")
+
+
+if __name__ == "__main__":
+    main()
