@@ -117,6 +117,7 @@ def _infer(args: argparse.Namespace) -> int:
             "device": args.device,
             "save_frames": args.save_frames,
             "max_frames": args.max_frames,
+            "batch_size": args.batch_size,
         }
     )
     images = discover(args.images, "image")
@@ -147,6 +148,7 @@ def _add_infer(commands: argparse._SubParsersAction) -> None:
     infer.add_argument("--device", default=defaults["device"])
     infer.add_argument("--save-frames", action="store_true", help="also write video frames as PNG")
     infer.add_argument("--max-frames", type=int, default=0, help="frames per video (0: all)")
+    infer.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="images per forward pass")
     infer.add_argument("--threads", type=int, default=2)
     infer.set_defaults(handler=_infer)
 

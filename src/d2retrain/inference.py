@@ -7,10 +7,11 @@ import io
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 _DEPTH = 4  # items read ahead of, and written behind, the model
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,7 @@ class InferenceOptions:
         device: ``auto``, ``cpu`` or ``cuda``.
         save_frames: Also write each drawn video frame as ``<name>_frame_%04d.png``.
         max_frames: Infer at most this many frames of each video (0: all).
+        batch_size: Images or frames per forward pass.
     """
 
     score_threshold: float
@@ -60,6 +63,7 @@ class InferenceOptions:
     device: str
     save_frames: bool
     max_frames: int
+    batch_size: int
 
 
 @dataclasses.dataclass
@@ -133,13 +137,14 @@ def _try_load(item: InputFile) -> np.ndarray | InputFileError:
 
 
 def infer_images(
-    predictor: Predictor, labels: Labels, files: Sequence[InputFile], folder: str | Path
+    predictor: Predictor, labels: Labels, files: Sequence[InputFile], folder: str | Path, batch_size: int = 1
 ) -> list[FileStatus]:
     """Predict each image and write ``<name>.png`` (drawn) and ``<name>.json`` into ``folder``.
 
     Images are decoded ahead in one thread and drawn and written behind in another, so the
-    model never waits for the disk. A bad file gets a JSON that says what was wrong and a
-    picture that says it was not inferred; the others go on.
+    model never waits for the disk; ``batch_size`` images go through the model at once. A bad
+    file gets a JSON that says what was wrong and a picture that says it was not inferred; the
+    others go on.
 
     Returns:
         One status per file, in order.
@@ -148,21 +153,41 @@ def infer_images(
     folder.mkdir(parents=True, exist_ok=True)
     statuses: list[FileStatus] = []
     pending: collections.deque[Future] = collections.deque()
-    with ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
-        loaded = ahead(map(_try_load, files), _DEPTH)
-        for item, image in tqdm(
-            zip(files, loaded, strict=True), total=len(files), desc="images", disable=None
-        ):
+    bar = tqdm(total=len(files), desc="images", unit="img", disable=None)
+    with bar, ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
+        for batch in _batched(zip(files, ahead(map(_try_load, files), _DEPTH), strict=True), batch_size):
             start = time.perf_counter()
-            if isinstance(image, InputFileError):
-                pending.append(writer.submit(_write_image_error, item, folder, str(image)))
-            else:
-                instances = predictor(image)
-                pending.append(writer.submit(_write_image, item, folder, image, instances, labels, start))
+            good = [image for _, image in batch if not isinstance(image, InputFileError)]
+            predictions = iter(predictor.predict_batch(good) if good else [])
+            for item, image in batch:
+                if isinstance(image, InputFileError):
+                    pending.append(writer.submit(_write_image_error, item, folder, str(image)))
+                else:
+                    instances = next(predictions)
+                    pending.append(writer.submit(_write_image, item, folder, image, instances, labels, start))
+            bar.update(len(batch))
             while len(pending) > _DEPTH:
                 statuses.append(pending.popleft().result())
         statuses += [future.result() for future in pending]
     return statuses
+
+
+def _batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Lists of ``size`` consecutive items; when ``items`` fails with an :class:`InputFileError`,
+    the items before the failure come out first."""
+    batch: list[T] = []
+    try:
+        for item in items:
+            batch.append(item)
+            if len(batch) == size:
+                yield batch
+                batch = []
+    except InputFileError:
+        if batch:
+            yield batch
+        raise
+    if batch:
+        yield batch
 
 
 def _write_image(
@@ -251,7 +276,8 @@ def _encode_video(
         prefix = folder / item.name if options.save_frames else None
         writer = _FrameWriter(mp4, lines, labels, info.rate, prefix)
         try:
-            _predict_frames(predictor, read_frames(item.path, options.max_frames), writer, status, expected)
+            frames = read_frames(item.path, options.max_frames)
+            _predict_frames(predictor, frames, writer, status, expected, options.batch_size)
         except InputFileError as error:
             status.status, status.error = "truncated", str(error)
         if status.frames == 0:
@@ -295,18 +321,18 @@ class _FrameWriter:
 
 
 def _predict_frames(
-    predictor: Predictor, frames, writer: _FrameWriter, status: FileStatus, expected: int
+    predictor: Predictor, frames, writer: _FrameWriter, status: FileStatus, expected: int, batch_size: int
 ) -> None:
     pending: collections.deque[Future] = collections.deque()
-    with ThreadPoolExecutor(1, thread_name_prefix="encode") as encoder:
+    bar = tqdm(total=expected or None, desc="frames", unit="frame", disable=None)
+    with bar, ThreadPoolExecutor(1, thread_name_prefix="encode") as encoder:
         try:
-            for index, frame in enumerate(
-                tqdm(ahead(frames, 2 * _DEPTH), total=expected or None, desc="frames", disable=None)
-            ):
-                instances = predictor(frame)
-                pending.append(encoder.submit(writer, index, frame, instances))
-                status.frames += 1
-                status.instances += len(instances)
+            for batch in _batched(ahead(frames, 2 * _DEPTH), batch_size):
+                for frame, instances in zip(batch, predictor.predict_batch(batch), strict=True):
+                    pending.append(encoder.submit(writer, status.frames, frame, instances))
+                    status.frames += 1
+                    status.instances += len(instances)
+                bar.update(len(batch))
                 while len(pending) > _DEPTH:
                     pending.popleft().result()
         finally:
@@ -364,7 +390,11 @@ def run_inference(
     labels = Labels(tuple(info.classes), tuple(info.source_ids))
     output = Path(output_dir)
     image_files = [f if isinstance(f, InputFile) else InputFile.of(f, "image") for f in images]
-    statuses = infer_images(predictor, labels, image_files, output / "images") if image_files else []
+    statuses = (
+        infer_images(predictor, labels, image_files, output / "images", options.batch_size)
+        if image_files
+        else []
+    )
     for video in videos:
         item = video if isinstance(video, InputFile) else InputFile.of(video, "video")
         statuses.append(infer_video(predictor, labels, item, output / "videos", options))

@@ -2,6 +2,7 @@
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -33,8 +34,12 @@ class Instances:
 
 
 class Predictor(Protocol):
-    """A loaded model: call it on a BGR uint8 image."""
+    """A loaded model: call it on a BGR uint8 image, or on several at once."""
 
     def __call__(self, image_bgr: np.ndarray) -> Instances:
         """Predict one image."""
+        ...
+
+    def predict_batch(self, images_bgr: Sequence[np.ndarray]) -> list[Instances]:
+        """Predict several images in one forward pass (faster on a GPU, and on a CPU too)."""
         ...

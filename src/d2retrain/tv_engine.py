@@ -331,14 +331,27 @@ class TorchvisionPredictor:
         self.device = _device(device)
         self.model.to(self.device).eval()
 
-    @torch.inference_mode()
     def __call__(self, image_bgr: np.ndarray) -> Instances:
         """Predict one BGR uint8 image."""
-        tensor = torch.from_numpy(np.ascontiguousarray(image_bgr[:, :, ::-1])).to(self.device)
-        output = self.model([tensor.permute(2, 0, 1).float().div_(255)])[0]
-        return Instances(
-            boxes=output["boxes"].cpu().numpy(),
-            scores=output["scores"].cpu().numpy(),
-            classes=output["labels"].cpu().numpy() - 1,
-            masks=(output["masks"][:, 0] > 0.5).cpu().numpy(),
-        )
+        return self.predict_batch([image_bgr])[0]
+
+    @torch.inference_mode()
+    def predict_batch(self, images_bgr: Sequence[np.ndarray]) -> list[Instances]:
+        """Predict several BGR uint8 images in one forward pass."""
+        tensors = [
+            torch.from_numpy(np.ascontiguousarray(image[:, :, ::-1]))
+            .to(self.device)
+            .permute(2, 0, 1)
+            .float()
+            .div_(255)
+            for image in images_bgr
+        ]
+        return [
+            Instances(
+                boxes=output["boxes"].cpu().numpy(),
+                scores=output["scores"].cpu().numpy(),
+                classes=output["labels"].cpu().numpy() - 1,
+                masks=(output["masks"][:, 0] > 0.5).cpu().numpy(),
+            )
+            for output in self.model(tensors)
+        ]
