@@ -103,23 +103,32 @@ def bench_images(model: Path, folder: Path, count: int, shard_count: int, option
     return workflow / plain
 
 
-def bench_video(model: Path, folder: Path, frames: int, options) -> float:
-    """Prints frames/s of the bare model on decoded frames and of the workflow; returns the ratio."""
-    decoded = list(read_frames(VIDEO, frames))
+def _load(model: Path, options) -> tuple:
     predictor, info = load_predictor(
         model, device=options.device, score_threshold=options.score_threshold, max_detections=8
     )
+    return predictor, Labels(tuple(info.classes), tuple(info.source_ids))
+
+
+def _workflow_video(predictor, labels: Labels, folder: Path, options) -> tuple[int, float]:
+    """Frames inferred and frames/s of the workflow's video pipeline on the real video."""
+    start = time.perf_counter()
+    status = infer_video(predictor, labels, InputFile.of(VIDEO, "video"), folder, options)
+    return status.frames, status.frames / (time.perf_counter() - start)
+
+
+def bench_video(model: Path, folder: Path, frames: int, options) -> float:
+    """Prints frames/s of the bare model on decoded frames and of the workflow; returns the ratio."""
+    decoded = list(read_frames(VIDEO, frames))
+    predictor, labels = _load(model, options)
     predictor(decoded[0])  # warm-up
     start = time.perf_counter()
     for frame in decoded:
         predictor(frame)
     bare = len(decoded) / (time.perf_counter() - start)
 
-    labels = Labels(tuple(info.classes), tuple(info.source_ids))
-    start = time.perf_counter()
-    status = infer_video(predictor, labels, InputFile.of(VIDEO, "video"), folder / "videos", options)
-    workflow = status.frames / (time.perf_counter() - start)
-    print(f"video ({status.frames} frames of {VIDEO.name}):")
+    frames, workflow = _workflow_video(predictor, labels, folder / "videos", options)
+    print(f"video ({frames} frames of {VIDEO.name}):")
     print(f"  bare model on decoded frames                      {bare:7.2f} frames/s")
     print(f"  workflow (decode, predict, draw, encode, JSONL)   {workflow:7.2f} frames/s")
     print(f"  ratio {workflow / bare:.3f} (target >= 0.9)")
@@ -132,10 +141,8 @@ def bench_detectron2_demo(model: Path, folder: Path, frames: int, options) -> fl
     from detectron2.utils.video_visualizer import VideoVisualizer
     from detectron2.utils.visualizer import ColorMode
 
-    predictor, info = load_predictor(
-        model, device=options.device, score_threshold=options.score_threshold, max_detections=8
-    )
-    metadata = MetadataCatalog.get("bench_infer_demo").set(thing_classes=list(info.classes))
+    predictor, labels = _load(model, options)
+    metadata = MetadataCatalog.get("bench_infer_demo").set(thing_classes=list(labels.names))
     visualizer = VideoVisualizer(metadata, ColorMode.IMAGE)
     default_predictor = predictor._predictor
     writer = None
@@ -152,10 +159,7 @@ def bench_detectron2_demo(model: Path, folder: Path, frames: int, options) -> fl
     writer.release()
     demo = count / (time.perf_counter() - start)
 
-    labels = Labels(tuple(info.classes), tuple(info.source_ids))
-    start = time.perf_counter()
-    status = infer_video(predictor, labels, InputFile.of(VIDEO, "video"), folder / "videos_d2", options)
-    workflow = status.frames / (time.perf_counter() - start)
+    _, workflow = _workflow_video(predictor, labels, folder / "videos_d2", options)
     print(f"detectron2 model, video ({count} frames):")
     print(f"  detectron2 demo loop (DefaultPredictor + VideoVisualizer)  {demo:7.2f} frames/s")
     print(f"  workflow on the same model                                 {workflow:7.2f} frames/s")

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -150,4 +151,40 @@ def test_the_default_main_job_trains_a_model_reaching_segm_ap_050(tmp_path):
     records = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in records if "total_loss" in r]) == config.get("train", {}).get("iterations", 400)
     assert [r["iteration"] for r in records if "segm_AP" in r] == [199, 399]  # train.eval_period 200
+    summary = pd.read_csv(tmp_path / "results/person_ball/inference/summary.csv")
+    assert len(summary) == 24 + 1 and set(summary.status) == {"ok"}  # demo val images + demo video
+    assert summary[summary.kind == "video"].frames.item() == 40
+    assert summary.instances.sum() > 24  # a trained model finds the demo's objects at score 0.5
     assert "Nothing to be done" in snakemake(tmp_path, config, "--dry-run")
+
+
+def planned_jobs(workdir: Path, config: dict) -> dict[str, int]:
+    """Rule name -> job count of the jobs a dry run plans."""
+    text = snakemake(workdir, config, "--dry-run")
+    return {rule: int(count) for rule, count in re.findall(r"^(\w+)\s+(\d+)$", text, re.M) if rule != "total"}
+
+
+def test_adding_an_image_reruns_only_its_shard_and_retraining_reruns_all_inference(tmp_path):
+    from d2retrain.demo import write_demo_dataset
+    from d2retrain.inputs import InputFile, shard_of
+
+    pictures = write_demo_dataset(tmp_path / "pictures", train=1, val=200, video_frames=2).images("val")
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["train"] = {"iterations": 4, "eval_period": 0, "warmup_iterations": 2, "steps": []}
+    config["inference"] = {"images": [str(pictures)], "videos": [], "shards": 4}
+    snakemake(tmp_path, config, "--resources", "gpu=1")
+    inferred = tmp_path / "results/person_ball/inference"
+    assert len(list((inferred / "images").glob("*.png"))) == 200
+    assert planned_jobs(tmp_path, config) == {}
+
+    shutil.copy(pictures / "demo_val_0007.jpg", pictures / "added one.jpg")
+    shard = shard_of(InputFile.of(pictures / "added one.jpg", "image"), 4)
+    assert planned_jobs(tmp_path, config) == {f"infer_{shard:02d}": 1, "inference_summary": 1, "all": 1}
+    snakemake(tmp_path, config, "--resources", "gpu=1")
+    assert json.loads((inferred / "images" / "added one.json").read_text())["status"] == "ok"
+    summary = pd.read_csv(inferred / "summary.csv")
+    assert len(summary) == 201 and set(summary.status) == {"ok"}
+
+    config["train"]["iterations"] = 5  # a retrained model replans every inference job
+    jobs = planned_jobs(tmp_path, config)
+    assert {f"infer_{k:02d}" for k in range(4)} | {"train", "evaluate"} <= set(jobs)

@@ -148,7 +148,7 @@ def _add_infer(commands: argparse._SubParsersAction) -> None:
     infer.add_argument("--device", default=defaults["device"])
     infer.add_argument("--save-frames", action="store_true", help="also write video frames as PNG")
     infer.add_argument("--max-frames", type=int, default=0, help="frames per video (0: all)")
-    infer.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="images per forward pass")
+    infer.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="images per pass")
     infer.add_argument("--threads", type=int, default=2)
     infer.set_defaults(handler=_infer)
 
