@@ -96,11 +96,25 @@ def bench_images(model: Path, folder: Path, count: int, shard_count: int, option
             model, group, [], folder / "out", options, status_path=status, threads=torch.get_num_threads()
         )
     workflow = count / (time.perf_counter() - start)
-    print(f"images ({count}, {shard_count} shards, one model load each):")
-    print(f"  plain load-once loop (read + predict)            {plain:7.2f} img/s")
-    print(f"  workflow jobs (read, predict, draw, PNG + JSON)   {workflow:7.2f} img/s")
-    print(f"  ratio {workflow / plain:.3f} (target >= 0.9)")
-    return workflow / plain
+    return _report(
+        f"images ({count}, {shard_count} shards, one model load each)",
+        ("plain load-once loop (read + predict)", plain),
+        ("workflow jobs (read, predict, draw, PNG + JSON)", workflow),
+        "img/s",
+        ">= 0.9",
+    )
+
+
+def _report(
+    title: str, baseline: tuple[str, float], workflow: tuple[str, float], unit: str, target: str
+) -> float:
+    """Print a baseline and the workflow's rate and return their ratio."""
+    print(f"{title}:")
+    for label, rate in (baseline, workflow):
+        print(f"  {label:<58} {rate:7.2f} {unit}")
+    ratio = workflow[1] / baseline[1]
+    print(f"  ratio {ratio:.3f} (target {target})")
+    return ratio
 
 
 def _load(model: Path, options) -> tuple:
@@ -128,11 +142,13 @@ def bench_video(model: Path, folder: Path, frames: int, options) -> float:
     bare = len(decoded) / (time.perf_counter() - start)
 
     frames, workflow = _workflow_video(predictor, labels, folder / "videos", options)
-    print(f"video ({frames} frames of {VIDEO.name}):")
-    print(f"  bare model on decoded frames                      {bare:7.2f} frames/s")
-    print(f"  workflow (decode, predict, draw, encode, JSONL)   {workflow:7.2f} frames/s")
-    print(f"  ratio {workflow / bare:.3f} (target >= 0.9)")
-    return workflow / bare
+    return _report(
+        f"video ({frames} frames of {VIDEO.name})",
+        ("bare model on decoded frames", bare),
+        ("workflow (decode, predict, draw, encode, JSONL)", workflow),
+        "frames/s",
+        ">= 0.9",
+    )
 
 
 def bench_detectron2_demo(model: Path, folder: Path, frames: int, options) -> float:
@@ -160,11 +176,13 @@ def bench_detectron2_demo(model: Path, folder: Path, frames: int, options) -> fl
     demo = count / (time.perf_counter() - start)
 
     _, workflow = _workflow_video(predictor, labels, folder / "videos_d2", options)
-    print(f"detectron2 model, video ({count} frames):")
-    print(f"  detectron2 demo loop (DefaultPredictor + VideoVisualizer)  {demo:7.2f} frames/s")
-    print(f"  workflow on the same model                                 {workflow:7.2f} frames/s")
-    print(f"  ratio {workflow / demo:.3f} (target > 1)")
-    return workflow / demo
+    return _report(
+        f"detectron2 model, video ({count} frames)",
+        ("detectron2 demo loop (DefaultPredictor + VideoVisualizer)", demo),
+        ("workflow on the same model", workflow),
+        "frames/s",
+        "> 1",
+    )
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ from fractions import Fraction
 import av
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import COCO_MINI, SHARED_DATA
 from pycocotools import mask as mask_utils
@@ -16,7 +17,7 @@ from d2retrain.demo import write_demo_dataset
 from d2retrain.engines import train_from_config
 from d2retrain.errors import D2RetrainError
 from d2retrain.filtering import FilterOptions
-from d2retrain.inference import load_image, run_inference
+from d2retrain.inference import load_image, run_inference, write_summary
 from d2retrain.inputs import InputFile, discover, shard_of, shards
 from d2retrain.prepare import filter_file
 from d2retrain.settings import inference_options
@@ -89,6 +90,9 @@ def test_the_real_video_gives_h264_yuv420p_with_its_rate_and_frame_count(demo_mo
     assert lines[3]["time"] == pytest.approx(0.3)
     frames = sorted((tmp_path / "videos").glob(f"{VIDEO.stem}_frame_*.png"))
     assert [f.name for f in frames] == [f"{VIDEO.stem}_frame_{i:04d}.png" for i in range(12)]
+    shorter = inference_options(OPTIONS | {"max_frames": 3, "save_frames": True})
+    run_inference(model, [], [VIDEO], tmp_path, shorter, CLASSES)  # a rerun drops the stale frames
+    assert len(list((tmp_path / "videos").glob(f"{VIDEO.stem}_frame_*.png"))) == 3
 
 
 def test_an_odd_sized_video_is_padded_to_even_for_yuv420p(demo_model, tmp_path):
@@ -152,6 +156,9 @@ def test_bad_files_are_reported_and_never_stop_the_others(demo_model, tmp_path):
         *expected_errors,
         "empty",
     }
+    summary = write_summary([status_path], tmp_path / "summary.csv")
+    assert list(summary.status) == ["error"] * 6 + ["ok"] * 2  # problems first
+    assert pd.read_csv(tmp_path / "summary.csv").name.tolist() == summary.name.tolist()
 
 
 def test_a_video_cut_short_keeps_its_frames_and_says_it_was_truncated(demo_model, tmp_path):

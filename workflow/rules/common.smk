@@ -181,7 +181,7 @@ def all_outputs():
     ]
 
 
-def inference_options():
+def inference_params():
     """The inference settings a job depends on (the file lists are its inputs)."""
     return {
         key: value

@@ -21,7 +21,7 @@ for shard in INFERENCE_SHARDS:
             gpu=1,
         params:
             categories=subset_value("categories"),
-            options=inference_options(),
+            options=inference_params(),
             code=code_version(
                 "inference", "draw", "videoio", "inputs", "predictor", "engines"
             ),
