@@ -13,6 +13,9 @@ if not config:
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
+container: config["container"]
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"

@@ -16,6 +16,19 @@ wildcard_constraints:
     split="|".join(SPLITS),
 
 
+def cluster_resources(gpu):
+    """SLURM partition and account from the config's cluster section; unset keys are left
+    out, so the cluster's defaults apply (and local runs ignore them)."""
+    cluster = config["cluster"]
+    partition = (gpu and cluster["gpu_partition"]) or cluster["partition"]
+    values = {"slurm_partition": partition, "slurm_account": cluster["account"]}
+    return {key: value for key, value in values.items() if value}
+
+
+CPU_JOB = cluster_resources(gpu=False)
+GPU_JOB = cluster_resources(gpu=True)
+
+
 def subset_config(wildcards):
     return config["subsets"][wildcards.subset]
 

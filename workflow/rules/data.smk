@@ -12,6 +12,8 @@ checkpoint demo_data:
         "logs/demo_data.log",
     conda:
         "../../envs/d2retrain.yaml"
+    resources:
+        **CPU_JOB,
     params:
         seed=config["demo"]["seed"],
         train=config["demo"]["train_images"],
@@ -31,6 +33,8 @@ rule filter:
         "logs/{subset}/filter_{split}.log",
     conda:
         "../../envs/d2retrain.yaml"
+    resources:
+        **CPU_JOB,
     params:
         categories=subset_value("categories"),
         min_area=subset_value("min_area"),
@@ -50,6 +54,8 @@ rule balance:
         "logs/{subset}/balance_{split}.log",
     conda:
         "../../envs/d2retrain.yaml"
+    resources:
+        **CPU_JOB,
     params:
         mode=balance_mode,
         code=code_version("coco", "filtering", "prepare"),
@@ -69,6 +75,8 @@ rule images_and_masks:
     conda:
         "../../envs/d2retrain.yaml"
     threads: 4
+    resources:
+        **CPU_JOB,
     params:
         code=code_version("coco", "masks"),
     script:
@@ -85,6 +93,8 @@ rule stats:
         "logs/{subset}/stats.log",
     conda:
         "../../envs/d2retrain.yaml"
+    resources:
+        **CPU_JOB,
     params:
         categories=subset_value("categories"),
         code=code_version("coco", "stats", "prepare"),

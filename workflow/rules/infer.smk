@@ -18,6 +18,7 @@ for shard in INFERENCE_SHARDS:
             "../../envs/d2retrain.yaml"
         threads: 4
         resources:
+            **GPU_JOB,
             gpu=1,
         params:
             categories=subset_value("categories"),
@@ -41,6 +42,8 @@ rule inference_summary:
         "logs/{subset}/inference_summary.log",
     conda:
         "../../envs/d2retrain.yaml"
+    resources:
+        **CPU_JOB,
     params:
         code=code_version("inference"),
     script:

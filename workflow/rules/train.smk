@@ -20,6 +20,7 @@ rule train:
         "../../envs/d2retrain.yaml"
     threads: 8
     resources:
+        **GPU_JOB,
         gpu=1,
     params:
         categories=subset_value("categories"),
@@ -53,6 +54,7 @@ rule evaluate:
         "../../envs/d2retrain.yaml"
     threads: 4
     resources:
+        **GPU_JOB,
         gpu=1,
     params:
         categories=subset_value("categories"),
