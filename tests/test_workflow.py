@@ -188,3 +188,19 @@ def test_adding_an_image_reruns_only_its_shard_and_retraining_reruns_all_inferen
     config["train"]["iterations"] = 5  # a retrained model replans every inference job
     jobs = planned_jobs(tmp_path, config)
     assert {f"infer_{k:02d}" for k in range(4)} | {"train", "evaluate"} <= set(jobs)
+
+
+def test_train_num_gpus_2_runs_two_processes_inside_a_snakemake_job(tmp_path):
+    """The job's script is imported again by each spawned process: it must not train twice."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["demo"] = {"root": "resources/demo", "train_images": 8, "val_images": 4, "video_frames": 4}
+    config["train"] = {"iterations": 4, "num_gpus": 2, "eval_period": 0, "checkpoint_period": 2}
+    config["inference"] = {"images": [], "videos": []}
+    target = "results/person_ball/model/model_final.pth"
+    snakemake(tmp_path, config, target, "--resources", "gpu=2")
+    log = (tmp_path / "logs/person_ball/train.log").read_text()
+    assert "starting 2 training processes" in log
+    assert "[rank 1] d2retrain.distributed: weights identical on all 2 processes" in log
+    assert log.count("trained 4 iterations") == 1
+    lines = (tmp_path / "results/person_ball/model/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [0, 1, 2, 3]

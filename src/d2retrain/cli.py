@@ -73,6 +73,8 @@ def _train(args: argparse.Namespace) -> None:
     config = load_config(args.config) if args.config else {"model": {}, "train": {}}
     if args.iterations:
         config["train"]["iterations"] = args.iterations
+    if args.num_gpus:
+        config["train"]["num_gpus"] = args.num_gpus
     train_from_config(
         model=config["model"],
         train=config["train"],
@@ -163,6 +165,7 @@ def _add_model_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("-c", "--categories", nargs="+", required=True, help="class names, in model order")
     train.add_argument("--config", help="YAML with `model` and `train` sections (schema defaults otherwise)")
     train.add_argument("--iterations", type=int, help="override train.iterations")
+    train.add_argument("--num-gpus", type=int, help="override train.num_gpus (processes, one per GPU)")
     train.add_argument("-o", "--output", required=True, help="model folder")
     train.add_argument("--threads", type=int, default=2)
     train.set_defaults(handler=_train)

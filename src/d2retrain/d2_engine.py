@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from d2retrain import distributed
 from d2retrain.errors import D2RetrainError
 from d2retrain.headsurgery import WeightsError, subset_class_rows
 from d2retrain.predictor import Instances
@@ -170,6 +171,8 @@ def _trainer_class():
             return [*kept, hooks.CallbackHook(after_step=_after_step)]
 
     def _after_step(trainer) -> None:
+        if not distributed.is_main():  # detectron2 gathers the metrics on rank 0 only
+            return
         storage = trainer.storage
         latest = {name: value for name, (value, _) in storage.latest().items()}
         losses = {k: float(v) for k, v in latest.items() if k.startswith("loss_")}
@@ -202,26 +205,82 @@ def _evaluate_now(trainer) -> dict:
     predictor = Detectron2Predictor(
         None, job.model, job.solver, len(job.classes), device=trainer.cfg.MODEL.DEVICE
     )
-    predictor.model.load_state_dict(trainer.model.state_dict())
+    predictor.model.load_state_dict(_bare(trainer.model).state_dict())
     return progress_record(predictor, job.val_json, job.val_images, job.classes, trainer.iter)
 
 
 def _payload(trainer) -> dict:
     state = trainer.state_dict()
     state["iteration"] = trainer.iter + 1
-    return {"model": trainer.model.state_dict(), "trainer": state}
+    return {"model": _bare(trainer.model).state_dict(), "trainer": state}
+
+
+def _bare(model: torch.nn.Module) -> torch.nn.Module:
+    """The network inside detectron2's data-parallel wrapper (itself for one process)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def train(job: TrainJob, fingerprint: str) -> Path:
     """Train (or resume) with detectron2 and return the final checkpoint.
 
+    Several processes (``job.distributed``) go through detectron2's ``launch``, one per GPU.
+
     Raises:
-        D2RetrainError: Missing images, bad weights or config, or a diverged loss.
+        D2RetrainError: Missing images, bad weights or config, a diverged loss, or several
+            processes asked for without GPUs.
     """
     from d2retrain.detdata import load_records
 
     load_records(job.train_json, job.train_images)  # fail before training on missing images
-    torch.set_num_threads(max(1, job.threads))
+    spec = job.distributed
+    if spec.world_size == 1:
+        _train_process(job, fingerprint)
+    elif not torch.cuda.is_available():
+        raise D2RetrainError(
+            f"train.num_gpus x num_machines is {spec.world_size}, but the detectron2 engine runs "
+            "several processes on GPUs only (its data-parallel wrapper pins each to a GPU); set "
+            "train.num_gpus: 1, or model.engine: torchvision, which runs CPU processes with gloo"
+        )
+    else:
+        from detectron2.engine import launch
+
+        with distributed.launch_errors():
+            launch(
+                _launched_process,
+                spec.num_gpus,
+                spec.num_machines,
+                spec.machine_rank,
+                distributed.rendezvous_url(spec),
+                args=(job, fingerprint, distributed.log_file()),
+            )
+    return CheckpointStore(job.checkpoint_dir, fingerprint).latest()
+
+
+def _launched_process(job: TrainJob, fingerprint: str, log_file: str | None) -> None:
+    from detectron2.utils import comm
+
+    distributed.process_main(comm.get_local_rank(), _train_process, log_file, (job, fingerprint))
+
+
+def _load_start(trainer, job: TrainJob, resume: tuple[Path, int] | None) -> torch.nn.Module:
+    """Load the base weights (fresh run) or the checkpoint (resume); return the bare network."""
+    model = _bare(trainer.model)
+    if resume is None:
+        state, _ = initial_state(job.model, job.source_ids, model)
+        if state is not None:
+            model.load_state_dict(state, strict=False)
+    else:
+        path, iteration = resume
+        checkpoint = load_checkpoint(path)
+        model.load_state_dict(checkpoint["model"])
+        trainer.load_state_dict(checkpoint["trainer"])
+        trainer.start_iter = iteration
+        logger.info("resuming from %s at iteration %d", path, iteration)
+    return model
+
+
+def _train_process(job: TrainJob, fingerprint: str) -> None:
+    torch.set_num_threads(max(1, job.threads // job.distributed.num_gpus))
     train_name = register_split(
         f"d2retrain_{fingerprint}_train", job.train_json, job.train_images, job.classes
     )
@@ -230,32 +289,29 @@ def train(job: TrainJob, fingerprint: str) -> Path:
     cfg.DATALOADER.NUM_WORKERS = loader_workers(job.threads)
     store = CheckpointStore(job.checkpoint_dir, fingerprint)
     resume = store.resumable()
-    if resume is None:
+    distributed.barrier()  # every process has read the state before rank 0 may clear it
+    if resume is None and distributed.is_main():
         store.start_fresh()
     trainer = _trainer_class()(cfg)
     trainer.store, trainer.max_loss, trainer.job = store, job.solver.max_loss, job
-    if resume is None:
-        state, _ = initial_state(job.model, job.source_ids, trainer.model)
-        if state is not None:
-            trainer.model.load_state_dict(state, strict=False)
-    else:
-        path, iteration = resume
-        checkpoint = load_checkpoint(path)
-        trainer.model.load_state_dict(checkpoint["model"])
-        trainer.load_state_dict(checkpoint["trainer"])
-        trainer.start_iter = iteration
-        logger.info("resuming from %s at iteration %d", path, iteration)
-    start = trainer.start_iter
-    trainer.metrics = MetricsLog(store.folder / "metrics.jsonl", resume_from=start)
+    model = _load_start(trainer, job, resume)
+    distributed.barrier()
+    main = distributed.is_main()
+    trainer.metrics = (
+        MetricsLog(store.folder / "metrics.jsonl", resume_from=trainer.start_iter) if main else None
+    )
     try:
         trainer.train()
     except FloatingPointError as error:
         raise TrainingDivergedError(f"training diverged: {error}; the last good checkpoint is kept") from None
     finally:
-        trainer.metrics.close()
-    final = store.save(_payload(trainer), job.solver.iterations)
-    store.mark_finished(job.solver.iterations)
-    return final
+        if main:
+            trainer.metrics.close()
+    distributed.check_in_step(model, next(model.parameters()).device)
+    if main:
+        store.save(_payload(trainer), job.solver.iterations)
+        store.mark_finished(job.solver.iterations)
+    distributed.barrier()
 
 
 class Detectron2Predictor:

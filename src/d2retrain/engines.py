@@ -80,7 +80,10 @@ def train_model(job: TrainJob) -> None:
         D2RetrainError: Bad input, unusable weights or a diverged loss.
     """
     key = fingerprint(job)
+    job.distributed.check(job.solver.images_per_batch)
     final = _engine_module(job.model.engine).train(job, key)
+    if job.distributed.machine_rank != 0:
+        return  # machine 0 writes the model folder
     output = Path(job.output_dir)
     with atomic_open(output / "model_final.pth", durable=True) as handle:
         torch.save({"model": load_checkpoint(final)["model"]}, handle)
@@ -130,7 +133,7 @@ def train_from_config(
     Raises:
         D2RetrainError: Bad configuration or input, unusable weights, or a diverged loss.
     """
-    from d2retrain.settings import model_spec, section_defaults, solver_spec
+    from d2retrain.settings import distributed_spec, model_spec, section_defaults, solver_spec
 
     model = section_defaults("model") | model
     engine = resolve_engine(model["engine"], model["architecture"])
@@ -148,6 +151,7 @@ def train_from_config(
         output_dir=output_dir,
         device=(section_defaults("train") | train)["device"],
         threads=threads,
+        distributed=distributed_spec(train),
     )
     logger.info("training %s with the %s engine (%s)", ", ".join(classes), engine, job.model.architecture)
     train_model(job)

@@ -14,18 +14,20 @@ __all__ = ["configure_logging", "run_job"]
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def configure_logging(log_file: str | None = None, level: int = logging.INFO) -> None:
+def configure_logging(log_file: str | None = None, level: int = logging.INFO, tag: str = "") -> None:
     """Send log records to stderr and, when given, to ``log_file`` (appended).
 
     Args:
         log_file: A file that receives the same records, e.g. a Snakemake rule's ``log``.
         level: The lowest level shown.
+        tag: Shown in every record, e.g. the rank of a training process.
     """
+    layout = _FORMAT.replace("%(name)s", f"[{tag}] %(name)s") if tag else _FORMAT
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
-    logging.basicConfig(level=level, format=_FORMAT, handlers=handlers, force=True)
+    logging.basicConfig(level=level, format=layout, handlers=handlers, force=True)
     logging.captureWarnings(True)
 
 

@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import yaml
 
 from d2retrain.errors import D2RetrainError
 from d2retrain.inference import InferenceOptions
-from d2retrain.trainspec import ModelSpec, SolverSpec
+from d2retrain.trainspec import LAUNCH_KEYS, DistributedSpec, ModelSpec, SolverSpec
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ __all__ = [
     "section_defaults",
     "model_spec",
     "solver_spec",
+    "distributed_spec",
     "inference_options",
     "load_config",
 ]
@@ -49,8 +51,24 @@ def model_spec(model: dict[str, Any], engine: str) -> ModelSpec:
 def solver_spec(train: dict[str, Any]) -> SolverSpec:
     """A :class:`SolverSpec` from the ``train`` section (defaults filled in)."""
     values = section_defaults("train") | train
-    values.pop("device")
+    for key in ("device", *LAUNCH_KEYS):
+        values.pop(key)
     return SolverSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def distributed_spec(train: dict[str, Any]) -> DistributedSpec:
+    """A :class:`DistributedSpec` from the launch keys of the ``train`` section."""
+    values = section_defaults("train") | train
+    spec = {key: values[key] for key in LAUNCH_KEYS}
+    if spec["machine_rank"] == -1:
+        try:
+            spec["machine_rank"] = int(os.environ["SLURM_NODEID"])
+        except (KeyError, ValueError):
+            raise D2RetrainError(
+                "train.machine_rank is -1 (from SLURM_NODEID) but SLURM_NODEID is not set; "
+                "run inside a SLURM job or give the machine's rank"
+            ) from None
+    return DistributedSpec(**spec)
 
 
 def inference_options(inference: dict[str, Any]) -> InferenceOptions:

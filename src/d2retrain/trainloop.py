@@ -69,6 +69,17 @@ class CheckpointStore:
             return None
         return path, int(state["iteration"])
 
+    def latest(self) -> Path:
+        """The checkpoint ``state.json`` points at (the final one after a finished run).
+
+        Raises:
+            D2RetrainError: No checkpoint was recorded.
+        """
+        state = self._state()
+        if "checkpoint" not in state:
+            raise D2RetrainError(f"{self.folder}: no checkpoint recorded in state.json")
+        return self.folder / state["checkpoint"]
+
     def start_fresh(self) -> None:
         """Remove old checkpoints and state."""
         if self.folder.exists():

@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ModelSpec",
     "SolverSpec",
+    "DistributedSpec",
+    "LAUNCH_KEYS",
     "TrainJob",
     "ClassInfo",
     "ModelFolderError",
@@ -110,6 +112,52 @@ class SolverSpec:
     max_loss: float
 
 
+LAUNCH_KEYS = ("num_gpus", "num_machines", "machine_rank", "dist_url")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSpec:
+    """How many processes train one model, and where they meet (detectron2's ``launch`` keys).
+
+    Not part of the fingerprint: a run killed on one GPU may resume on two.
+
+    Attributes:
+        num_gpus: Processes per machine, one per GPU (CPU processes with gloo when no GPU).
+        num_machines: Machines taking part.
+        machine_rank: This machine's rank, 0..num_machines-1.
+        dist_url: ``tcp://HOST:PORT`` of machine 0, or ``auto`` (a free local port; one machine).
+    """
+
+    num_gpus: int = 1
+    num_machines: int = 1
+    machine_rank: int = 0
+    dist_url: str = "auto"
+
+    @property
+    def world_size(self) -> int:
+        """All processes of the training."""
+        return self.num_gpus * self.num_machines
+
+    def check(self, images_per_batch: int) -> None:
+        """Refuse a launch that cannot work.
+
+        Raises:
+            D2RetrainError: The batch does not split evenly, the machine rank is out of
+                range, or several machines have no rendezvous address.
+        """
+        if images_per_batch % self.world_size:
+            raise D2RetrainError(
+                f"train.images_per_batch {images_per_batch} does not split evenly over "
+                f"{self.world_size} processes (num_gpus x num_machines); make it a multiple"
+            )
+        if not 0 <= self.machine_rank < self.num_machines:
+            raise D2RetrainError(
+                f"train.machine_rank {self.machine_rank} is not in 0..{self.num_machines - 1}"
+            )
+        if self.num_machines > 1 and self.dist_url == "auto":
+            raise D2RetrainError("train.dist_url must name machine 0 (tcp://HOST:PORT) when num_machines > 1")
+
+
 def lr_factor(solver: SolverSpec, iteration: int) -> float:
     """detectron2's WarmupMultiStepLR factor at ``iteration`` (linear warmup from 0.001)."""
     factor = solver.gamma ** sum(1 for step in solver.steps if step <= iteration)
@@ -134,7 +182,8 @@ class TrainJob:
         solver: Solver settings.
         output_dir: The model folder (``results/<subset>/model``).
         device: ``cpu``, ``cuda`` or ``cuda:N``.
-        threads: CPU threads for the job.
+        threads: CPU threads for the job (shared by its processes).
+        distributed: Processes and machines.
     """
 
     train_json: str
@@ -148,6 +197,7 @@ class TrainJob:
     output_dir: str
     device: str = "cpu"
     threads: int = 1
+    distributed: DistributedSpec = DistributedSpec()
 
     @property
     def checkpoint_dir(self) -> Path:

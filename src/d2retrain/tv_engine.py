@@ -19,6 +19,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from tqdm import tqdm
 
+from d2retrain import distributed
 from d2retrain.detdata import TrainSamples, load_records
 from d2retrain.errors import D2RetrainError
 from d2retrain.evaluation import progress_record
@@ -133,12 +134,6 @@ def initial_state(
     return state, surgery
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _optimizer(model: nn.Module, solver: SolverSpec) -> torch.optim.Optimizer:
     # detectron2's defaults: WEIGHT_DECAY_NORM = 0, biases decay like weights.
     decay, no_decay = [], []
@@ -160,10 +155,18 @@ def _collate(batch: list) -> tuple[list, list]:
 def _loader(
     samples: TrainSamples, solver: SolverSpec, start: int, workers: int
 ) -> torch.utils.data.DataLoader:
-    positions = range(start * solver.images_per_batch, solver.iterations * solver.images_per_batch)
+    """This process's share of each batch: iteration i takes samples i*B .. i*B+B-1 over all
+    processes, so the data order does not depend on how many processes train."""
+    share = solver.images_per_batch // distributed.world_size()
+    first = distributed.rank() * share
+    positions = [
+        iteration * solver.images_per_batch + first + offset
+        for iteration in range(start, solver.iterations)
+        for offset in range(share)
+    ]
     return torch.utils.data.DataLoader(
         samples,
-        batch_size=solver.images_per_batch,
+        batch_size=share,
         sampler=positions,
         num_workers=workers,
         collate_fn=_collate,
@@ -173,7 +176,8 @@ def _loader(
 
 @dataclasses.dataclass
 class _Run:
-    model: nn.Module
+    model: nn.Module  # the network (its state is what checkpoints hold)
+    forward: nn.Module  # the network, wrapped for data-parallel training when several processes
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
@@ -182,15 +186,25 @@ class _Run:
     clip: float
 
 
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and distributed.world_size() > 1:
+        name = f"cuda:{distributed.local_rank()}"
+    return torch.device(name)
+
+
 def _prepare(job: TrainJob, store: CheckpointStore) -> tuple[_Run, int]:
     torch.manual_seed(job.solver.seed)
     model = build_model(job.model, len(job.classes), job.solver)
     device = _device(job.device)
     amp = job.solver.amp and device.type == "cuda"
     resume = store.resumable()
+    distributed.barrier()  # every process has read the state before rank 0 may clear it
     start = 0
     if resume is None:
-        store.start_fresh()
+        if distributed.is_main():
+            store.start_fresh()
         state, _ = initial_state(job.model, job.source_ids, model)
         if state is not None:
             model.load_state_dict(state, strict=False)
@@ -206,7 +220,13 @@ def _prepare(job: TrainJob, store: CheckpointStore) -> tuple[_Run, int]:
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         logger.info("resuming from %s at iteration %d", path, start)
-    return _Run(model, optimizer, scheduler, scaler, device, amp, job.solver.clip_gradients), start
+    forward = model
+    if distributed.world_size() > 1:
+        device_ids = [device] if device.type == "cuda" else None
+        forward = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    distributed.barrier()
+    run = _Run(model, forward, optimizer, scheduler, scaler, device, amp, job.solver.clip_gradients)
+    return run, start
 
 
 def _step(run: _Run, images: list, targets: list) -> dict[str, float]:
@@ -214,7 +234,7 @@ def _step(run: _Run, images: list, targets: list) -> dict[str, float]:
     targets = [{k: v.to(run.device, non_blocking=True) for k, v in t.items()} for t in targets]
     context = torch.autocast(run.device.type) if run.amp else nullcontext()
     with context:
-        losses = run.model(images, targets)
+        losses = run.forward(images, targets)
     total = sum(losses.values())
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(total).backward()
@@ -230,56 +250,78 @@ def _step(run: _Run, images: list, targets: list) -> dict[str, float]:
 
 
 def train(job: TrainJob, fingerprint: str) -> Path:
-    """Train (or resume) and return the path of ``model_final.pth``.
+    """Train (or resume) and return the path of the final checkpoint.
+
+    With ``job.distributed`` asking for several processes, each trains a replica on its
+    share of every batch (torch.distributed: NCCL on GPUs, gloo on the CPU); rank 0 writes
+    checkpoints, metrics and evaluations.
 
     Args:
         job: What to train on and how.
         fingerprint: The job's fingerprint (see :func:`d2retrain.trainspec.fingerprint`).
 
     Returns:
-        The final weights file.
+        The final checkpoint.
 
     Raises:
         D2RetrainError: Missing images, bad weights, or a diverged loss.
     """
-    torch.set_num_threads(max(1, job.threads))
+    distributed.launch(_train_process, job.distributed, job, fingerprint)
+    return CheckpointStore(job.checkpoint_dir, fingerprint).latest()
+
+
+def _train_process(job: TrainJob, fingerprint: str) -> None:
+    torch.set_num_threads(max(1, job.threads // job.distributed.num_gpus))
     samples = TrainSamples(load_records(job.train_json, job.train_images), job.solver.seed, job.solver.flip)
     store = CheckpointStore(job.checkpoint_dir, fingerprint)
     run, start = _prepare(job, store)
-    metrics = MetricsLog(store.folder / "metrics.jsonl", resume_from=start)
-    workers = loader_workers(job.threads)
+    main = distributed.is_main()
+    metrics = MetricsLog(store.folder / "metrics.jsonl", resume_from=start) if main else None
     iteration = start
     clock = time.perf_counter()
-    bar = tqdm(total=job.solver.iterations, initial=start, desc="train", unit="it", disable=None)
+    quiet = None if main else True  # None: a bar on a terminal only
+    bar = tqdm(total=job.solver.iterations, initial=start, desc="train", unit="it", disable=quiet)
     try:
-        for images, targets in _loader(samples, job.solver, start, workers):
+        for images, targets in _loader(samples, job.solver, start, loader_workers(job.threads)):
             data_time = time.perf_counter() - clock
-            losses = _step(run, images, targets)
+            losses = distributed.mean_over_ranks(_step(run, images, targets), run.device)
             check_losses(losses, iteration, job.solver.max_loss)
-            record = {
-                "iteration": iteration,
-                "total_loss": sum(losses.values()),
-                **losses,
-                "lr": run.optimizer.param_groups[0]["lr"],
-                "data_time": data_time,
-                "time": time.perf_counter() - clock,
-            }
-            metrics.write(record)
+            if main:
+                _log_step(metrics, run, losses, iteration, data_time, clock)
             run.scheduler.step()
             iteration += 1
             bar.update(1)
-            if iteration % job.solver.checkpoint_period == 0 and iteration < job.solver.iterations:
-                store.save(_payload(run), iteration)
-            if job.solver.eval_period and iteration % job.solver.eval_period == 0:
-                metrics.write(_evaluate_now(job, run, iteration - 1))
+            if main:
+                if iteration % job.solver.checkpoint_period == 0 and iteration < job.solver.iterations:
+                    store.save(_payload(run), iteration)
+                if job.solver.eval_period and iteration % job.solver.eval_period == 0:
+                    metrics.write(_evaluate_now(job, run, iteration - 1))
             clock = time.perf_counter()
     finally:
         bar.close()
-        metrics.close()
-    final = store.save(_payload(run), iteration)
-    store.mark_finished(iteration)
-    logger.info("trained %d iterations (%d this run)", iteration, iteration - start)
-    return final
+        if metrics is not None:
+            metrics.close()
+    distributed.check_in_step(run.model, run.device)
+    if main:
+        store.save(_payload(run), iteration)
+        store.mark_finished(iteration)
+        logger.info("trained %d iterations (%d this run)", iteration, iteration - start)
+    distributed.barrier()
+
+
+def _log_step(
+    metrics: MetricsLog, run: _Run, losses: dict[str, float], iteration: int, data_time: float, clock: float
+) -> None:
+    metrics.write(
+        {
+            "iteration": iteration,
+            "total_loss": sum(losses.values()),
+            **losses,
+            "lr": run.optimizer.param_groups[0]["lr"],
+            "data_time": data_time,
+            "time": time.perf_counter() - clock,
+        }
+    )
 
 
 def _evaluate_now(job: TrainJob, run: _Run, iteration: int) -> dict:

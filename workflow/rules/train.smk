@@ -21,7 +21,7 @@ rule train:
     threads: 8
     resources:
         **GPU_JOB,
-        gpu=1,
+        gpu=config["train"]["num_gpus"],
     params:
         categories=subset_value("categories"),
         model=config["model"],

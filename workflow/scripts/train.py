@@ -5,18 +5,19 @@ from pathlib import Path
 from d2retrain.engines import train_from_config
 from d2retrain.logutil import run_job
 
-snakemake = globals()["snakemake"]
-run_job(
-    snakemake.log[0],
-    train_from_config,
-    model=snakemake.params.model,
-    train=snakemake.params.train,
-    classes=list(snakemake.params.categories),
-    train_json=snakemake.input.train,
-    train_images=snakemake.input.train_images,
-    val_json=snakemake.input.val,
-    val_images=snakemake.input.val_images,
-    source_json=snakemake.input.source,
-    output_dir=str(Path(snakemake.output.weights).parent),
-    threads=snakemake.threads,
-)
+if __name__ == "__main__":  # training processes (train.num_gpus > 1) import this file again
+    snakemake = globals()["snakemake"]
+    run_job(
+        snakemake.log[0],
+        train_from_config,
+        model=snakemake.params.model,
+        train=snakemake.params.train,
+        classes=list(snakemake.params.categories),
+        train_json=snakemake.input.train,
+        train_images=snakemake.input.train_images,
+        val_json=snakemake.input.val,
+        val_images=snakemake.input.val_images,
+        source_json=snakemake.input.source,
+        output_dir=str(Path(snakemake.output.weights).parent),
+        threads=snakemake.threads,
+    )
