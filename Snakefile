@@ -16,10 +16,14 @@ validate(config, "workflow/schemas/config.schema.yaml")
 container: config["container"]
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/infer.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

@@ -1,5 +1,6 @@
 """The Snakemake workflow, run for real: outputs, counts, and what a change replans."""
 
+import base64
 import json
 import re
 import shutil
@@ -156,6 +157,45 @@ def test_the_default_main_job_trains_a_model_reaching_segm_ap_050(tmp_path):
     assert summary[summary.kind == "video"].frames.item() == 40
     assert summary.instances.sum() > 24  # a trained model finds the demo's objects at score 0.5
     assert "Nothing to be done" in snakemake(tmp_path, config, "--dry-run")
+    check_report(tmp_path, config)
+
+
+def report_contents(html: str, name: str) -> dict:
+    """A JSON object the Snakemake report page defines as ``var NAME = {...};``."""
+    match = re.search(rf"var {name} = (\{{.*?\}});\n", html, re.S)
+    assert match, f"no {name} in the report"
+    return json.loads(match.group(1))
+
+
+def embedded(result: dict) -> bytes:
+    """The bytes of a result embedded in the report (a base64 data URI)."""
+    return base64.b64decode(result["data_uri"].split("base64,", 1)[1])
+
+
+def check_report(workdir: Path, config: dict) -> None:
+    """`snakemake --report` of the demo run: one page with counts, curves, AP table, prediction
+    grid and every inference output, each file embedded."""
+    snakemake(workdir, config, "--report", "report.html")
+    html = (workdir / "report.html").read_text()
+    results, categories = report_contents(html, "results"), report_contents(html, "categories")
+    base = "results/person_ball"
+    assert categories["1. Data"]["person_ball"] == [f"{base}/stats/counts.png"]
+    assert categories["2. Training"]["person_ball"] == [f"{base}/model/loss.png"]
+    assert set(categories["3. Evaluation"]["person_ball"]) == {
+        f"{base}/eval/ap_table.html",
+        f"{base}/eval/predictions.png",
+    }
+    inference = set(categories["4. Inference"]["person_ball"])
+    drawn = {f"{base}/inference/images/demo_val_{index:04d}.png" for index in range(24)}
+    assert inference == drawn | {f"{base}/inference/videos/demo.mp4", f"{base}/inference/summary.csv"}
+    for path in (f"{base}/stats/counts.png", f"{base}/model/loss.png", f"{base}/eval/predictions.png"):
+        assert embedded(results[path]) == (workdir / path).read_bytes(), path
+    table = embedded(results[f"{base}/eval/ap_table.html"]).decode()
+    retrained = json.loads((workdir / base / "eval/metrics.json").read_text())["retrained"]
+    assert f"<td>{100 * retrained['segm']['AP']:.1f}</td>" in table and "sports ball" in table
+    assert results[f"{base}/inference/videos/demo.mp4"]["mime_type"] == "video/mp4"
+    assert results[f"{base}/inference/videos/demo.mp4"]["labels"] == {"file": "demo", "kind": "video"}
+    assert "Instances and images per category" in results[f"{base}/stats/counts.png"]["caption"]
 
 
 def planned_jobs(workdir: Path, config: dict) -> dict[str, int]:

@@ -120,6 +120,8 @@ def model_outputs(subset):
     return [
         f"results/{subset}/model/model_final.pth",
         f"results/{subset}/eval/metrics.json",
+        f"results/{subset}/eval/ap_table.html",
+        f"results/{subset}/eval/predictions.png",
     ]
 
 
@@ -148,9 +150,9 @@ INFERENCE_SHARDS = shards(inference_files(), config["inference"]["shards"])
 
 def shard_outputs(shard):
     """The shard's per-file outputs, as patterns with the {subset} wildcard (braces in file
-    names escaped)."""
+    names escaped); drawn pictures and videos are marked for the report."""
     return [
-        path
+        in_report(path, item)
         for item in INFERENCE_SHARDS[shard]
         for path in output_files(
             item,
@@ -158,6 +160,21 @@ def shard_outputs(shard):
             item.name.replace("{", "{{").replace("}", "}}"),
         )
     ]
+
+
+def in_report(path, item):
+    if not path.endswith((".png", ".mp4")):
+        return path
+    return report(
+        path,
+        caption="../report/inference_file.rst",
+        category="4. Inference",
+        subcategory="{subset}",
+        labels={
+            "file": item.name.replace("{", "{{").replace("}", "}}"),
+            "kind": item.kind,
+        },
+    )
 
 
 def shard_inputs(shard):

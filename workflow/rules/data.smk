@@ -88,7 +88,12 @@ rule stats:
         unpack(stats_inputs),
     output:
         csv="results/{subset}/stats/counts.csv",
-        png="results/{subset}/stats/counts.png",
+        png=report(
+            "results/{subset}/stats/counts.png",
+            caption="../report/counts.rst",
+            category="1. Data",
+            subcategory="{subset}",
+        ),
     log:
         "logs/{subset}/stats.log",
     conda:

@@ -37,7 +37,12 @@ rule inference_summary:
             shard=INFERENCE_SHARDS,
         ),
     output:
-        "results/{subset}/inference/summary.csv",
+        report(
+            "results/{subset}/inference/summary.csv",
+            caption="../report/inference_summary.rst",
+            category="4. Inference",
+            subcategory="{subset}",
+        ),
     log:
         "logs/{subset}/inference_summary.log",
     conda:

@@ -13,7 +13,12 @@ rule train:
         classes="results/{subset}/model/classes.json",
         config="results/{subset}/model/config.yaml",
         metrics="results/{subset}/model/metrics.jsonl",
-        loss="results/{subset}/model/loss.png",
+        loss=report(
+            "results/{subset}/model/loss.png",
+            caption="../report/loss.rst",
+            category="2. Training",
+            subcategory="{subset}",
+        ),
     log:
         "logs/{subset}/train.log",
     conda:

@@ -1,0 +1,63 @@
+# Report assets: the AP table and a grid of val predictions; `snakemake --report` gathers them
+# with the outputs marked report() in the other stages.
+
+
+rule ap_table:
+    input:
+        metrics="results/{subset}/eval/metrics.json",
+        per_class="results/{subset}/eval/per_class.csv",
+    output:
+        report(
+            "results/{subset}/eval/ap_table.html",
+            caption="../report/ap_table.rst",
+            category="3. Evaluation",
+            subcategory="{subset}",
+        ),
+    log:
+        "logs/{subset}/ap_table.log",
+    conda:
+        "../../envs/d2retrain.yaml"
+    resources:
+        **CPU_JOB,
+    params:
+        code=code_version("report"),
+    script:
+        "../scripts/ap_table.py"
+
+
+rule prediction_grid:
+    input:
+        weights="results/{subset}/model/model_final.pth",
+        classes="results/{subset}/model/classes.json",
+        val="results/{subset}/data/val.json",
+        val_images=images_of_split("val"),
+    output:
+        report(
+            "results/{subset}/eval/predictions.png",
+            caption="../report/predictions.rst",
+            category="3. Evaluation",
+            subcategory="{subset}",
+        ),
+    log:
+        "logs/{subset}/prediction_grid.log",
+    conda:
+        "../../envs/d2retrain.yaml"
+    threads: 2
+    resources:
+        **GPU_JOB,
+        gpu=1,
+    params:
+        categories=subset_value("categories"),
+        device=config["train"]["device"],
+        score_threshold=config["inference"]["score_threshold"],
+        code=code_version(
+            "report",
+            "draw",
+            "detdata",
+            "engines",
+            "predictor",
+            "tv_engine",
+            "d2_engine",
+        ),
+    script:
+        "../scripts/prediction_grid.py"
