@@ -1,0 +1,70 @@
+# Image of the workflow: every job runs in it under `--software-deployment-method apptainer`
+# (config key `container`), and `docker run IMAGE snakemake --cores 8 --resources gpu=1` runs the
+# workflow copied into /workflow.
+#
+# Versions: the Python packages come from envs/d2retrain.yaml, the environment of --use-conda
+# runs, which is the one list of pins: this file copies it and installs its `name==version`
+# lines, so the image and the conda environment cannot drift apart. The only pins written here
+# are those the conda environment has no use for: the base image (which brings the same torch
+# and torchvision as the pins, built for CUDA 13.2, plus nvcc), detectron2's commit and
+# detectron2's own dependencies. tests/test_environments.py checks all of them against
+# pyproject.toml and against the versions the test suite ran with.
+FROM pytorch/pytorch:2.15.0-cuda13.2-cudnn9-devel
+
+# git to fetch detectron2; g++ and ninja to build its C++/CUDA operators. Build tools only, so
+# left to the Ubuntu release the base image pins.
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends git g++ ninja-build \
+    && rm -rf /var/lib/apt/lists/*
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+
+# The pins: the env file's pip lines (the only `name==version` lines in it), used as the
+# requirements here and as constraints of the detectron2 step, so nothing there moves them.
+COPY envs/d2retrain.yaml /opt/d2retrain/env.yaml
+RUN sed -n 's/^ *- *\([A-Za-z0-9][A-Za-z0-9._-]*==[^ #]*\).*$/\1/p' /opt/d2retrain/env.yaml \
+        > /opt/d2retrain/pins.txt \
+    && cat /opt/d2retrain/pins.txt \
+    && python -m pip install -r /opt/d2retrain/pins.txt
+
+# detectron2 from its repository at a fixed commit, built against the torch above (hence
+# --no-build-isolation; its setup.py and model_zoo import pkg_resources, gone in setuptools 81).
+# No GPU is visible during `docker build`: FORCE_CUDA builds the CUDA operators anyway, for
+# every architecture CUDA 13 supports (Turing T4 .. Blackwell; PTX for later ones). Narrow
+# TORCH_CUDA_ARCH_LIST with --build-arg for a faster build.
+ARG DETECTRON2_COMMIT=02b5c4e295e990042a714712c21dc79b731e8833
+ARG TORCH_CUDA_ARCH_LIST="7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
+ENV FORCE_CUDA=1 \
+    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST}
+RUN python -m pip install -c /opt/d2retrain/pins.txt "setuptools<81" \
+    && python -m pip install --no-build-isolation -c /opt/d2retrain/pins.txt \
+        "detectron2 @ git+https://github.com/facebookresearch/detectron2.git@${DETECTRON2_COMMIT}" \
+        black==26.10.1 cloudpickle==3.1.3 fvcore==0.1.5.post20221221 hydra-core==1.3.8 iopath==0.1.9 \
+        omegaconf==2.3.1 packaging==25.0 tabulate==0.10.0 tensorboard==2.21.0 termcolor==3.3.0 \
+        yacs==0.1.8 \
+    && python -c "import torch; from detectron2 import _C"
+
+# The project (its dependencies are all pinned above, hence --no-deps) and the workflow, under a
+# user that owns /workflow, where results/, logs/ and .snakemake/ are written.
+# uid 1000, the usual first user of a host (Ubuntu 24.04 images give it to `ubuntu`: removed).
+RUN if id -u ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
+    && useradd --create-home --uid 1000 --shell /bin/bash d2retrain \
+    && install -d -o d2retrain -g d2retrain /workflow
+WORKDIR /workflow
+COPY pyproject.toml README.md ./
+COPY src/ src/
+RUN python -m pip install --no-deps --no-build-isolation . \
+    && rm -rf build src/*.egg-info \
+    && d2retrain --version
+COPY Snakefile ./
+COPY config/ config/
+COPY envs/ envs/
+COPY workflow/ workflow/
+USER d2retrain
+
+# `docker run IMAGE` runs the embedded demo; name any snakemake command to run another.
+CMD ["snakemake", "--cores", "all", "--resources", "gpu=1"]
