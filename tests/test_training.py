@@ -388,3 +388,61 @@ def test_detectron2_refuses_several_processes_without_gpus(mini_split, tmp_path)
     model = {"engine": "detectron2", "architecture": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"}
     with pytest.raises(D2RetrainError, match="several processes on GPUs only"):
         train_from_config(model=model, train=TINY | {"num_gpus": 2}, **mini_inputs(paths, tmp_path / "m"))
+
+
+class _Payload:
+    """A pickled object whose loading would run code (creates a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pth_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    from d2retrain.headsurgery import WeightsError, load_state_dict_source
+
+    marker = tmp_path / "ran"
+    torch.save({"model": {"w": torch.zeros(1)}, "evil": _Payload(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(WeightsError, match=r"weights_only=True\), which runs no code"):
+        load_state_dict_source(str(tmp_path / "evil.pth"))
+    assert not marker.exists()
+    torch.save({"model": {"w": torch.ones(2)}}, tmp_path / "plain.pth")
+    assert load_state_dict_source(str(tmp_path / "plain.pth"))["w"].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.detectron2
+def test_detectron2_loads_a_local_pkl_only_with_trust_pickle_and_a_pth_without_pickle(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    from d2retrain import d2_engine
+    from d2retrain.headsurgery import WeightsError
+
+    spec = model_spec({"architecture": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"}, "detectron2")
+    predictor = d2_engine.Detectron2Predictor(None, spec, solver_spec(TINY), 2, device="cpu")
+    name, tensor = next(iter(predictor.model.state_dict().items()))
+    marker = tmp_path / "ran"
+    with open(tmp_path / "weights.pkl", "wb") as handle:
+        pickle.dump({"model": {name: np.full(tensor.shape, 0.5, np.float32)}, "__author__": "x"}, handle)
+    local = str(tmp_path / "weights.pkl")
+    with pytest.raises(WeightsError, match=r"model\.trust_pickle: true"):
+        d2_engine.initial_state(model_spec({"weights": local}, "detectron2"), [1], predictor.model)
+    trusted = model_spec({"weights": local, "trust_pickle": True}, "detectron2")
+    state, _ = d2_engine.initial_state(trusted, [1], predictor.model)
+    assert float(state[name].flatten()[0]) == 0.5
+    torch.save(
+        {"model": {name: torch.full(tensor.shape, 0.25)}, "evil": _Payload(marker)}, tmp_path / "w.pth"
+    )
+    with pytest.raises(WeightsError, match="runs no code"):
+        d2_engine.initial_state(
+            model_spec({"weights": str(tmp_path / "w.pth")}, "detectron2"), [1], predictor.model
+        )
+    assert not marker.exists()
+    torch.save({"model": {name: torch.full(tensor.shape, 0.25)}}, tmp_path / "w.pth")
+    state, _ = d2_engine.initial_state(
+        model_spec({"weights": str(tmp_path / "w.pth")}, "detectron2"), [1], predictor.model
+    )
+    assert float(state[name].flatten()[0]) == 0.25

@@ -9,7 +9,7 @@ import torch
 
 from d2retrain import distributed
 from d2retrain.errors import D2RetrainError
-from d2retrain.headsurgery import WeightsError, subset_class_rows
+from d2retrain.headsurgery import WeightsError, check_pickle_source, load_tensor_file, subset_class_rows
 from d2retrain.predictor import Instances
 from d2retrain.trainloop import (
     CheckpointStore,
@@ -123,15 +123,19 @@ def initial_state(
 
     checkpointer = DetectionCheckpointer(model)
     try:
-        loaded = checkpointer._load_file(checkpointer.path_manager.get_local_path(spec.weights))
+        local = checkpointer.path_manager.get_local_path(spec.weights)
     except (OSError, ValueError) as error:
         raise WeightsError(
             f"model.weights {spec.weights}: cannot be loaded ({error}); offline, download it on a connected "
             "machine and set model.weights to the local file"
         ) from None
+    if local.endswith(".pkl"):  # detectron2's model-zoo format: a pickle, trusted by source only
+        check_pickle_source(spec.weights, spec.trust_pickle)
+        loaded = checkpointer._load_file(local)["model"]
+    else:
+        loaded = load_tensor_file(local)
     state = {
-        k: torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v
-        for k, v in loaded["model"].items()
+        k: torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for k, v in loaded.items()
     }
     head = state.get("roi_heads.box_predictor.cls_score.weight")
     surgery = (

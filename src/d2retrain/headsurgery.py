@@ -1,6 +1,7 @@
 """Base weights: where they come from, and head surgery that keeps the chosen classes' rows."""
 
 import logging
+import pickle
 import urllib.error
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -11,7 +12,17 @@ from d2retrain.errors import D2RetrainError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WeightsError", "load_state_dict_source", "subset_class_rows"]
+__all__ = [
+    "MODEL_ZOO_SOURCES",
+    "WeightsError",
+    "check_pickle_source",
+    "load_tensor_file",
+    "load_state_dict_source",
+    "subset_class_rows",
+]
+
+# Where pickled (.pkl) weights are trusted without model.trust_pickle: detectron2's model zoo.
+MODEL_ZOO_SOURCES = ("detectron2://", "https://dl.fbaipublicfiles.com/detectron2/")
 
 
 class WeightsError(D2RetrainError):
@@ -23,6 +34,39 @@ def _unwrap(state: Mapping) -> dict[str, torch.Tensor]:
         if isinstance(state.get(key), Mapping):
             state = state[key]
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def load_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a ``.pth``/``.pt`` file with ``torch.load(weights_only=True)``: tensors and plain
+    containers only, no code runs.
+
+    Raises:
+        WeightsError: The file holds other objects (pickled code) or is not a torch file.
+    """
+    try:
+        return _unwrap(torch.load(path, map_location="cpu", weights_only=True))
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise WeightsError(
+            f"model.weights {path}: not loaded, it is not a plain tensor file ({first_line}); "
+            "weights are read with torch.load(weights_only=True), which runs no code: re-save "
+            "the file as a state dict (torch.save(model.state_dict(), path)) from a source you trust"
+        ) from None
+
+
+def check_pickle_source(weights: str, trusted: bool) -> None:
+    """Allow a pickled ``.pkl`` file only from detectron2's model zoo or with an explicit opt-in.
+
+    Raises:
+        WeightsError: Any other ``.pkl`` source without ``model.trust_pickle: true``.
+    """
+    if trusted or weights.startswith(MODEL_ZOO_SOURCES):
+        return
+    raise WeightsError(
+        f"model.weights {weights}: a pickled .pkl file can run code when loaded, so only "
+        f"detectron2 model-zoo files ({', '.join(MODEL_ZOO_SOURCES)}) are loaded as is; set "
+        "model.trust_pickle: true if you trust this file, or convert it to a .pth state dict"
+    )
 
 
 def load_state_dict_source(weights: str, torchvision_names: bool = False) -> dict[str, torch.Tensor] | None:
@@ -46,7 +90,7 @@ def load_state_dict_source(weights: str, torchvision_names: bool = False) -> dic
     if "://" not in weights and (Path(weights).suffix in (".pth", ".pt") or Path(weights).exists()):
         if not Path(weights).is_file():
             raise WeightsError(f"model.weights {weights}: no such file")
-        return _unwrap(torch.load(weights, map_location="cpu", weights_only=True))
+        return load_tensor_file(weights)
     try:
         if weights.startswith(("http://", "https://")):
             return _unwrap(torch.hub.load_state_dict_from_url(weights, map_location="cpu", weights_only=True))

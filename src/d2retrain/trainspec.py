@@ -52,6 +52,8 @@ class ModelSpec:
             (detectron2 ``ROI_HEADS.BATCH_SIZE_PER_IMAGE``).
         rpn_post_nms_topk_train: Proposals kept per image in training.
         rpn_post_nms_topk_test: Proposals kept per image at inference.
+        trust_pickle: Load pickled ``.pkl`` weights from sources other than detectron2's
+            model zoo (they can run code).
     """
 
     engine: str
@@ -61,6 +63,7 @@ class ModelSpec:
     roi_batch_size_per_image: int
     rpn_post_nms_topk_train: int
     rpn_post_nms_topk_test: int
+    trust_pickle: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
