@@ -54,7 +54,16 @@ class CheckpointStore:
             return {}
 
     def resumable(self) -> tuple[Path, int] | None:
-        """Return the checkpoint to resume and its iteration, or None to start fresh."""
+        """Return the checkpoint to resume and its iteration, or None to start fresh.
+
+        Temporary files of a checkpoint write cut short by a kill are removed: only renamed,
+        complete checkpoints are ever named by ``state.json``.
+        """
+        partial = list(self.folder.glob(".*.tmp")) if self.folder.is_dir() else []
+        for path in partial:
+            path.unlink(missing_ok=True)
+        if partial:
+            logger.info("removed %d partial file(s) of a write cut short in %s", len(partial), self.folder)
         state = self._state()
         if not state:
             return None
