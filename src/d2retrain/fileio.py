@@ -1,6 +1,7 @@
 """Atomic writes: a crash never leaves a half file that looks complete."""
 
 import contextlib
+import errno
 import logging
 import os
 import tempfile
@@ -8,9 +9,34 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from d2retrain.errors import D2RetrainError
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["atomic_open", "write_bytes_atomic", "write_text_atomic", "write_figure"]
+__all__ = [
+    "NoSpaceError",
+    "NO_SPACE",
+    "no_space_error",
+    "atomic_open",
+    "write_bytes_atomic",
+    "write_text_atomic",
+    "write_figure",
+]
+
+# Write errors that mean "no room": a full disk, a file-size limit (ulimit -f), a quota.
+NO_SPACE = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+
+
+class NoSpaceError(D2RetrainError):
+    """A write failed for lack of space; nothing partial was left behind."""
+
+
+def no_space_error(path: str | os.PathLike[str], error: OSError) -> NoSpaceError:
+    """The user-facing error for a write to ``path`` that ran out of space."""
+    return NoSpaceError(
+        f"{path}: no space left to write it ({error.strerror or error}); nothing was written. "
+        "Free disk space (or raise the quota or file-size limit) and rerun"
+    )
 
 
 @contextlib.contextmanager
@@ -27,6 +53,9 @@ def atomic_open(path: str | os.PathLike[str], durable: bool = False) -> Iterator
     Yields:
         A binary file object. On an exception the temporary file is removed and
         ``path`` is left as it was.
+
+    Raises:
+        NoSpaceError: The disk, a quota or the file-size limit ran out while writing.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -39,9 +68,11 @@ def atomic_open(path: str | os.PathLike[str], durable: bool = False) -> Iterator
                 os.fsync(handle.fileno())
         os.chmod(tmp_name, 0o644)
         os.replace(tmp_name, target)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        if isinstance(error, OSError) and error.errno in NO_SPACE:
+            raise no_space_error(target, error) from None
         raise
 
 
