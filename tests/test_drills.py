@@ -13,10 +13,15 @@ from pathlib import Path
 
 import av
 import cv2
+import numpy as np
 import pytest
 import torch
 import yaml
 from conftest import COCO_MINI, REPO
+
+from d2retrain.inference import InferenceOptions, Labels, infer_video
+from d2retrain.inputs import InputFile
+from d2retrain.predictor import Instances
 
 D2RETRAIN = [sys.executable, "-m", "d2retrain.cli"]
 
@@ -222,3 +227,148 @@ def test_a_workflow_killed_during_a_job_reruns_to_complete_outputs_and_none_is_e
     assert "Nothing to be done" in dry.stdout + dry.stderr
     summary = (tmp_path / "results/person_ball/inference/summary.csv").read_text().splitlines()
     assert len(summary) == 1 + 4 and all(",ok," in line for line in summary[1:])
+
+
+def resident_kib() -> int:
+    """This process's resident memory (VmRSS), in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+class MovingInstances:
+    """A predictor double that finds two instances per frame (a box and a disc that move), so
+    that drawing, RLE and JSONL work as with a model, and notes memory at chosen frame counts.
+    The streaming pipeline under test is real; only the network is replaced, to keep 5,000
+    frames affordable on 2 cores."""
+
+    def __init__(self, marks: tuple[int, ...]) -> None:
+        self.frames = 0
+        self.marks = marks
+        self.resident: dict[int, int] = {}
+
+    def __call__(self, image):
+        return self.predict_batch([image])[0]
+
+    def predict_batch(self, images):
+        results = []
+        for image in images:
+            height, width = image.shape[:2]
+            x = self.frames % (width - 20)
+            masks = np.zeros((2, height, width), bool)
+            masks[0, 5:25, x : x + 20] = True
+            cv2.circle(masks[1].view(np.uint8), (width - 1 - x, height // 2), 8, 1, -1)
+            boxes = np.array(
+                [[x, 5, x + 20, 25], [width - 9 - x, height // 2 - 8, width + 7 - x, height // 2 + 8]]
+            )
+            results.append(Instances(boxes.astype(np.float32), np.array([0.9, 0.8]), np.array([0, 1]), masks))
+            self.frames += 1
+            if self.frames in self.marks:
+                self.resident[self.frames] = resident_kib()
+        return results
+
+
+def write_long_video(path: Path, frames: int, width: int = 96, height: int = 64) -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast"}
+        base = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+        for index in range(frames):
+            picture = av.VideoFrame.from_ndarray(np.roll(base, index, axis=1), format="rgb24")
+            container.mux(stream.encode(picture))
+        container.mux(stream.encode())
+
+
+@pytest.mark.slow
+def test_a_long_video_streams_in_flat_memory(tmp_path):
+    write_long_video(tmp_path / "long.mp4", 5000)
+    predictor = MovingInstances(marks=(200, 5000))
+    options = InferenceOptions(
+        score_threshold=0.5, max_detections=100, device="cpu", save_frames=False, max_frames=0, batch_size=2
+    )
+    labels = Labels(("person", "sports ball"), (1, 37))
+    status = infer_video(
+        predictor, labels, InputFile.of(tmp_path / "long.mp4", "video"), tmp_path / "out", options
+    )
+    assert (status.status, status.frames, status.instances) == ("ok", 5000, 10000)
+    after_200, after_5000 = predictor.resident[200], predictor.resident[5000]
+    assert after_5000 <= 1.2 * after_200, (
+        f"resident memory {after_200} KiB after 200 frames, {after_5000} after 5000"
+    )
+    assert len((tmp_path / "out" / "long.jsonl").read_text().splitlines()) == 5000
+    with av.open(str(tmp_path / "out" / "long.mp4")) as container:
+        assert container.streams.video[0].frames == 5000
+
+
+HOSTILE_NAMES = [
+    'it\'s a "quote"',
+    "$(touch PWNED)",
+    "`touch PWNED`",
+    "ünïcödé 写真 photo",
+    "semi;colon & amp |pipe",
+]
+
+
+def rename_images(annotations: Path, folder: Path, names: list[str]) -> list[str]:
+    """Give the first images of a demo split hostile names, on disk and in the annotations."""
+    document = json.loads(annotations.read_text())
+    for image, name in zip(document["images"], names, strict=False):
+        new = f"{name}.jpg"
+        (folder / image["file_name"]).rename(folder / new)
+        image["file_name"] = new
+    annotations.write_text(json.dumps(document))
+    return [f"{name}.jpg" for name in names[: len(document["images"])]]
+
+
+@pytest.mark.slow
+def test_file_names_with_quotes_dollars_backticks_and_unicode_flow_through_every_rule(tmp_path):
+    from d2retrain.demo import write_demo_dataset
+
+    layout = write_demo_dataset(tmp_path / "data", train=8, val=6, video_frames=4)
+    for split in ("train", "val"):
+        rename_images(layout.annotations(split), layout.images(split), HOSTILE_NAMES)
+    video = layout.video.with_name("clip $(touch PWNED) 'x'.mp4")
+    layout.video.rename(video)
+    dataset = {
+        split: {"images": str(layout.images(split)), "annotations": str(layout.annotations(split))}
+        for split in ("train", "val")
+    }
+    config = workflow_config(
+        tmp_path,
+        datasets={"hostile": dataset},
+        subsets={
+            "person_ball": {"dataset": "hostile", "categories": ["person", "sports ball"], "masks": True}
+        },
+        inference={"images": [str(layout.images("val"))], "videos": [str(video)], "shards": 2},
+    )
+    run = subprocess.run(snakemake_command(tmp_path, config), capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert not list(tmp_path.rglob("PWNED")) and not Path("PWNED").exists()  # nothing ran through a shell
+    results = tmp_path / "results" / "person_ball"
+    kept = {image["file_name"] for image in json.loads((results / "data/val.json").read_text())["images"]}
+    for name in HOSTILE_NAMES:
+        if f"{name}.jpg" in kept:  # kept by the filter: masks and an image link under its own name
+            assert (results / "masks" / "val" / f"{name}_semantic.png").is_file(), name
+            assert (results / "images" / "val" / f"{name}.jpg").is_file(), name
+        drawn = results / "inference" / "images"
+        assert json.loads((drawn / f"{name}.json").read_text())["status"] == "ok", name
+        assert cv2.imread(str(drawn / f"{name}.png")) is not None, name
+    assert (results / "inference" / "videos" / "clip $(touch PWNED) 'x'.mp4").is_file()
+    dry = subprocess.run(snakemake_command(tmp_path, config, "--dry-run"), capture_output=True, text=True)
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+
+
+@pytest.mark.slow
+def test_an_inference_file_with_braces_is_refused_by_name_before_any_job(tmp_path):
+    """Snakemake reads braces in paths as wildcards, with no escape: a clear error, not a wrong job."""
+    images = tmp_path / "photos"
+    images.mkdir()
+    cv2.imwrite(str(images / "ok.png"), np.zeros((8, 8, 3), np.uint8))
+    cv2.imwrite(str(images / "x {subset}.png"), np.zeros((8, 8, 3), np.uint8))
+    config = workflow_config(tmp_path, inference={"images": [str(images)], "videos": []})
+    dry = subprocess.run(snakemake_command(tmp_path, config, "--dry-run"), capture_output=True, text=True)
+    assert dry.returncode != 0
+    assert "1 file(s) with { or } in their path" in dry.stdout + dry.stderr
+    assert "x {subset}.png; rename them, or infer them with `d2retrain infer`" in dry.stdout + dry.stderr

@@ -17,6 +17,7 @@ __all__ = [
     "VIDEO_SUFFIXES",
     "InputFile",
     "discover",
+    "check_pattern_safe",
     "shard_of",
     "shards",
     "output_files",
@@ -111,6 +112,21 @@ def _check_unique_names(files: Iterable[InputFile], kind: str) -> None:
         seen[item.name] = item.path
 
 
+def check_pattern_safe(files: Iterable[InputFile]) -> None:
+    """Refuse files whose paths hold ``{`` or ``}``: Snakemake reads braces in input and output
+    paths as wildcards and has no escape for them, so the workflow cannot name such files.
+
+    Raises:
+        D2RetrainError: Naming every such file and what to do.
+    """
+    braced = [item.path for item in files if "{" in item.path or "}" in item.path]
+    if braced:
+        raise D2RetrainError(
+            f"inference: {len(braced)} file(s) with {{ or }} in their path, which Snakemake takes for "
+            f"wildcards: {', '.join(braced)}; rename them, or infer them with `d2retrain infer`"
+        )
+
+
 def shard_of(item: InputFile, count: int) -> int:
     """The shard of a file: a hash of its kind and output name, stable across runs and machines."""
     return zlib.crc32(f"{item.kind}/{item.name}".encode()) % count
@@ -124,15 +140,14 @@ def shards(files: Iterable[InputFile], count: int) -> dict[int, list[InputFile]]
     return dict(sorted(groups.items()))
 
 
-def output_files(item: InputFile, folder: str, name: str | None = None) -> list[str]:
+def output_files(item: InputFile, folder: str) -> list[str]:
     """The outputs a file gets under an inference folder (saved frames aside).
 
     Args:
         item: The input.
         folder: The inference folder.
-        name: The base name to use instead of ``item.name`` (e.g. escaped for a pattern).
     """
-    name = item.name if name is None else name
+    name = item.name
     if item.kind == "image":
         return [f"{folder}/images/{name}.png", f"{folder}/images/{name}.json"]
     return [f"{folder}/videos/{name}.mp4", f"{folder}/videos/{name}.jsonl"]

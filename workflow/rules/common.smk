@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-from d2retrain.inputs import discover, output_files, shards
+from d2retrain.inputs import check_pattern_safe, discover, output_files, shards
 from d2retrain.layout import DemoLayout
 
 SRC = Path(workflow.basedir) / "src" / "d2retrain"
@@ -140,25 +140,23 @@ def inference_files():
     """The configured images, then videos (resolved once, at parse time)."""
     inference = config["inference"]
     planned = demo_planned_files()
-    return discover(inference["images"], "image", planned) + discover(
+    files = discover(inference["images"], "image", planned) + discover(
         inference["videos"], "video", planned
     )
+    check_pattern_safe(files)
+    return files
 
 
 INFERENCE_SHARDS = shards(inference_files(), config["inference"]["shards"])
 
 
 def shard_outputs(shard):
-    """The shard's per-file outputs, as patterns with the {subset} wildcard (braces in file
-    names escaped); drawn pictures and videos are marked for the report."""
+    """The shard's per-file outputs, as patterns with the {subset} wildcard; drawn pictures and
+    videos are marked for the report."""
     return [
         in_report(path, item)
         for item in INFERENCE_SHARDS[shard]
-        for path in output_files(
-            item,
-            "results/{subset}/inference",
-            item.name.replace("{", "{{").replace("}", "}}"),
-        )
+        for path in output_files(item, "results/{subset}/inference")
     ]
 
 
