@@ -75,7 +75,7 @@ def generate(path: Path, images: int = 82_783, annotations: int = 604_907, seed:
         rows = []
         for k in range(annotations):
             segmentation = (
-                '{"counts":[1200,30,610,40,305335],"size":[480,640]}' if crowd[k] else pool[polygon[k]]
+                '{"counts":[1200,30,610,40,305320],"size":[480,640]}' if crowd[k] else pool[polygon[k]]
             )
             rows.append(
                 f'{{"segmentation":{segmentation},"area":{area[k]},"iscrowd":{int(crowd[k])},'

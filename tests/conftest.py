@@ -1,5 +1,6 @@
 """Shared fixtures: small COCO factories and paths to the real data beside the repository."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def make_coco(images: list[list[int]], categories: list[dict] | None = None) -> 
         "licenses": [{"id": 1, "name": "test"}],
         "images": [],
         "annotations": [],
-        "categories": categories or CATEGORIES,
+        "categories": copy.deepcopy(categories or CATEGORIES),
     }
     for number, category_ids in enumerate(images, start=1):
         document["images"].append(

@@ -12,6 +12,7 @@ import os
 import re
 from operator import attrgetter
 from pathlib import PurePosixPath, PureWindowsPath
+from typing import Annotated
 
 import msgspec
 import numpy as np
@@ -30,16 +31,33 @@ __all__ = [
     "encode_coco",
     "write_coco",
     "check_file_name",
+    "check_image_size",
+    "NESTED_TOO_DEEP",
     "renumber_category",
+    "MAX_IMAGE_PIXELS",
+    "Id",
+    "ImageSide",
 ]
 
 _REQUIRED_KEYS = ("images", "annotations", "categories")
+
+MAX_IMAGE_PIXELS = 2**30
+"""Largest ``height * width`` accepted: OpenCV's default limit, so mask PNGs can be read back."""
+
+Id = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+"""An id: any integer that fits the 64-bit columns the workflow keeps ids in."""
+
+ImageSide = Annotated[int, msgspec.Meta(ge=1, le=MAX_IMAGE_PIXELS)]
+"""An image ``height`` or ``width``: a positive integer."""
+
+NESTED_TOO_DEEP = "JSON nested about 1000 levels deep, deeper than the JSON readers can follow; flatten it"
+"""The message for a document that makes the JSON decoders recurse too deep."""
 
 
 class Category(msgspec.Struct, frozen=True):
     """One COCO category: id, name and supercategory."""
 
-    id: int
+    id: Id
     name: str
     supercategory: str = ""
 
@@ -62,15 +80,17 @@ class _LooseRecords(_Records, forbid_unknown_fields=False):
 
 
 class _ImageKeys(msgspec.Struct, gc=False):
-    id: int
+    id: Id
     file_name: str
+    height: ImageSide
+    width: ImageSide
 
 
 class _AnnotationKeys(msgspec.Struct, gc=False):
-    id: int
-    image_id: int
-    category_id: int
-    iscrowd: int | bool = 0
+    id: Id
+    image_id: Id
+    category_id: Id
+    iscrowd: Id | bool = 0
     area: float | None = None
 
 
@@ -109,6 +129,7 @@ class CocoDocument:
         images: Raw JSON of each image record.
         image_ids: Id of each image, in the order of ``images``.
         file_names: File name of each image, in the order of ``images``.
+        image_sizes: ``(height, width)`` of each image, in the order of ``images``.
         annotations: Raw JSON of each annotation record.
         table: Parsed fields of each annotation, in the order of ``annotations``.
         categories: The categories.
@@ -119,6 +140,7 @@ class CocoDocument:
     images: list[msgspec.Raw]
     image_ids: np.ndarray
     file_names: list[str]
+    image_sizes: np.ndarray
     annotations: list[msgspec.Raw]
     table: AnnotationTable
     categories: list[Category]
@@ -180,6 +202,9 @@ def parse_coco(data: bytes | mmap.mmap, source: str = "<memory>") -> CocoDocumen
         images=records.images,
         image_ids=_column(image_keys, "id", np.int64),
         file_names=list(map(attrgetter("file_name"), image_keys)),
+        image_sizes=np.stack(
+            [_column(image_keys, "height", np.int64), _column(image_keys, "width", np.int64)], axis=1
+        ),
         annotations=records.annotations,
         table=_table(_decode_each(records.annotations, _AnnotationKeys, source, "annotations")),
         categories=records.categories,
@@ -212,6 +237,8 @@ def _decode(data: bytes | mmap.mmap, kind: type, source: str):
         message = str(error)
     except msgspec.DecodeError as error:
         raise InputFileError(f"{source}: not valid JSON ({error})") from None
+    except RecursionError:
+        raise InputFileError(f"{source}: {NESTED_TOO_DEEP}") from None
     if message.startswith("Object contains unknown field"):
         raise _UnknownTopLevelKeyError
     missing = re.match(r"Object missing required field `(\w+)`$", message)
@@ -279,9 +306,28 @@ def _validate(document: CocoDocument) -> None:
     _check_references(source, "image_id", table.image_ids, document.image_ids)
     category_ids = np.array([c.id for c in document.categories], dtype=np.int64)
     _check_references(source, "category_id", table.category_ids, category_ids)
+    _check_unique(source, "categories", "name", [category.name for category in document.categories])
+    _check_unique(source, "images", "file_name", document.file_names)
     for index, file_name in enumerate(document.file_names):
         if not _PLAIN_NAME.fullmatch(file_name):
             check_file_name(file_name, where=f"{source}: images[{index}].file_name")
+    pixels = document.image_sizes.prod(axis=1)
+    if np.any(pixels > MAX_IMAGE_PIXELS):
+        index = int(np.argmax(pixels > MAX_IMAGE_PIXELS))
+        check_image_size(*document.image_sizes[index].tolist(), where=f"{source}: images[{index}]")
+
+
+def _check_unique(source: str, section: str, key: str, values: list[str]) -> None:
+    if len(set(values)) == len(values):
+        return
+    first: dict[str, int] = {}
+    for index, value in enumerate(values):
+        if value in first:
+            raise AnnotationError(
+                f"{source}: {section}[{first[value]}] and {section}[{index}] have the same {key} "
+                f"{value!r}; each must be unique, rename or remove one"
+            )
+        first[value] = index
 
 
 def _check_references(source: str, field: str, values: np.ndarray, known: np.ndarray) -> None:
@@ -299,24 +345,48 @@ _PLAIN_NAME = re.compile(r"(?!\.\.?$)[^/\\:\0]+")
 
 
 def check_file_name(file_name: str, where: str) -> None:
-    """Refuse a file name that would leave its image folder.
+    """Refuse a file name that would leave its image folder or names no file.
 
     Args:
         file_name: The ``file_name`` of an image record.
         where: Location used in the error message.
 
     Raises:
-        UnsafePathError: The name is empty, absolute, or has a ``..`` component.
+        UnsafePathError: The name is empty, absolute, has a ``..`` component, or names a
+            folder (``.``, a trailing ``/``).
     """
     posix, windows = PurePosixPath(file_name), PureWindowsPath(file_name)
     if not file_name or "\0" in file_name:
         raise UnsafePathError(f"{where} is empty or holds a NUL byte")
+    if not posix.name or not windows.name or file_name.endswith(("/", "\\", "/.", "\\.")):
+        raise UnsafePathError(f"{where} is {file_name!r}, which names a folder, not an image file")
     if posix.is_absolute() or windows.is_absolute() or windows.drive:
         raise UnsafePathError(
             f"{where} is the absolute path {file_name!r}; it must be relative to the image folder"
         )
     if ".." in posix.parts or ".." in windows.parts:
         raise UnsafePathError(f"{where} is {file_name!r}, which climbs out of the image folder")
+
+
+def check_image_size(height: int, width: int, where: str) -> None:
+    """Refuse an image size that no mask can be drawn on.
+
+    Args:
+        height: The image's ``height``.
+        width: The image's ``width``.
+        where: Location used in the error message.
+
+    Raises:
+        AnnotationError: A side is not a positive integer, or the image has more than
+            :data:`MAX_IMAGE_PIXELS` pixels.
+    """
+    if not all(type(side) is int and side >= 1 for side in (height, width)):
+        raise AnnotationError(f"{where}: height {height!r} and width {width!r} must be positive integers")
+    if height * width > MAX_IMAGE_PIXELS:
+        raise AnnotationError(
+            f"{where}: {height}x{width} is more than {MAX_IMAGE_PIXELS} pixels; check the height and "
+            "width, or tile the image"
+        )
 
 
 _CATEGORY_ID = re.compile(rb'("category_id"\s*:\s*)(-?\d+)')

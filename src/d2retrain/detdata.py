@@ -9,7 +9,9 @@ import msgspec
 import numpy as np
 import torch
 
-from d2retrain.errors import D2RetrainError, InputFileError
+from d2retrain.coco import NESTED_TOO_DEEP, Id, ImageSide, check_image_size
+from d2retrain.errors import AnnotationError, D2RetrainError, InputFileError
+from d2retrain.geometry import box_problem, usable_segmentation
 from d2retrain.masks import rasterize, resolve_image_path
 
 logger = logging.getLogger(__name__)
@@ -18,18 +20,18 @@ __all__ = ["ImageRecord", "load_records", "read_image", "TrainSamples"]
 
 
 class _Annotation(msgspec.Struct):
-    image_id: int
-    category_id: int
-    bbox: list[float]
+    image_id: Id
+    category_id: Id
+    bbox: tuple[float, float, float, float]
     segmentation: list[list[float]] | dict
-    iscrowd: int | bool = 0
+    iscrowd: Id | bool = 0
 
 
 class _Image(msgspec.Struct):
-    id: int
+    id: Id
     file_name: str
-    height: int
-    width: int
+    height: ImageSide
+    width: ImageSide
 
 
 class _Document(msgspec.Struct):
@@ -59,22 +61,24 @@ def load_records(
         require_annotations: Refuse an empty split.
 
     Returns:
-        One record per image, in file order; crowd annotations are left out.
+        One record per image, in file order; crowd annotations are left out, and so are
+        annotations with degenerate geometry (the rule of :mod:`d2retrain.geometry`, which
+        the filter has applied already), with a count in the log.
 
     Raises:
         InputFileError: Images are missing (the first few are listed) or the file is unusable.
+        AnnotationError: An image size or an RLE is malformed.
         D2RetrainError: The split holds no image.
     """
     try:
         document = msgspec.json.decode(Path(annotations_json).read_bytes(), type=_Document)
     except (OSError, msgspec.DecodeError) as error:
         raise InputFileError(f"{annotations_json}: cannot be used ({error})") from None
+    except RecursionError:
+        raise InputFileError(f"{annotations_json}: {NESTED_TOO_DEEP}") from None
     if require_annotations and not document.annotations:
         raise D2RetrainError(f"{annotations_json}: the training split is empty; check the filter's output")
-    by_image: dict[int, list[_Annotation]] = {}
-    for annotation in document.annotations:
-        if not annotation.iscrowd:
-            by_image.setdefault(annotation.image_id, []).append(annotation)
+    by_image = _usable_instances(document, annotations_json)
     records = [
         ImageRecord(
             image.id,
@@ -92,6 +96,37 @@ def load_records(
             f"e.g. {', '.join(missing[:3])}"
         )
     return records
+
+
+def _usable_instances(document: _Document, source: str) -> dict[int, list[_Annotation]]:
+    """Non-crowd annotations by image id, less those with degenerate geometry."""
+    sizes = {}
+    for image in document.images:
+        check_image_size(image.height, image.width, where=f"{source}: image {image.id}")
+        sizes[image.id] = (image.height, image.width)
+    by_image: dict[int, list[_Annotation]] = {}
+    dropped = 0
+    for index, annotation in enumerate(document.annotations):
+        if annotation.iscrowd or annotation.image_id not in sizes:
+            continue
+        size = sizes[annotation.image_id]
+        try:
+            usable = box_problem(annotation.bbox, *size) is None
+            usable = usable and usable_segmentation(annotation.segmentation, *size)[0] is not None
+        except AnnotationError as error:
+            raise AnnotationError(f"{source}: annotations[{index}].segmentation: {error}") from None
+        if usable:
+            by_image.setdefault(annotation.image_id, []).append(annotation)
+        else:
+            dropped += 1
+    if dropped:
+        logger.warning(
+            "%s: %d annotations with degenerate geometry left out (the rule is in "
+            "d2retrain.geometry's docstring); the filter drops them, is this its output?",
+            source,
+            dropped,
+        )
+    return by_image
 
 
 def read_image(path: str | Path) -> np.ndarray:

@@ -1,4 +1,7 @@
-"""Filter a COCO document to chosen categories and balance it: pure transforms."""
+"""Filter a COCO document to chosen categories and balance it: pure transforms.
+
+The filter drops degenerate geometry by the rule in :mod:`d2retrain.geometry`.
+"""
 
 import dataclasses
 import difflib
@@ -10,6 +13,7 @@ import numpy as np
 
 from d2retrain.coco import AnnotationTable, Category, CocoDocument, renumber_category
 from d2retrain.errors import AnnotationError, CategoryError, EmptyResultError
+from d2retrain.geometry import apply_geometry_rule
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +109,8 @@ def filter_document(document: CocoDocument, names: Sequence[str], options: Filte
 
     Images with at least one kept annotation are kept (all images with
     ``keep_empty_images``); images and annotations keep every field and their ids, and
-    come out sorted by id.
+    come out sorted by id. Annotations with degenerate geometry are dropped, or lose their
+    degenerate polygons, by the rule of :mod:`d2retrain.geometry`; the log says how many.
 
     Args:
         document: The input document.
@@ -117,20 +122,17 @@ def filter_document(document: CocoDocument, names: Sequence[str], options: Filte
 
     Raises:
         CategoryError: A name is unknown, or a chosen category keeps no annotation.
-        AnnotationError: ``min_area`` is set but an annotation has no ``area``.
+        AnnotationError: ``min_area`` is set but an annotation has no ``area``, or a kept
+            annotation's ``segmentation`` or ``bbox`` is malformed.
         EmptyResultError: Nothing is left.
     """
     chosen = resolve_categories(document.categories, names, document.source)
     old_ids = np.array([category.id for category in chosen], dtype=np.int64)
-    keep = _annotation_mask(document, old_ids, options)
-    kept_categories = document.table.category_ids[keep]
-    for category in chosen:
-        if not np.any(kept_categories == category.id):
-            raise CategoryError(
-                f"{document.source}: category {category.name!r} has no annotations"
-                f"{'' if options == FilterOptions() else ' left after the area and crowd options'}"
-                "; drop it from the list or use another dataset"
-            )
+    selected = _annotation_mask(document, old_ids, options)
+    keep, rewritten = apply_geometry_rule(document, selected)
+    narrowed_by = ["the area and crowd options"] if options != FilterOptions() else []
+    narrowed_by += ["the degenerate-geometry rule (see the log)"] if keep is not selected else []
+    _check_categories_kept(document, chosen, keep, narrowed_by)
     index = np.flatnonzero(keep)
     index = index[np.argsort(document.table.ids[index], kind="stable")]
     new_id = {category.id: position + 1 for position, category in enumerate(chosen)}
@@ -138,7 +140,9 @@ def filter_document(document: CocoDocument, names: Sequence[str], options: Filte
     old_ids_kept = table.category_ids.tolist()
     annotations = [
         raw if old == new_id[old] else renumber_category(raw, new_id[old])
-        for raw, old in zip((document.annotations[i] for i in index), old_ids_kept, strict=True)
+        for raw, old in zip(
+            (rewritten.get(i, document.annotations[i]) for i in index), old_ids_kept, strict=True
+        )
     ]
     table = dataclasses.replace(
         table, category_ids=np.array([new_id[c] for c in old_ids_kept], dtype=np.int64)
@@ -164,6 +168,19 @@ def filter_document(document: CocoDocument, names: Sequence[str], options: Filte
         ", ".join(names),
     )
     return filtered
+
+
+def _check_categories_kept(
+    document: CocoDocument, chosen: list[Category], keep: np.ndarray, narrowed_by: list[str]
+) -> None:
+    kept_categories = document.table.category_ids[keep]
+    for category in chosen:
+        if not np.any(kept_categories == category.id):
+            raise CategoryError(
+                f"{document.source}: category {category.name!r} has no annotations"
+                f"{' left after ' + ' and '.join(narrowed_by) if narrowed_by else ''}"
+                "; drop it from the list or use another dataset"
+            )
 
 
 def _annotation_mask(document: CocoDocument, category_ids: np.ndarray, options: FilterOptions) -> np.ndarray:
@@ -237,6 +254,7 @@ def _with_records(
         images=[document.images[i] for i in image_index],
         image_ids=document.image_ids[image_index],
         file_names=[document.file_names[i] for i in image_index],
+        image_sizes=document.image_sizes[image_index],
         annotations=annotations,
         table=table,
         categories=categories,

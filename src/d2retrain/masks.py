@@ -3,7 +3,7 @@
 import logging
 import os
 import shutil
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,9 +13,10 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from d2retrain.coco import check_file_name
+from d2retrain.coco import NESTED_TOO_DEEP, Id, ImageSide, check_file_name, check_image_size
 from d2retrain.errors import AnnotationError, InputFileError, UnsafePathError
 from d2retrain.fileio import write_bytes_atomic
+from d2retrain.geometry import usable_segmentation
 
 logger = logging.getLogger(__name__)
 
@@ -34,17 +35,17 @@ CROWD_INSTANCE = 65535
 
 
 class _Image(msgspec.Struct):
-    id: int
+    id: Id
     file_name: str
-    height: int
-    width: int
+    height: ImageSide
+    width: ImageSide
 
 
 class _Geometry(msgspec.Struct):
-    image_id: int
-    category_id: int
+    image_id: Id
+    category_id: Id
     segmentation: list[list[float]] | dict
-    iscrowd: int | bool = 0
+    iscrowd: Id | bool = 0
 
 
 class _Document(msgspec.Struct):
@@ -77,6 +78,9 @@ def resolve_image_path(image_dir: str | os.PathLike[str], file_name: str) -> Pat
 def rasterize(segmentation: list | dict, height: int, width: int) -> np.ndarray:
     """Decode a COCO polygon list or RLE into a boolean mask with pycocotools.
 
+    Degenerate polygons are left out by the rule of :mod:`d2retrain.geometry`, which the
+    filter has applied already to the files the workflow renders.
+
     Args:
         segmentation: Polygons (lists of x, y) or an RLE dict (compressed or not).
         height: Image height.
@@ -86,25 +90,18 @@ def rasterize(segmentation: list | dict, height: int, width: int) -> np.ndarray:
         A ``(height, width)`` boolean array.
 
     Raises:
-        AnnotationError: The geometry cannot be rasterised (a polygon with fewer than
-            3 points, an RLE of another size).
+        AnnotationError: The geometry cannot be rasterised (degenerate by that rule, e.g. no
+            polygon of 3 points, an RLE of another size) or is malformed.
     """
-    if isinstance(segmentation, list):
-        polygons = [polygon for polygon in segmentation if len(polygon) >= 6]
-        if not polygons:
-            raise AnnotationError("polygon with fewer than 3 points")
-        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    usable, problem = usable_segmentation(segmentation, height, width)
+    if usable is None:
+        raise AnnotationError(f"{problem} (image {height}x{width})")
+    if isinstance(usable, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(usable, height, width))
+    elif isinstance(usable["counts"], str):
+        rle = {"size": [height, width], "counts": usable["counts"].encode("ascii")}
     else:
-        size = segmentation.get("size")
-        if size != [height, width]:
-            raise AnnotationError(f"RLE of size {size} on an image of size {[height, width]}")
-        counts = segmentation.get("counts")
-        if isinstance(counts, str):
-            rle = {"size": size, "counts": counts.encode("ascii")}
-        elif isinstance(counts, list) and sum(counts) == height * width and min(counts, default=0) >= 0:
-            rle = mask_utils.frPyObjects(segmentation, height, width)
-        else:
-            raise AnnotationError(f"RLE counts do not cover the {height}x{width} image")
+        rle = mask_utils.frPyObjects(usable, height, width)
     return mask_utils.decode(rle).astype(bool)
 
 
@@ -141,16 +138,22 @@ def render_masks(annotations_path: str, out_dir: str, threads: int = 1) -> int:
     """Write ``<stem>_semantic.png`` (uint8 class ids, 0 background, 255 crowd) and
     ``<stem>_instances.png`` (uint16 instance numbers, 65535 crowd) per image.
 
+    Every check is made before the first file is written: an error leaves ``out_dir`` as
+    it was.
+
     Args:
         annotations_path: A filtered COCO file (category ids are class ids 1..N).
         out_dir: Destination folder.
         threads: Worker threads.
 
     Returns:
-        The number of annotations whose geometry could not be rasterised.
+        The number of annotations whose geometry could not be rasterised (none in a file
+        the filter wrote).
 
     Raises:
         InputFileError: The file cannot be read.
+        AnnotationError: The file is malformed, two images would write the same mask file,
+            or a class id is outside 1..254 (run the filter first).
         UnsafePathError: An image ``file_name`` leaves the output folder.
     """
     return _render(_read_geometry(annotations_path), annotations_path, out_dir, threads)
@@ -160,8 +163,7 @@ def _render(document: _Document, source: str, out_dir: str, threads: int) -> int
     by_image: dict[int, list[_Geometry]] = defaultdict(list)
     for annotation in document.annotations:
         by_image[annotation.image_id].append(annotation)
-    for image in document.images:
-        check_file_name(image.file_name, where=f"{source}: image {image.id}")
+    _check_renderable(document, source)
     root = Path(out_dir)
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         jobs = pool.map(lambda image: _render_one(image, by_image[image.id], root), document.images)
@@ -173,6 +175,31 @@ def _render(document: _Document, source: str, out_dir: str, threads: int) -> int
         dropped,
     )
     return dropped
+
+
+def _check_renderable(document: _Document, source: str) -> None:
+    """Refuse what would fail half-way through rendering, before anything is written."""
+    per_image = Counter(annotation.image_id for annotation in document.annotations)
+    stems: dict[str, int] = {}
+    for image in document.images:
+        where = f"{source}: image {image.id}"
+        check_file_name(image.file_name, where=where)
+        check_image_size(image.height, image.width, where=where)
+        stem = str(Path(image.file_name).with_suffix(""))
+        if stem in stems:
+            raise AnnotationError(
+                f"{where} ({image.file_name!r}) and image {stems[stem]} would write the same mask "
+                f"files {stem}_*.png; rename one"
+            )
+        stems[stem] = image.id
+        if per_image[image.id] >= CROWD_INSTANCE:
+            raise AnnotationError(f"{where} has more than {CROWD_INSTANCE - 1} annotations")
+    for index, annotation in enumerate(document.annotations):
+        if not 1 <= annotation.category_id < IGNORE:
+            raise AnnotationError(
+                f"{source}: annotations[{index}].category_id is {annotation.category_id}, not a class "
+                f"id 1..{IGNORE - 1}; render masks from the filter's output"
+            )
 
 
 def copy_images(annotations_path: str, image_dir: str, out_dir: str, threads: int = 1) -> None:
@@ -236,6 +263,7 @@ def copy_images_and_masks(
         D2RetrainError: An image is missing, a path is unsafe or the file is unusable.
     """
     document = _read_geometry(annotations_path)
+    _check_renderable(document, annotations_path)
     _copy(document.images, annotations_path, image_dir, images_out, threads)
     return _render(document, annotations_path, masks_out, threads)
 
@@ -247,3 +275,5 @@ def _read_geometry(path: str) -> _Document:
         raise InputFileError(f"{path}: cannot be read ({error.strerror})") from None
     except (msgspec.ValidationError, msgspec.DecodeError) as error:
         raise AnnotationError(f"{path}: {error}") from None
+    except RecursionError:
+        raise InputFileError(f"{path}: {NESTED_TOO_DEEP}") from None

@@ -5,14 +5,16 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jsonschema
 import yaml
 
 from d2retrain.errors import D2RetrainError
-from d2retrain.inference import InferenceOptions
 from d2retrain.trainspec import LAUNCH_KEYS, DistributedSpec, ModelSpec, SolverSpec
+
+if TYPE_CHECKING:  # the inference module imports torch: not at CLI start-up
+    from d2retrain.inference import InferenceOptions
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +73,10 @@ def distributed_spec(train: dict[str, Any]) -> DistributedSpec:
     return DistributedSpec(**spec)
 
 
-def inference_options(inference: dict[str, Any]) -> InferenceOptions:
+def inference_options(inference: dict[str, Any]) -> "InferenceOptions":
     """:class:`InferenceOptions` from the ``inference`` section (defaults filled in)."""
+    from d2retrain.inference import InferenceOptions
+
     values = section_defaults("inference") | inference
     return InferenceOptions(
         **{field.name: values[field.name] for field in dataclasses.fields(InferenceOptions)}
