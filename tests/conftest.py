@@ -9,6 +9,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 COCO_MINI = SHARED_DATA / "coco-mini"
+DEMO_DATASET = {
+    split: {
+        "images": f"resources/demo/{split}",
+        "annotations": f"resources/demo/annotations/instances_{split}.json",
+    }
+    for split in ("train", "val")
+}
+"""The demo data's splits as a ``datasets`` entry of a workflow config."""
 
 CATEGORIES = [
     {"supercategory": "person", "id": 1, "name": "person"},

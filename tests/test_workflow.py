@@ -11,20 +11,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import COCO_MINI, REPO
+from conftest import COCO_MINI, DEMO_DATASET, REPO
 
 pytestmark = pytest.mark.slow
 
 TWO_SUBSETS = {
-    "datasets": {
-        "demo": {
-            split: {
-                "images": f"resources/demo/{split}",
-                "annotations": f"resources/demo/annotations/instances_{split}.json",
-            }
-            for split in ("train", "val")
-        }
-    },
+    "datasets": {"demo": DEMO_DATASET},
     "subsets": {
         "ball": {"dataset": "demo", "categories": ["person", "sports ball"], "masks": True},
         "car": {"dataset": "demo", "categories": ["car", "person"], "balance": "none"},
