@@ -5,6 +5,7 @@ import logging
 
 import pytest
 import torch
+import yaml
 from conftest import COCO_MINI
 
 from d2retrain import tv_engine
@@ -446,3 +447,14 @@ def test_detectron2_loads_a_local_pkl_only_with_trust_pickle_and_a_pth_without_p
         model_spec({"weights": str(tmp_path / "w.pth")}, "detectron2"), [1], predictor.model
     )
     assert float(state[name].flatten()[0]) == 0.25
+
+
+def test_a_model_folder_written_before_newer_keys_still_loads(tmp_path):
+    from d2retrain.engines import read_model_config
+
+    solver = {k: v for k, v in TINY.items() if k not in ("device", "eval_period")}
+    record = {"model": {"engine": "torchvision", "architecture": "maskrcnn_resnet18_fpn", "weights": "none"}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(record | {"solver": solver}))
+    model, loaded = read_model_config(tmp_path)
+    assert (model.engine, model.trust_pickle, model.head_surgery) == ("torchvision", False, True)
+    assert (loaded.iterations, loaded.eval_period, loaded.clip_gradients) == (4, 200, 1.0)

@@ -170,10 +170,13 @@ def _config_record(job: TrainJob) -> dict:
 
 
 def read_model_config(model_dir: str | Path) -> tuple[ModelSpec, SolverSpec]:
-    """The model and solver specs saved in a model folder's ``config.yaml``."""
+    """The model and solver specs saved in a model folder's ``config.yaml``; keys added since the
+    folder was written take their schema defaults, so older model folders still load."""
+    from d2retrain.settings import model_spec, solver_spec
+
     record = yaml.safe_load((Path(model_dir) / "config.yaml").read_text())
-    solver = {k: tuple(v) if isinstance(v, list) else v for k, v in record["solver"].items()}
-    return ModelSpec(**record["model"]), SolverSpec(**solver)
+    model = dict(record["model"])
+    return model_spec(model, model.pop("engine")), solver_spec(record["solver"])
 
 
 def load_predictor(
