@@ -284,7 +284,7 @@ def _load_start(trainer, job: TrainJob, resume: tuple[Path, int] | None) -> torc
 
 
 def _train_process(job: TrainJob, fingerprint: str) -> None:
-    torch.set_num_threads(max(1, job.threads // job.distributed.num_gpus))
+    torch.set_num_threads(job.threads_per_process)
     train_name = register_split(
         f"d2retrain_{fingerprint}_train", job.train_json, job.train_images, job.classes
     )

@@ -15,8 +15,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "NoSpaceError",
-    "NO_SPACE",
-    "no_space_error",
     "atomic_open",
     "write_bytes_atomic",
     "write_text_atomic",
@@ -24,19 +22,11 @@ __all__ = [
 ]
 
 # Write errors that mean "no room": a full disk, a file-size limit (ulimit -f), a quota.
-NO_SPACE = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 
 
 class NoSpaceError(D2RetrainError):
     """A write failed for lack of space; nothing partial was left behind."""
-
-
-def no_space_error(path: str | os.PathLike[str], error: OSError) -> NoSpaceError:
-    """The user-facing error for a write to ``path`` that ran out of space."""
-    return NoSpaceError(
-        f"{path}: no space left to write it ({error.strerror or error}); nothing was written. "
-        "Free disk space (or raise the quota or file-size limit) and rerun"
-    )
 
 
 @contextlib.contextmanager
@@ -71,8 +61,11 @@ def atomic_open(path: str | os.PathLike[str], durable: bool = False) -> Iterator
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
-        if isinstance(error, OSError) and error.errno in NO_SPACE:
-            raise no_space_error(target, error) from None
+        if isinstance(error, OSError) and error.errno in _NO_SPACE:
+            raise NoSpaceError(
+                f"{target}: no space left to write it ({error.strerror or error}); nothing was written. "
+                "Free disk space (or raise the quota or file-size limit) and rerun"
+            ) from None
         raise
 
 

@@ -203,6 +203,11 @@ class TrainJob:
     distributed: DistributedSpec = DistributedSpec()
 
     @property
+    def threads_per_process(self) -> int:
+        """CPU threads of each training process: the job's threads, shared between them."""
+        return max(1, self.threads // self.distributed.num_gpus)
+
+    @property
     def checkpoint_dir(self) -> Path:
         """Checkpoints and live metrics: beside the outputs, not Snakemake outputs."""
         return Path(self.output_dir) / "checkpoints"

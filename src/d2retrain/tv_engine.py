@@ -271,7 +271,7 @@ def train(job: TrainJob, fingerprint: str) -> Path:
 
 
 def _train_process(job: TrainJob, fingerprint: str) -> None:
-    torch.set_num_threads(max(1, job.threads // job.distributed.num_gpus))
+    torch.set_num_threads(job.threads_per_process)
     samples = TrainSamples(load_records(job.train_json, job.train_images), job.solver.seed, job.solver.flip)
     store = CheckpointStore(job.checkpoint_dir, fingerprint)
     run, start = _prepare(job, store)
