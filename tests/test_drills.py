@@ -86,7 +86,11 @@ def snakemake_command(workdir: Path, config: Path, *args: str) -> list[str]:
 
 @pytest.mark.slow
 def test_a_second_snakemake_on_the_same_results_is_refused_with_the_lock_message(tmp_path):
-    config = workflow_config(tmp_path, inference={"images": [], "videos": []})
+    config = workflow_config(
+        tmp_path,
+        inference={"images": [], "videos": []},
+        train={"iterations": 20, "eval_period": 0, "checkpoint_period": 10},
+    )
     first = subprocess.Popen(
         snakemake_command(tmp_path, config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -96,11 +100,21 @@ def test_a_second_snakemake_on_the_same_results_is_refused_with_the_lock_message
         while not (lock.is_dir() and any(lock.iterdir())) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert first.poll() is None, "the first run ended before the second could start"
+        # Snakemake checks for incomplete outputs before it takes the lock: while a job of the first
+        # run is writing, a plain second run stops on that job's incomplete marker instead.
         second = subprocess.run(
             snakemake_command(tmp_path, config), capture_output=True, text=True, check=False
         )
         assert second.returncode != 0
-        assert "Directory cannot be locked" in second.stdout + second.stderr
+        said = second.stdout + second.stderr
+        assert "Directory cannot be locked" in said or "IncompleteFilesException" in said, said
+        # Told to rerun incomplete jobs, the second run reaches the lock and is refused there.
+        third = subprocess.run(
+            snakemake_command(tmp_path, config, "--rerun-incomplete"), capture_output=True, text=True, check=False
+        )
+        assert first.poll() is None, "the first run ended before the third run was refused"
+        assert third.returncode != 0
+        assert "Directory cannot be locked" in third.stdout + third.stderr, third.stdout + third.stderr
     finally:
         assert first.wait(timeout=600) == 0  # the first run is not disturbed
     check = subprocess.run(snakemake_command(tmp_path, config, "--dry-run"), capture_output=True, text=True)
