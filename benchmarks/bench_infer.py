@@ -8,6 +8,8 @@ detectron2 is installed, also detectron2's own demo loop (`DefaultPredictor` + `
 frame by frame, written with cv2.VideoWriter as its demo does) against the workflow on the same
 detectron2 model. Targets: images >= 0.9x, video >= 0.9x, and above detectron2's demo loop.
 
+Each side runs --repeats times (3), in alternating order; the medians are printed.
+
 Usage: python benchmarks/bench_infer.py [--model DIR] [--images 200] [--frames 60] [--shards 4]
 Without --model, a small model is trained for two iterations on demo data (its low scores are
 taken at threshold 0.01, capped at 8 instances, so every image has objects to draw).
@@ -16,8 +18,10 @@ taken at threshold 0.01, capped at 8 instances, so every image has objects to dr
 import argparse
 import importlib.util
 import logging
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -72,48 +76,68 @@ def _quick_model(root: Path, engine: str, architecture: str, test_size: int) -> 
     return output
 
 
-def bench_images(model: Path, folder: Path, count: int, shard_count: int, options) -> float:
-    """Prints images/s of the workflow's shard jobs and of a plain loop; returns the ratio."""
+def bench_images(model: Path, folder: Path, count: int, shard_count: int, options, repeats: int) -> float:
+    """Prints images/s of a plain loop and of the workflow's shard jobs; returns the median ratio."""
     layout = write_demo_dataset(folder / "images", train=1, val=count, video_frames=2)
     paths = sorted(layout.images("val").glob("*.jpg"))
     for path in paths:
         path.read_bytes()  # warm the page cache for both sides
-
-    load_predictor(model, device=options.device)  # imports paid before timing, for both sides
-    start = time.perf_counter()
-    predictor, _ = load_predictor(
-        model, device=options.device, score_threshold=options.score_threshold, max_detections=8
-    )
-    for path in paths:
-        predictor(cv2.imread(str(path)))
-    plain = count / (time.perf_counter() - start)
-
     files = [InputFile.of(path, "image") for path in paths]
-    start = time.perf_counter()
-    for shard, group in shards(files, shard_count).items():
-        status = folder / f"status_{shard}.json"
-        run_inference(
-            model, group, [], folder / "out", options, status_path=status, threads=torch.get_num_threads()
+    load_predictor(model, device=options.device)  # imports paid before timing, for both sides
+
+    def plain() -> float:
+        start = time.perf_counter()
+        predictor, _ = load_predictor(
+            model, device=options.device, score_threshold=options.score_threshold, max_detections=8
         )
-    workflow = count / (time.perf_counter() - start)
+        for path in paths:
+            predictor(cv2.imread(str(path)))
+        return count / (time.perf_counter() - start)
+
+    def workflow() -> float:
+        start = time.perf_counter()
+        for shard, group in shards(files, shard_count).items():
+            status = folder / f"status_{shard}.json"
+            run_inference(
+                model, group, [], folder / "out", options, status_path=status, threads=torch.get_num_threads()
+            )
+        return count / (time.perf_counter() - start)
+
     return _report(
         f"images ({count}, {shard_count} shards, one model load each)",
         ("plain load-once loop (read + predict)", plain),
         ("workflow jobs (read, predict, draw, PNG + JSON)", workflow),
         "img/s",
         ">= 0.9",
+        repeats,
     )
 
 
 def _report(
-    title: str, baseline: tuple[str, float], workflow: tuple[str, float], unit: str, target: str
+    title: str,
+    baseline: tuple[str, Callable[[], float]],
+    workflow: tuple[str, Callable[[], float]],
+    unit: str,
+    target: str,
+    repeats: int,
 ) -> float:
-    """Print a baseline and the workflow's rate and return their ratio."""
-    print(f"{title}:")
-    for label, rate in (baseline, workflow):
-        print(f"  {label:<58} {rate:7.2f} {unit}")
-    ratio = workflow[1] / baseline[1]
-    print(f"  ratio {ratio:.3f} (target {target})")
+    """Time a baseline and the workflow in turn, ``repeats`` times (the order alternating, so
+    that drifts of the machine fall on both), print their median rates and the median of the
+    ratios of each pair, and return that ratio."""
+    rates: dict[str, list[float]] = {baseline[0]: [], workflow[0]: []}
+    ratios = []
+    for repeat in range(repeats):
+        pair = (baseline, workflow) if repeat % 2 == 0 else (workflow, baseline)
+        measured = {label: run() for label, run in pair}
+        for label, rate in measured.items():
+            rates[label].append(rate)
+        ratios.append(measured[workflow[0]] / measured[baseline[0]])
+    print(f"{title}, median of {repeats}:")
+    for label, values in rates.items():
+        print(f"  {label:<58} {statistics.median(values):7.2f} {unit}")
+    ratio = statistics.median(ratios)
+    spread = f" (runs {min(ratios):.3f}..{max(ratios):.3f})" if repeats > 1 else ""
+    print(f"  ratio {ratio:.3f}{spread} (target {target})")
     return ratio
 
 
@@ -124,34 +148,39 @@ def _load(model: Path, options) -> tuple:
     return predictor, Labels(tuple(info.classes), tuple(info.source_ids))
 
 
-def _workflow_video(predictor, labels: Labels, folder: Path, options) -> tuple[int, float]:
-    """Frames inferred and frames/s of the workflow's video pipeline on the real video."""
+def _workflow_video(predictor, labels: Labels, folder: Path, options) -> float:
+    """Frames/s of the workflow's video pipeline on the real video."""
     start = time.perf_counter()
     status = infer_video(predictor, labels, InputFile.of(VIDEO, "video"), folder, options)
-    return status.frames, status.frames / (time.perf_counter() - start)
+    return status.frames / (time.perf_counter() - start)
 
 
-def bench_video(model: Path, folder: Path, frames: int, options) -> float:
+def bench_video(model: Path, folder: Path, frames: int, options, repeats: int) -> float:
     """Prints frames/s of the bare model on decoded frames and of the workflow; returns the ratio."""
     decoded = list(read_frames(VIDEO, frames))
     predictor, labels = _load(model, options)
     predictor(decoded[0])  # warm-up
-    start = time.perf_counter()
-    for frame in decoded:
-        predictor(frame)
-    bare = len(decoded) / (time.perf_counter() - start)
 
-    frames, workflow = _workflow_video(predictor, labels, folder / "videos", options)
+    def bare() -> float:
+        start = time.perf_counter()
+        for frame in decoded:
+            predictor(frame)
+        return len(decoded) / (time.perf_counter() - start)
+
     return _report(
-        f"video ({frames} frames of {VIDEO.name})",
+        f"video ({len(decoded)} frames of {VIDEO.name})",
         ("bare model on decoded frames", bare),
-        ("workflow (decode, predict, draw, encode, JSONL)", workflow),
+        (
+            "workflow (decode, predict, draw, encode, JSONL)",
+            lambda: _workflow_video(predictor, labels, folder, options),
+        ),
         "frames/s",
         ">= 0.9",
+        repeats,
     )
 
 
-def bench_detectron2_demo(model: Path, folder: Path, frames: int, options) -> float:
+def bench_detectron2_demo(model: Path, folder: Path, frames: int, options, repeats: int) -> float:
     """Prints frames/s of detectron2's demo loop and of the workflow on the same model."""
     from detectron2.data import MetadataCatalog
     from detectron2.utils.video_visualizer import VideoVisualizer
@@ -159,29 +188,34 @@ def bench_detectron2_demo(model: Path, folder: Path, frames: int, options) -> fl
 
     predictor, labels = _load(model, options)
     metadata = MetadataCatalog.get("bench_infer_demo").set(thing_classes=list(labels.names))
-    visualizer = VideoVisualizer(metadata, ColorMode.IMAGE)
     default_predictor = predictor._predictor
-    writer = None
-    start = time.perf_counter()
-    count = 0
-    for frame in read_frames(VIDEO, frames):  # detectron2 demo/predictor.py: run_on_video
-        outputs = default_predictor(frame)["instances"].to("cpu")
-        drawn = visualizer.draw_instance_predictions(frame[:, :, ::-1], outputs).get_image()[:, :, ::-1]
-        if writer is None:
-            fourcc = cv2.VideoWriter_fourcc(*"mp4v")
-            writer = cv2.VideoWriter(str(folder / "d2demo.mp4"), fourcc, 10.0, drawn.shape[1::-1], True)
-        writer.write(drawn)
-        count += 1
-    writer.release()
-    demo = count / (time.perf_counter() - start)
 
-    _, workflow = _workflow_video(predictor, labels, folder / "videos_d2", options)
+    def demo() -> float:  # detectron2 demo/predictor.py: run_on_video
+        visualizer = VideoVisualizer(metadata, ColorMode.IMAGE)
+        writer = None
+        start = time.perf_counter()
+        count = 0
+        for frame in read_frames(VIDEO, frames):
+            outputs = default_predictor(frame)["instances"].to("cpu")
+            drawn = visualizer.draw_instance_predictions(frame[:, :, ::-1], outputs).get_image()[:, :, ::-1]
+            if writer is None:
+                fourcc = cv2.VideoWriter_fourcc(*"mp4v")
+                writer = cv2.VideoWriter(str(folder / "d2demo.mp4"), fourcc, 10.0, drawn.shape[1::-1], True)
+            writer.write(drawn)
+            count += 1
+        writer.release()
+        return count / (time.perf_counter() - start)
+
     return _report(
-        f"detectron2 model, video ({count} frames)",
+        f"detectron2 model, video ({frames} frames)",
         ("detectron2 demo loop (DefaultPredictor + VideoVisualizer)", demo),
-        ("workflow on the same model", workflow),
+        (
+            "workflow on the same model",
+            lambda: _workflow_video(predictor, labels, folder / "videos_d2", options),
+        ),
         "frames/s",
         "> 1",
+        repeats,
     )
 
 
@@ -193,6 +227,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--threshold", type=float, default=0.01)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side, alternating")
     parser.add_argument("--d2-test-size", type=int, default=320, help="detectron2 model's test size")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -204,12 +239,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temporary:
         root = Path(temporary)
         model = args.model or _quick_model(root, "torchvision", "maskrcnn_resnet18_fpn", 192)
-        bench_images(model, root, args.images, args.shards, options)
-        bench_video(model, root, args.frames, options)
+        bench_images(model, root, args.images, args.shards, options, args.repeats)
+        bench_video(model, root, args.frames, options, args.repeats)
         if importlib.util.find_spec("detectron2") is not None:
             zoo = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
             d2_model = _quick_model(root, "detectron2", zoo, args.d2_test_size)
-            bench_detectron2_demo(d2_model, root, min(args.frames, 30), options)
+            bench_detectron2_demo(d2_model, root, min(args.frames, 30), options, args.repeats)
         else:
             print("detectron2 is not installed: its demo loop is not compared")
 

@@ -110,7 +110,10 @@ def test_a_second_snakemake_on_the_same_results_is_refused_with_the_lock_message
         assert "Directory cannot be locked" in said or "IncompleteFilesException" in said, said
         # Told to rerun incomplete jobs, the second run reaches the lock and is refused there.
         third = subprocess.run(
-            snakemake_command(tmp_path, config, "--rerun-incomplete"), capture_output=True, text=True, check=False
+            snakemake_command(tmp_path, config, "--rerun-incomplete"),
+            capture_output=True,
+            text=True,
+            check=False,
         )
         assert first.poll() is None, "the first run ended before the third run was refused"
         assert third.returncode != 0

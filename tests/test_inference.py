@@ -1,7 +1,10 @@
 """Inference on images and videos: outputs, the real video, bad files, inputs and shards, the CLI."""
 
 import json
+import os
 import shutil
+import sys
+import threading
 from fractions import Fraction
 
 import av
@@ -70,6 +73,56 @@ def test_each_image_gets_a_drawn_png_and_coco_results_json(demo_model, tmp_path)
             }
             assert instance["score"] >= 0.01 and len(instance["bbox"]) == 4
             assert mask_utils.decode(instance["segmentation"]).shape == (192, 256)
+
+
+def test_a_loaded_model_skips_random_init_and_predicts_as_one_built_the_slow_way(demo_model):
+    import torch
+
+    from d2retrain.engines import load_predictor, read_model_config
+    from d2retrain.tv_engine import build_model
+
+    model, layout = demo_model
+    init_functions = {name: getattr(torch.nn.init, name) for name in ("kaiming_uniform_", "normal_", "ones_")}
+    predictor, _ = load_predictor(model, device="cpu", score_threshold=0.01, max_detections=5)
+    assert {name: getattr(torch.nn.init, name) for name in init_functions} == init_functions  # restored
+
+    spec, solver = read_model_config(model)
+    slow = build_model(spec, len(CLASSES), solver)  # randomly initialised, then loaded
+    slow.load_state_dict(torch.load(model / "model_final.pth", weights_only=True)["model"])
+    slow.roi_heads.score_thresh, slow.roi_heads.detections_per_img = 0.01, 5
+    slow.transform.min_size, slow.transform.max_size = (solver.min_size_test,), solver.max_size_test
+    loaded = predictor.model.state_dict()
+    assert all(torch.equal(value, loaded[key]) for key, value in slow.state_dict().items())
+    image = load_image(sorted(layout.images("val").glob("*.jpg"))[0])
+    with torch.inference_mode():
+        expected = slow.eval()([torch.from_numpy(image[:, :, ::-1].copy()).permute(2, 0, 1).float() / 255])[0]
+    got = predictor(image)
+    assert len(got) == len(expected["scores"]) > 0
+    np.testing.assert_array_equal(got.scores, expected["scores"].numpy())
+    np.testing.assert_array_equal(got.masks, (expected["masks"][:, 0] > 0.5).numpy())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="thread priorities are set on Linux only")
+def test_reading_ahead_and_writing_behind_run_at_the_lowest_priority_and_the_model_thread_does_not():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from d2retrain.videoio import ahead, yield_to_the_model
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = niceness()
+    seen = []
+
+    def items():
+        seen.append(niceness())
+        yield from range(3)
+
+    assert list(ahead(items())) == [0, 1, 2]
+    with ThreadPoolExecutor(1, "write", yield_to_the_model) as writer:
+        seen.append(writer.submit(niceness).result())
+    assert seen == [19, 19]
+    assert niceness() == before
 
 
 def test_the_real_video_gives_h264_yuv420p_with_its_rate_and_frame_count(demo_model, tmp_path):

@@ -26,7 +26,7 @@ from d2retrain.evaluation import to_coco_results
 from d2retrain.fileio import atomic_open, write_bytes_atomic, write_text_atomic
 from d2retrain.inputs import IMAGE_SUFFIXES, VIDEO_SUFFIXES, InputFile
 from d2retrain.predictor import Instances, Predictor
-from d2retrain.videoio import VideoInfo, VideoWriter, ahead, probe, read_frames
+from d2retrain.videoio import VideoInfo, VideoWriter, ahead, probe, read_frames, yield_to_the_model
 
 logger = logging.getLogger(__name__)
 
@@ -141,10 +141,10 @@ def infer_images(
 ) -> list[FileStatus]:
     """Predict each image and write ``<name>.png`` (drawn) and ``<name>.json`` into ``folder``.
 
-    Images are decoded ahead in one thread and drawn and written behind in another, so the
-    model never waits for the disk; ``batch_size`` images go through the model at once. A bad
-    file gets a JSON that says what was wrong and a picture that says it was not inferred; the
-    others go on.
+    Images are decoded ahead in one thread and drawn and written behind in another, both at the
+    lowest priority, so the model never waits for the disk nor for them; ``batch_size`` images
+    go through the model at once. A bad file gets a JSON that says what was wrong and a picture
+    that says it was not inferred; the others go on.
 
     Returns:
         One status per file, in order.
@@ -154,7 +154,7 @@ def infer_images(
     statuses: list[FileStatus] = []
     pending: collections.deque[Future] = collections.deque()
     bar = tqdm(total=len(files), desc="images", unit="img", disable=None)
-    with bar, ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
+    with bar, ThreadPoolExecutor(1, "write", yield_to_the_model) as writer:
         for batch in _batched(zip(files, ahead(map(_try_load, files), _DEPTH), strict=True), batch_size):
             start = time.perf_counter()
             good = [image for _, image in batch if not isinstance(image, InputFileError)]
@@ -325,7 +325,7 @@ def _predict_frames(
 ) -> None:
     pending: collections.deque[Future] = collections.deque()
     bar = tqdm(total=expected or None, desc="frames", unit="frame", disable=None)
-    with bar, ThreadPoolExecutor(1, thread_name_prefix="encode") as encoder:
+    with bar, ThreadPoolExecutor(1, "encode", yield_to_the_model) as encoder:
         try:
             for batch in _batched(ahead(frames, 2 * _DEPTH), batch_size):
                 for frame, instances in zip(batch, predictor.predict_batch(batch), strict=True):

@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import functools
 import logging
 import os
 from pathlib import Path
@@ -33,13 +34,19 @@ SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "co
 
 
 def load_schema() -> dict[str, Any]:
-    """The configuration's JSON Schema."""
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    """The configuration's JSON Schema (a copy the caller may change)."""
+    return copy.deepcopy(_schema())
+
+
+@functools.cache
+def _schema() -> dict[str, Any]:
+    # parsed once per process: every model load reads section defaults from it
+    return yaml.load(SCHEMA_PATH.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def section_defaults(section: str) -> dict[str, Any]:
     """Defaults of one top-level section (``model``, ``train``, ...), from the schema."""
-    properties = load_schema()["properties"][section]["properties"]
+    properties = _schema()["properties"][section]["properties"]
     return {key: copy.deepcopy(value["default"]) for key, value in properties.items() if "default" in value}
 
 
@@ -93,7 +100,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
         config = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
         raise D2RetrainError(f"{path}: cannot be read as YAML ({error})") from None
-    schema = load_schema()
+    schema = _schema()
     partial = {**schema, "required": []}
     try:
         jsonschema.validate(config, partial)
