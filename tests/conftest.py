@@ -2,6 +2,8 @@
 
 import copy
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,38 @@ DEMO_DATASET = {
     for split in ("train", "val")
 }
 """The demo data's splits as a ``datasets`` entry of a workflow config."""
+
+
+@pytest.fixture
+def one_thread():
+    """This process with no thread but the main one, so that ``d2retrain.forked`` may fork:
+    tqdm's monitor thread, started by an earlier progress bar, is stopped."""
+    from tqdm import tqdm
+
+    if tqdm.monitor is not None:
+        tqdm.monitor.exit()
+        tqdm.monitor = None
+    assert threading.active_count() == 1, f"threads left running by earlier tests: {threading.enumerate()}"
+
+
+@pytest.fixture
+def forks(one_thread, monkeypatch) -> list[int]:
+    """The child processes forked during the test (with :func:`one_thread`)."""
+    children: list[int] = []
+    real_fork = os.fork
+
+    def counted_fork() -> int:
+        child = real_fork()
+        if child:
+            children.append(child)
+        return child
+
+    monkeypatch.setattr(os, "fork", counted_fork)
+    return children
+
+
+TWO_CPUS = hasattr(os, "fork") and len(os.sched_getaffinity(0)) >= 2
+
 
 CATEGORIES = [
     {"supercategory": "person", "id": 1, "name": "person"},

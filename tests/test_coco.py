@@ -1,11 +1,12 @@
 """Reading and validating COCO files."""
 
+import dataclasses
 import json
 
 import msgspec
 import numpy as np
 import pytest
-from conftest import make_coco
+from conftest import TWO_CPUS, make_coco
 
 from d2retrain.coco import check_file_name, encode_coco, parse_coco, renumber_category
 from d2retrain.errors import AnnotationError, InputFileError, UnsafePathError
@@ -29,6 +30,17 @@ def test_encode_round_trips_every_field_and_key_order():
     source["extra_top_level"] = {"kept": True}
     assert json.loads(encode_coco(parse_coco(encoded(source)))) == source
     assert list(json.loads(encode_coco(parse_coco(encoded(source))))) == list(source)
+
+
+def test_a_large_file_decoded_in_two_processes_gives_the_same_table_and_names_a_bad_record_by_index(forks):
+    source = make_coco([[1, 3]] * 30_000)  # 60,000 annotations: above the size worth a process
+    one, two = (parse_coco(encoded(source), processes=n).table for n in (1, 2))
+    assert len(forks) == (1 if TWO_CPUS else 0)
+    for field in dataclasses.fields(one):
+        np.testing.assert_array_equal(getattr(one, field.name), getattr(two, field.name))
+    source["annotations"][45_000]["image_id"] = "x"
+    with pytest.raises(AnnotationError, match=r"annotations\[45000\]"):
+        parse_coco(encoded(source), processes=2)
 
 
 def test_missing_area_reads_as_nan():

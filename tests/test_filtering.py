@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import COCO_MINI, make_coco
+from conftest import COCO_MINI, TWO_CPUS, make_coco
 
 from d2retrain.coco import encode_coco, parse_coco, read_coco
 from d2retrain.errors import AnnotationError, CategoryError, EmptyResultError
@@ -132,3 +132,32 @@ def test_filter_and_balance_on_coco_mini_agree_with_pycocotools(split):
     assert len(balanced.annotations) == len(
         reference.getAnnIds(imgIds=balanced.image_ids.tolist(), catIds=category_ids)
     )
+
+
+@pytest.mark.parametrize(
+    "bad", [[10, 45_000], [45_000], [10]], ids=["both halves", "second half", "first half"]
+)
+def test_the_geometry_of_a_large_file_checked_in_two_processes_drops_what_one_process_drops(bad, forks):
+    source = make_coco([[1, 1]] * 30_000)  # 60,000 kept annotations: above the size worth a process
+    for index in bad:
+        source["annotations"][index]["bbox"][2] = 0  # flat box: dropped by the rule
+    document = parse_coco(json.dumps(source).encode())
+    one, two = (filter_document(document, ["person"], FilterOptions(), processes=n) for n in (1, 2))
+    assert len(forks) == (1 if TWO_CPUS else 0)
+    assert encode_coco(one) == encode_coco(two)
+    assert len(two.annotations) == 60_000 - len(bad)
+
+
+def test_balance_gives_the_same_images_whatever_the_size_of_the_image_ids():
+    small = make_coco([[1, 37], [1], [37, 37, 1], [3, 37]])
+    huge = json.loads(json.dumps(small))
+    for record in huge["images"] + huge["annotations"]:
+        key = "id" if "file_name" in record else "image_id"
+        record[key] += 2**62  # past the packed (image, category) key: the other path
+    kept = []
+    for source in (small, huge):
+        document = filter_document(
+            parse_coco(json.dumps(source).encode()), ["person", "sports ball"], FilterOptions()
+        )
+        kept.append([image_id % 2**62 for image_id in balance_document(document, "all").image_ids.tolist()])
+    assert kept[0] == kept[1] == [1, 3]

@@ -9,17 +9,20 @@ import math
 import re
 import shutil
 import tempfile
+import unittest.mock
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 from conftest import make_coco, square
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, given, reject, settings
 from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from d2retrain import geometry
+from d2retrain.coco import parse_coco
 from d2retrain.detdata import TrainSamples, load_records
 from d2retrain.errors import AnnotationError, CategoryError, D2RetrainError, InputFileError, UnsafePathError
 from d2retrain.filtering import FilterOptions
@@ -402,6 +405,54 @@ def test_fuzzed_geometry_ends_in_a_clear_error_or_valid_outputs(
     for mutation in mutations:
         apply(document, mutation)
     _run(json.dumps(document).encode(), scratch, image_dir, choice, options, mode)
+
+
+# the base document's images are at most 64 pixels a side: coordinates must lie in [-64, 128]
+INSIDE = st.floats(-64, 128)
+NEAR = st.one_of(
+    INSIDE, INSIDE, INSIDE, INSIDE, st.sampled_from([-64, 128]), st.sampled_from([-64.01, 128.01])
+)
+POINTS = st.tuples(st.lists(st.tuples(NEAR, NEAR), min_size=3, max_size=5), st.lists(INSIDE, max_size=1)).map(
+    lambda drawn: [*sum(drawn[0], ()), *drawn[1]]  # sometimes one coordinate more: odd
+)
+
+
+@st.composite
+def near_the_bounds(draw) -> tuple:
+    """A well-formed segmentation or box for one annotation, often valid, often at the bounds."""
+    if draw(st.booleans()):
+        value = draw(st.lists(POINTS, min_size=1, max_size=2))
+        return ("annotations", draw(st.integers(0, 6)), "segmentation", "set", value)
+    size = st.one_of(st.floats(0.5, 70), st.sampled_from([0, -1]))
+    value = [draw(NEAR), draw(NEAR), draw(size), draw(size)]
+    return ("annotations", draw(st.integers(0, 6)), "bbox", "set", value)
+
+
+@settings(FUZZ, max_examples=600)
+@given(
+    st.lists(
+        st.one_of(near_the_bounds(), near_the_bounds(), near_the_bounds(), geometry_mutation()), max_size=2
+    )
+)
+def test_the_fast_geometry_check_says_clean_exactly_when_the_full_pass_finds_nothing(mutations):
+    document = base_document()
+    for mutation in mutations:
+        apply(document, mutation)
+    try:
+        parsed = parse_coco(json.dumps(document).encode())
+    except D2RetrainError:  # NaN written as JSON, and the like: the parser's business
+        reject()
+    selected = np.ones(len(parsed.annotations), dtype=bool)
+    sizes = parsed.image_sizes[np.searchsorted(parsed.image_ids, parsed.table.image_ids)]
+    fast = geometry._all_clean(parsed.annotations, np.column_stack([np.flatnonzero(selected), sizes]))
+    with unittest.mock.patch.object(geometry, "_all_clean", return_value=False):
+        try:
+            keep, rewritten = geometry.apply_geometry_rule(parsed, selected)
+            full = bool(keep.all()) and not rewritten
+        except AnnotationError:
+            full = False  # malformed: the fast check must not pass it either
+    event(f"clean: {full}")
+    assert fast == full
 
 
 @settings(FUZZ, max_examples=150)

@@ -30,13 +30,13 @@ def _filter(args: argparse.Namespace) -> None:
     options = FilterOptions(
         min_area=args.min_area, drop_crowd=args.drop_crowd, keep_empty_images=args.keep_empty_images
     )
-    filter_file(args.input, args.output, args.categories, options)
+    filter_file(args.input, args.output, args.categories, options, args.threads)
 
 
 def _balance(args: argparse.Namespace) -> None:
     from d2retrain.prepare import balance_file
 
-    balance_file(args.input, args.output, args.mode)
+    balance_file(args.input, args.output, args.mode, args.threads)
 
 
 def _images(args: argparse.Namespace) -> None:
@@ -194,6 +194,9 @@ def _add_filter(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--keep-empty-images", action="store_true", help="keep images with no kept annotation (negatives)"
     )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="processes for large files (1 or 2: halves decoded at once)"
+    )
     parser.set_defaults(handler=_filter)
 
 
@@ -210,6 +213,9 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     balance.add_argument("-i", "--input", required=True, help="filtered COCO JSON")
     balance.add_argument("-o", "--output", required=True, help="output JSON")
     balance.add_argument("--mode", choices=BALANCE_MODES, default="all")
+    balance.add_argument(
+        "--threads", type=int, default=2, help="processes for large files (1 or 2: halves decoded at once)"
+    )
     balance.set_defaults(handler=_balance)
     for name, handler, text in (
         ("images", _images, "hard-link or copy the images a COCO file names"),

@@ -10,6 +10,7 @@ import logging
 import mmap
 import os
 import re
+from collections.abc import Sequence
 from operator import attrgetter
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Annotated
@@ -19,6 +20,7 @@ import numpy as np
 
 from d2retrain.errors import AnnotationError, InputFileError, UnsafePathError
 from d2retrain.fileio import write_bytes_atomic
+from d2retrain.forked import in_two_halves
 
 logger = logging.getLogger(__name__)
 
@@ -146,11 +148,12 @@ class CocoDocument:
     categories: list[Category]
 
 
-def read_coco(path: str | os.PathLike[str]) -> CocoDocument:
+def read_coco(path: str | os.PathLike[str], processes: int = 1) -> CocoDocument:
     """Read and validate a COCO instances file.
 
     Args:
         path: The JSON file.
+        processes: Decode the annotations in two processes when this is 2 or more.
 
     Returns:
         The parsed document.
@@ -168,7 +171,7 @@ def read_coco(path: str | os.PathLike[str]) -> CocoDocument:
         raise InputFileError(f"{path}: is a folder, expected a COCO JSON file") from None
     except OSError as error:
         raise InputFileError(f"{path}: cannot be read ({error.strerror})") from None
-    return parse_coco(data, source=str(path))
+    return parse_coco(data, source=str(path), processes=processes)
 
 
 def _map(path: str | os.PathLike[str]) -> bytes | mmap.mmap:
@@ -179,12 +182,13 @@ def _map(path: str | os.PathLike[str]) -> bytes | mmap.mmap:
         return mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
 
 
-def parse_coco(data: bytes | mmap.mmap, source: str = "<memory>") -> CocoDocument:
+def parse_coco(data: bytes | mmap.mmap, source: str = "<memory>", processes: int = 1) -> CocoDocument:
     """Parse and validate COCO instances JSON held in memory.
 
     Args:
         data: The JSON bytes.
         source: Name used in error messages.
+        processes: Decode the annotations in two processes when this is 2 or more.
 
     Returns:
         The parsed document.
@@ -206,7 +210,7 @@ def parse_coco(data: bytes | mmap.mmap, source: str = "<memory>") -> CocoDocumen
             [_column(image_keys, "height", np.int64), _column(image_keys, "width", np.int64)], axis=1
         ),
         annotations=records.annotations,
-        table=_table(_decode_each(records.annotations, _AnnotationKeys, source, "annotations")),
+        table=_annotation_table(records.annotations, source, processes),
         categories=records.categories,
     )
     _validate(document)
@@ -267,6 +271,22 @@ def _decode_each(records: list[msgspec.Raw], kind: type, source: str, where: str
     raise AssertionError("unreachable")
 
 
+def _annotation_table(records: list[msgspec.Raw], source: str, processes: int) -> AnnotationTable:
+    parts = in_two_halves(_table_or_none, records, processes)
+    if any(part is None for part in parts):
+        _decode_each(records, _AnnotationKeys, source, "annotations")  # raises, naming the record
+    fields = [field.name for field in dataclasses.fields(AnnotationTable)]
+    return AnnotationTable(*(np.concatenate([getattr(part, name) for part in parts]) for name in fields))
+
+
+def _table_or_none(records: Sequence[msgspec.Raw]) -> AnnotationTable | None:
+    decode = msgspec.json.Decoder(_AnnotationKeys).decode
+    try:
+        return _table([decode(record) for record in records])
+    except msgspec.ValidationError:
+        return None
+
+
 def _column(keys: list, field: str, dtype: type) -> np.ndarray:
     return np.fromiter(map(attrgetter(field), keys), dtype=dtype, count=len(keys))
 
@@ -282,8 +302,8 @@ def _table(keys: list[_AnnotationKeys]) -> AnnotationTable:
 
 
 def _first_duplicate(ids: np.ndarray) -> int | None:
-    values, counts = np.unique(ids, return_counts=True)
-    repeated = values[counts > 1]
+    ordered = np.sort(ids)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
     return int(repeated[0]) if repeated.size else None
 
 

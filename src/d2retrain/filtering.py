@@ -9,6 +9,7 @@ import logging
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import msgspec
 import numpy as np
 
 from d2retrain.coco import AnnotationTable, Category, CocoDocument, renumber_category
@@ -104,7 +105,9 @@ def resolve_categories(categories: Sequence[Category], names: Sequence[str], sou
     return chosen
 
 
-def filter_document(document: CocoDocument, names: Sequence[str], options: FilterOptions) -> CocoDocument:
+def filter_document(
+    document: CocoDocument, names: Sequence[str], options: FilterOptions, processes: int = 1
+) -> CocoDocument:
     """Keep the annotations of the named categories, renumbered 1..N in the given order.
 
     Images with at least one kept annotation are kept (all images with
@@ -116,6 +119,7 @@ def filter_document(document: CocoDocument, names: Sequence[str], options: Filte
         document: The input document.
         names: Category names; their order sets the new ids 1..N.
         options: Area, crowd and negative-image options.
+        processes: Check the geometry in two processes when this is 2 or more.
 
     Returns:
         The filtered document.
@@ -129,24 +133,13 @@ def filter_document(document: CocoDocument, names: Sequence[str], options: Filte
     chosen = resolve_categories(document.categories, names, document.source)
     old_ids = np.array([category.id for category in chosen], dtype=np.int64)
     selected = _annotation_mask(document, old_ids, options)
-    keep, rewritten = apply_geometry_rule(document, selected)
+    keep, rewritten = apply_geometry_rule(document, selected, processes)
     narrowed_by = ["the area and crowd options"] if options != FilterOptions() else []
     narrowed_by += ["the degenerate-geometry rule (see the log)"] if keep is not selected else []
     _check_categories_kept(document, chosen, keep, narrowed_by)
     index = np.flatnonzero(keep)
     index = index[np.argsort(document.table.ids[index], kind="stable")]
-    new_id = {category.id: position + 1 for position, category in enumerate(chosen)}
-    table = document.table.take(index)
-    old_ids_kept = table.category_ids.tolist()
-    annotations = [
-        raw if old == new_id[old] else renumber_category(raw, new_id[old])
-        for raw, old in zip(
-            (rewritten.get(i, document.annotations[i]) for i in index), old_ids_kept, strict=True
-        )
-    ]
-    table = dataclasses.replace(
-        table, category_ids=np.array([new_id[c] for c in old_ids_kept], dtype=np.int64)
-    )
+    annotations, table = _renumbered(document, index, old_ids, rewritten)
     image_mask = None if options.keep_empty_images else np.isin(document.image_ids, table.image_ids)
     filtered = _with_records(
         document,
@@ -168,6 +161,24 @@ def filter_document(document: CocoDocument, names: Sequence[str], options: Filte
         ", ".join(names),
     )
     return filtered
+
+
+def _renumbered(
+    document: CocoDocument, index: np.ndarray, old_ids: np.ndarray, rewritten: dict[int, msgspec.Raw]
+) -> tuple[list[msgspec.Raw], AnnotationTable]:
+    """The records at ``index`` (trimmed ones from ``rewritten``) and their table, with category
+    ids renumbered to 1 + the place of their old id in ``old_ids``; only the records whose id
+    changes are touched."""
+    table = document.table.take(index)
+    order = np.argsort(old_ids)
+    new_ids = order[np.searchsorted(old_ids, table.category_ids, sorter=order)] + 1
+    positions = index.tolist()
+    annotations = [document.annotations[i] for i in positions]
+    if rewritten:
+        annotations = [rewritten.get(i, raw) for i, raw in zip(positions, annotations, strict=True)]
+    for at in np.flatnonzero(new_ids != table.category_ids).tolist():
+        annotations[at] = renumber_category(annotations[at], int(new_ids[at]))
+    return annotations, dataclasses.replace(table, category_ids=new_ids)
 
 
 def _check_categories_kept(
@@ -219,8 +230,7 @@ def balance_document(document: CocoDocument, mode: str) -> CocoDocument:
     if mode != "all":
         raise ValueError(f"unknown balance mode {mode!r}; expected one of {BALANCE_MODES}")
     table = document.table
-    pairs = np.unique(np.stack([table.image_ids, table.category_ids]), axis=1)
-    image_ids, category_counts = np.unique(pairs[0], return_counts=True)
+    image_ids, category_counts = np.unique(_image_category_pairs(table)[0], return_counts=True)
     keep_images = image_ids[category_counts == len(document.categories)]
     if keep_images.size == 0:
         names = ", ".join(category.name for category in document.categories)
@@ -236,6 +246,16 @@ def balance_document(document: CocoDocument, mode: str) -> CocoDocument:
         image_mask=np.isin(document.image_ids, keep_images),
         categories=document.categories,
     )
+
+
+def _image_category_pairs(table: AnnotationTable) -> np.ndarray:
+    """The distinct (image id, category id) pairs, as two rows."""
+    span = int(table.category_ids.max(initial=0)) + 1
+    if int(table.image_ids.max(initial=0)) < np.iinfo(np.int64).max // span - span:
+        # one int64 key per pair: a 1-D unique, several times faster than unique(axis=1)
+        keys = np.unique(table.image_ids * span + table.category_ids)
+        return np.stack([keys // span, keys % span])
+    return np.unique(np.stack([table.image_ids, table.category_ids]), axis=1)
 
 
 def _with_records(

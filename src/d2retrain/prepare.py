@@ -17,7 +17,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["filter_file", "balance_file", "format_counts"]
 
 
-def filter_file(input_path: str, output_path: str, names: Sequence[str], options: FilterOptions) -> None:
+def filter_file(
+    input_path: str, output_path: str, names: Sequence[str], options: FilterOptions, processes: int = 1
+) -> None:
     """Filter a COCO file to the named categories (new ids 1..N) and write the result.
 
     Args:
@@ -25,12 +27,13 @@ def filter_file(input_path: str, output_path: str, names: Sequence[str], options
         output_path: Destination; written only when the whole result is valid.
         names: Category names in model order.
         options: Area, crowd and negative-image options.
+        processes: Decode and check large files in two processes when this is 2 or more.
 
     Raises:
         D2RetrainError: The input is unusable or the result would be empty.
     """
-    document = read_coco(input_path)
-    filtered = filter_document(document, names, options)
+    document = read_coco(input_path, processes)
+    filtered = filter_document(document, names, options, processes)
     logger.info(
         "per-category counts, %s -> %s:\n%s",
         input_path,
@@ -40,18 +43,19 @@ def filter_file(input_path: str, output_path: str, names: Sequence[str], options
     write_coco(output_path, filtered)
 
 
-def balance_file(input_path: str, output_path: str, mode: str) -> None:
+def balance_file(input_path: str, output_path: str, mode: str, processes: int = 1) -> None:
     """Balance a filtered COCO file (see :func:`balance_document`) and write the result.
 
     Args:
         input_path: A filtered COCO file.
         output_path: Destination.
         mode: ``none`` or ``all``.
+        processes: Decode large files in two processes when this is 2 or more.
 
     Raises:
         D2RetrainError: The input is unusable or no image is left.
     """
-    document = read_coco(input_path)
+    document = read_coco(input_path, processes)
     balanced = balance_document(document, mode)
     logger.info(
         "balance %s (%s): %d -> %d images; per-category counts:\n%s",

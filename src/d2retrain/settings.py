@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import jsonschema
 import yaml
 
 from d2retrain.errors import D2RetrainError
@@ -100,6 +99,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
         config = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
         raise D2RetrainError(f"{path}: cannot be read as YAML ({error})") from None
+    import jsonschema  # 40 ms: only commands that read a config pay it
+
     schema = _schema()
     partial = {**schema, "required": []}
     try:

@@ -33,6 +33,7 @@ rule filter:
         "logs/{subset}/filter_{split}.log",
     conda:
         "../../envs/d2retrain.yaml"
+    threads: 2
     resources:
         **CPU_JOB,
     params:
@@ -40,7 +41,7 @@ rule filter:
         min_area=subset_value("min_area"),
         drop_crowd=subset_value("drop_crowd"),
         keep_empty_images=subset_value("keep_empty_images"),
-        code=code_version("coco", "filtering", "prepare"),
+        code=code_version("coco", "filtering", "geometry", "forked", "prepare"),
     script:
         "../scripts/filter.py"
 
@@ -54,11 +55,12 @@ rule balance:
         "logs/{subset}/balance_{split}.log",
     conda:
         "../../envs/d2retrain.yaml"
+    threads: 2
     resources:
         **CPU_JOB,
     params:
         mode=balance_mode,
-        code=code_version("coco", "filtering", "prepare"),
+        code=code_version("coco", "filtering", "geometry", "forked", "prepare"),
     script:
         "../scripts/balance.py"
 
@@ -78,7 +80,7 @@ rule images_and_masks:
     resources:
         **CPU_JOB,
     params:
-        code=code_version("coco", "masks"),
+        code=code_version("coco", "geometry", "masks"),
     script:
         "../scripts/images_and_masks.py"
 

@@ -35,6 +35,7 @@ rule train:
             "trainspec",
             "trainloop",
             "detdata",
+            "geometry",
             "tv_engine",
             "d2_engine",
             "headsurgery",

@@ -4,4 +4,11 @@ from d2retrain.logutil import run_job
 from d2retrain.prepare import balance_file
 
 snakemake = globals()["snakemake"]
-run_job(snakemake.log[0], balance_file, snakemake.input[0], snakemake.output[0], snakemake.params.mode)
+run_job(
+    snakemake.log[0],
+    balance_file,
+    snakemake.input[0],
+    snakemake.output[0],
+    snakemake.params.mode,
+    snakemake.threads,
+)

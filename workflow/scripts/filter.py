@@ -9,4 +9,12 @@ params = snakemake.params
 options = FilterOptions(
     min_area=params.min_area, drop_crowd=params.drop_crowd, keep_empty_images=params.keep_empty_images
 )
-run_job(snakemake.log[0], filter_file, snakemake.input[0], snakemake.output[0], params.categories, options)
+run_job(
+    snakemake.log[0],
+    filter_file,
+    snakemake.input[0],
+    snakemake.output[0],
+    params.categories,
+    options,
+    snakemake.threads,
+)
