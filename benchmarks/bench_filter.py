@@ -10,6 +10,7 @@ Usage: python benchmarks/bench_filter.py [--workdir DIR] [--images N] [--annotat
 """
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from alternating import alternating
 
 logger = logging.getLogger("bench_filter")
 
@@ -184,10 +186,9 @@ def main() -> None:
             [*me, "balance", str(theirs[0]), str(theirs[1])],
         ],
     }
-    runs: dict[str, list[tuple[float, int]]] = {side: [] for side in sides}
-    for repeat in range(args.repeats):  # alternating order: drifts of the machine fall on both
-        for side in sides if repeat % 2 == 0 else reversed(sides):
-            runs[side].append(_pipeline(sides[side]))
+    runs = alternating(
+        {side: functools.partial(_pipeline, steps) for side, steps in sides.items()}, args.repeats
+    )
     (ours_time, ours_memory), (obvious_time, obvious_memory) = (
         (statistics.median(t for t, _ in runs[side]), max(m for _, m in runs[side])) for side in sides
     )

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import cv2
 import torch
+from alternating import alternating
 
 from d2retrain.demo import write_demo_dataset
 from d2retrain.engines import load_predictor, train_from_config
@@ -124,14 +125,8 @@ def _report(
     """Time a baseline and the workflow in turn, ``repeats`` times (the order alternating, so
     that drifts of the machine fall on both), print their median rates and the median of the
     ratios of each pair, and return that ratio."""
-    rates: dict[str, list[float]] = {baseline[0]: [], workflow[0]: []}
-    ratios = []
-    for repeat in range(repeats):
-        pair = (baseline, workflow) if repeat % 2 == 0 else (workflow, baseline)
-        measured = {label: run() for label, run in pair}
-        for label, rate in measured.items():
-            rates[label].append(rate)
-        ratios.append(measured[workflow[0]] / measured[baseline[0]])
+    rates = alternating(dict([baseline, workflow]), repeats)
+    ratios = [ours / theirs for theirs, ours in zip(rates[baseline[0]], rates[workflow[0]], strict=True)]
     print(f"{title}, median of {repeats}:")
     for label, values in rates.items():
         print(f"  {label:<58} {statistics.median(values):7.2f} {unit}")

@@ -4,14 +4,13 @@ import os
 import threading
 
 import pytest
+from conftest import TWO_CPUS
 
 from d2retrain.errors import AnnotationError
 from d2retrain.forked import in_two_halves
 
 pytestmark = [
-    pytest.mark.skipif(
-        not hasattr(os, "fork") or len(os.sched_getaffinity(0)) < 2, reason="needs fork and two CPUs"
-    ),
+    pytest.mark.skipif(not TWO_CPUS, reason="needs fork and two CPUs"),
     pytest.mark.usefixtures("one_thread"),
 ]
 

@@ -230,7 +230,7 @@ def balance_document(document: CocoDocument, mode: str) -> CocoDocument:
     if mode != "all":
         raise ValueError(f"unknown balance mode {mode!r}; expected one of {BALANCE_MODES}")
     table = document.table
-    image_ids, category_counts = np.unique(_image_category_pairs(table)[0], return_counts=True)
+    image_ids, category_counts = np.unique(_image_of_each_distinct_pair(table), return_counts=True)
     keep_images = image_ids[category_counts == len(document.categories)]
     if keep_images.size == 0:
         names = ", ".join(category.name for category in document.categories)
@@ -248,14 +248,13 @@ def balance_document(document: CocoDocument, mode: str) -> CocoDocument:
     )
 
 
-def _image_category_pairs(table: AnnotationTable) -> np.ndarray:
-    """The distinct (image id, category id) pairs, as two rows."""
+def _image_of_each_distinct_pair(table: AnnotationTable) -> np.ndarray:
+    """The image id of each distinct (image id, category id) pair."""
     span = int(table.category_ids.max(initial=0)) + 1
     if int(table.image_ids.max(initial=0)) < np.iinfo(np.int64).max // span - span:
         # one int64 key per pair: a 1-D unique, several times faster than unique(axis=1)
-        keys = np.unique(table.image_ids * span + table.category_ids)
-        return np.stack([keys // span, keys % span])
-    return np.unique(np.stack([table.image_ids, table.category_ids]), axis=1)
+        return np.unique(table.image_ids * span + table.category_ids) // span
+    return np.unique(np.stack([table.image_ids, table.category_ids]), axis=1)[0]
 
 
 def _with_records(
