@@ -9,6 +9,7 @@ where DIR holds the demo dataset and the filtered files (a finished `snakemake d
 """
 
 import argparse
+import json
 import logging
 import tempfile
 import time
@@ -60,39 +61,38 @@ def plain_detectron2(paths: dict, iterations: int, train: dict, model: dict) -> 
     from d2retrain.d2_engine import build_config, register_split
 
     solver = solver_spec(train)
-    cfg = build_config(model_spec(model, "detectron2"), solver, len(CLASSES), "auto", tempfile.mkdtemp())
-    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (
-        (register_split("bench_train", paths["train"], paths["train_images"], CLASSES),),
-        (),
-    )
-    trainer = DefaultTrainer(cfg)
     marks = {}
-    trainer.register_hooks(
-        [hooks.CallbackHook(after_step=lambda t: marks.setdefault(t.iter, time.perf_counter()))]
-    )
-    trainer.train()
+    with tempfile.TemporaryDirectory() as output:
+        cfg = build_config(model_spec(model, "detectron2"), solver, len(CLASSES), "auto", output)
+        cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (
+            (register_split("bench_train", paths["train"], paths["train_images"], CLASSES),),
+            (),
+        )
+        trainer = DefaultTrainer(cfg)
+        trainer.register_hooks(
+            [hooks.CallbackHook(after_step=lambda t: marks.setdefault(t.iter, time.perf_counter()))]
+        )
+        trainer.train()
     return marks[iterations - 1] - marks[1]
 
 
 def _workflow(paths: dict, iterations: int, train: dict, model: dict) -> float:
-    output = Path(tempfile.mkdtemp())
-    start = time.perf_counter()
-    train_from_config(
-        model=model,
-        train=train,
-        classes=CLASSES,
-        train_json=paths["train"],
-        train_images=paths["train_images"],
-        val_json=paths["val"],
-        val_images=paths["val_images"],
-        source_json=paths["source"],
-        output_dir=str(output),
-        threads=torch.get_num_threads(),
-    )
-    total = time.perf_counter() - start
-    lines = (output / "metrics.jsonl").read_text().splitlines()
-    import json
-
+    with tempfile.TemporaryDirectory() as output:
+        start = time.perf_counter()
+        train_from_config(
+            model=model,
+            train=train,
+            classes=CLASSES,
+            train_json=paths["train"],
+            train_images=paths["train_images"],
+            val_json=paths["val"],
+            val_images=paths["val_images"],
+            source_json=paths["source"],
+            output_dir=output,
+            threads=torch.get_num_threads(),
+        )
+        total = time.perf_counter() - start
+        lines = (Path(output) / "metrics.jsonl").read_text().splitlines()
     times = [json.loads(line)["time"] for line in lines[2:]]
     logger.info("workflow: %.1f s end to end (setup and final files included)", total)
     return sum(times)

@@ -3,11 +3,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
+# Disk: the environment takes about 6.5 GB (PyTorch's CUDA build), the tests about 2 GB at their peak.
+need_gb=3
 if [ ! -x "$VENV/bin/python" ]; then
+  need_gb=10
   python3 -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e '.[test]'
+for where in . "${TMPDIR:-/tmp}"; do
+  free_gb=$(df -Pk "$where" | awk 'NR == 2 {print int($4 / 1048576)}')
+  if [ "$free_gb" -lt "$need_gb" ]; then
+    echo "tools/test.sh: warning: ${free_gb} GB free under $where; setup and tests need about ${need_gb} GB" >&2
+  fi
+done
+# No pip cache: it would hold a second copy of the ~3 GB of downloaded wheels.
+"$VENV/bin/python" -m pip install -q --no-cache-dir --upgrade pip
+"$VENV/bin/python" -m pip install -q --no-cache-dir -e '.[test]'
 export PATH="$PWD/$VENV/bin:$PATH"
 ruff check .
 ruff format --check .
