@@ -148,6 +148,29 @@ def test_the_real_video_gives_h264_yuv420p_with_its_rate_and_frame_count(demo_mo
     assert len(list((tmp_path / "videos").glob(f"{VIDEO.stem}_frame_*.png"))) == 3
 
 
+def test_temporaries_a_killed_run_left_of_its_files_are_removed_and_others_kept(demo_model, tmp_path):
+    model, layout = demo_model
+    image = sorted(layout.images("val").glob("*.jpg"))[0]
+    left = {
+        "images": [f".{image.stem}.png.abcdefgh.tmp", f".{image.stem}.json.abcdefgh.tmp"],
+        "videos": [f".{VIDEO.stem}.mp4.abcdefgh.tmp", f".{VIDEO.stem}_frame_0003.png.abcdefgh.tmp"],
+    }
+    others = {  # another image's, another video's (a longer name)
+        "images": [".other.png.abcdefgh.tmp"],
+        "videos": [f".{VIDEO.stem}x.mp4.abcdefgh.tmp", f".{VIDEO.stem}.mp4.mp4.abcdefgh.tmp"],
+    }
+    for folder in ("images", "videos"):
+        (tmp_path / folder).mkdir()
+        for name in left[folder] + others[folder]:
+            (tmp_path / folder / name).write_bytes(b"partial")
+    options = inference_options(OPTIONS | {"max_frames": 2})
+    statuses = run_inference(model, [image], [VIDEO], tmp_path, options, CLASSES)
+    assert [s.status for s in statuses] == ["ok", "ok"]
+    for folder in ("images", "videos"):
+        hidden = sorted(p.name for p in (tmp_path / folder).iterdir() if p.name.startswith("."))
+        assert hidden == sorted(others[folder])
+
+
 def test_an_odd_sized_video_is_padded_to_even_for_yuv420p(demo_model, tmp_path):
     model, _ = demo_model
     odd = tmp_path / "odd.mp4"

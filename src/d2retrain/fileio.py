@@ -4,8 +4,9 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -16,6 +17,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "NoSpaceError",
     "atomic_open",
+    "remove_leftovers",
+    "temporary_beside",
     "write_bytes_atomic",
     "write_text_atomic",
     "write_figure",
@@ -23,6 +26,8 @@ __all__ = [
 
 # Write errors that mean "no room": a full disk, a file-size limit (ulimit -f), a quota.
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+# A temporary beside ``name``: ``.<name>.<8 characters of mkstemp>.tmp``.
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
 
 
 class NoSpaceError(D2RetrainError):
@@ -48,8 +53,7 @@ def atomic_open(path: str | os.PathLike[str], durable: bool = False) -> Iterator
         NoSpaceError: The disk, a quota or the file-size limit ran out while writing.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp_name = _make_temporary(target)
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
@@ -67,6 +71,47 @@ def atomic_open(path: str | os.PathLike[str], durable: bool = False) -> Iterator
                 "Free disk space (or raise the quota or file-size limit) and rerun"
             ) from None
         raise
+
+
+def _make_temporary(target: Path) -> tuple[int, str]:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+
+
+def temporary_beside(path: str | os.PathLike[str]) -> Path:
+    """Create an empty hidden temporary file beside ``path`` for a writer that renames it onto
+    ``path`` when done (named as :func:`atomic_open` names its own, so that
+    :func:`remove_leftovers` finds both)."""
+    fd, name = _make_temporary(Path(path))
+    os.close(fd)
+    return Path(name)
+
+
+def remove_leftovers(folder: str | os.PathLike[str], of: Callable[[str], bool]) -> int:
+    """Remove the temporaries that writes cut short by a kill left in ``folder``.
+
+    Args:
+        folder: Where the writes went (a missing folder has none).
+        of: Whether a file name is one of the caller's: only temporaries of such files are
+            removed, so writers of other files in the same folder are left alone.
+
+    Returns:
+        How many were removed.
+    """
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for entry in entries:
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match and of(match["name"]):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed += 1
+    if removed:
+        logger.info("removed %d temporary file(s) of writes cut short in %s", removed, folder)
+    return removed
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:

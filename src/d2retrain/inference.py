@@ -6,6 +6,7 @@ import glob
 import io
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from d2retrain.draw import draw_instances, error_card
 from d2retrain.errors import InputFileError
 from d2retrain.evaluation import to_coco_results
-from d2retrain.fileio import atomic_open, write_bytes_atomic, write_text_atomic
+from d2retrain.fileio import atomic_open, remove_leftovers, write_bytes_atomic, write_text_atomic
 from d2retrain.inputs import IMAGE_SUFFIXES, VIDEO_SUFFIXES, InputFile
 from d2retrain.predictor import Instances, Predictor
 from d2retrain.videoio import VideoInfo, VideoWriter, ahead, probe, read_frames, yield_to_the_model
@@ -144,13 +145,16 @@ def infer_images(
     Images are decoded ahead in one thread and drawn and written behind in another, both at the
     lowest priority, so the model never waits for the disk nor for them; ``batch_size`` images
     go through the model at once. A bad file gets a JSON that says what was wrong and a picture
-    that says it was not inferred; the others go on.
+    that says it was not inferred; the others go on. Temporaries of these files left by a killed
+    run are removed first.
 
     Returns:
         One status per file, in order.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    outputs = {f"{item.name}{suffix}" for item in files for suffix in (".png", ".json")}
+    remove_leftovers(folder, outputs.__contains__)
     statuses: list[FileStatus] = []
     pending: collections.deque[Future] = collections.deque()
     bar = tqdm(total=len(files), desc="images", unit="img", disable=None)
@@ -232,7 +236,8 @@ def infer_video(
     Decoding runs a few frames ahead in one thread, drawing and encoding behind in another.
     A video that cannot be opened gets a one-line JSONL with the error and an MP4 that says
     so; one that breaks off keeps the frames before the break, and its JSONL ends with a
-    status line (``{"status": "truncated", ...}``).
+    status line (``{"status": "truncated", ...}``). Frames saved and temporaries left by an
+    earlier run are removed first.
 
     Returns:
         The file's status.
@@ -241,6 +246,9 @@ def infer_video(
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(f"{glob.escape(item.name)}_frame_*.png"):
         stale.unlink()
+    outputs = {f"{item.name}.mp4", f"{item.name}.jsonl"}
+    frame = re.compile(rf"{re.escape(item.name)}_frame_\d+\.png")
+    remove_leftovers(folder, lambda name: name in outputs or frame.fullmatch(name) is not None)
     start = time.perf_counter()
     path = Path(item.path)
     try:

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from d2retrain.errors import InputFileError
+from d2retrain.fileio import temporary_beside
 
 logger = logging.getLogger(__name__)
 
@@ -157,11 +158,14 @@ class VideoWriter:
         crf: x264 quality (lower is better and larger).
         """
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.part")
-        self._container = av.open(
-            str(self._temporary), mode="w", format="mp4", options={"movflags": "+faststart"}
-        )
+        self._temporary = temporary_beside(self.path)
+        try:
+            self._container = av.open(
+                str(self._temporary), mode="w", format="mp4", options={"movflags": "+faststart"}
+            )
+        except BaseException:
+            self._temporary.unlink(missing_ok=True)
+            raise
         self._stream = self._container.add_stream("libx264", rate=rate)
         self._time_base = 1 / Fraction(rate)
         self._stream.width, self._stream.height = width + width % 2, height + height % 2
@@ -191,6 +195,7 @@ class VideoWriter:
         """Flush the encoder and move the file into place."""
         self._container.mux(self._stream.encode())
         self._container.close()
+        os.chmod(self._temporary, 0o644)
         os.replace(self._temporary, self.path)
 
     def abort(self) -> None:
