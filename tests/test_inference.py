@@ -102,6 +102,31 @@ def test_a_loaded_model_skips_random_init_and_predicts_as_one_built_the_slow_way
     np.testing.assert_array_equal(got.masks, (expected["masks"][:, 0] > 0.5).numpy())
 
 
+@pytest.mark.detectron2
+def test_a_loaded_detectron2_model_skips_random_init_and_predicts_as_one_built_the_slow_way(tmp_path):
+    import torch
+
+    from d2retrain.d2_engine import Detectron2Predictor
+    from d2retrain.settings import model_spec, solver_spec
+
+    spec = model_spec({"architecture": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"}, "detectron2")
+    solver = solver_spec({"min_size_test": 192, "max_size_test": 256})
+    options = {"device": "cpu", "score_threshold": 0.0, "max_detections": 5}
+    torch.manual_seed(0)  # some random draws find nothing in the image
+    slow = Detectron2Predictor(None, spec, solver, len(CLASSES), **options)  # randomly initialised
+    torch.save({"model": slow.model.state_dict()}, tmp_path / "model.pth")
+    init_functions = {name: getattr(torch.nn.init, name) for name in ("kaiming_uniform_", "normal_", "ones_")}
+    loaded = Detectron2Predictor(tmp_path / "model.pth", spec, solver, len(CLASSES), **options)
+    assert {name: getattr(torch.nn.init, name) for name in init_functions} == init_functions  # restored
+    state = loaded.model.state_dict()
+    assert all(torch.equal(value, state[key]) for key, value in slow.model.state_dict().items())
+    image = load_image(sorted((COCO_MINI / "val2017").glob("*.jpg"))[0])
+    got, expected = loaded(image), slow(image)
+    assert len(got) == len(expected) > 0
+    np.testing.assert_array_equal(got.scores, expected.scores)
+    np.testing.assert_array_equal(got.masks, expected.masks)
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="thread priorities are set on Linux only")
 def test_reading_ahead_and_writing_behind_run_at_the_lowest_priority_and_the_model_thread_does_not():
     from concurrent.futures import ThreadPoolExecutor
