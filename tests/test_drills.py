@@ -121,7 +121,7 @@ def test_a_second_snakemake_on_the_same_results_is_refused_with_the_lock_message
     finally:
         assert first.wait(timeout=600) == 0  # the first run is not disturbed
     check = subprocess.run(snakemake_command(tmp_path, config, "--dry-run"), capture_output=True, text=True)
-    assert "Nothing to be done" in check.stdout + check.stderr
+    assert "Nothing to be done" in check.stdout + check.stderr, check.stdout + check.stderr
     assert json.loads((tmp_path / "results/person_ball/model/classes.json").read_text())["classes"]
 
 

@@ -1,4 +1,4 @@
-"""What every engine's predictor returns for one image."""
+"""What every engine's predictor returns for one image, and how both build a model only to load it."""
 
 import contextlib
 import dataclasses
