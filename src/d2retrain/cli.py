@@ -180,6 +180,12 @@ def _add_model_commands(commands: argparse._SubParsersAction) -> None:
     _add_infer(commands)
 
 
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads", type=int, default=2, help="processes for large files (1 or 2: halves decoded at once)"
+    )
+
+
 def _add_filter(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("filter", help="keep chosen categories of a COCO file, renumbered 1..N")
     parser.add_argument(
@@ -194,9 +200,7 @@ def _add_filter(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--keep-empty-images", action="store_true", help="keep images with no kept annotation (negatives)"
     )
-    parser.add_argument(
-        "--threads", type=int, default=2, help="processes for large files (1 or 2: halves decoded at once)"
-    )
+    _add_threads(parser)
     parser.set_defaults(handler=_filter)
 
 
@@ -213,9 +217,7 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     balance.add_argument("-i", "--input", required=True, help="filtered COCO JSON")
     balance.add_argument("-o", "--output", required=True, help="output JSON")
     balance.add_argument("--mode", choices=BALANCE_MODES, default="all")
-    balance.add_argument(
-        "--threads", type=int, default=2, help="processes for large files (1 or 2: halves decoded at once)"
-    )
+    _add_threads(balance)
     balance.set_defaults(handler=_balance)
     for name, handler, text in (
         ("images", _images, "hard-link or copy the images a COCO file names"),

@@ -10,7 +10,7 @@ import torch
 from d2retrain import distributed
 from d2retrain.errors import D2RetrainError
 from d2retrain.headsurgery import WeightsError, check_pickle_source, load_tensor_file, subset_class_rows
-from d2retrain.predictor import Instances, without_random_init
+from d2retrain.predictor import Instances, build_then_load
 from d2retrain.trainloop import (
     CheckpointStore,
     MetricsLog,
@@ -338,13 +338,8 @@ class Detectron2Predictor:
         cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score_threshold
         cfg.TEST.DETECTIONS_PER_IMAGE = max_detections
         self.cfg = cfg
-        if weights is None:
-            self._predictor = DefaultPredictor(cfg)
-        else:
-            state = load_checkpoint(weights)["model"]
-            with without_random_init():  # MODEL.WEIGHTS is empty: nothing is loaded in there
-                self._predictor = DefaultPredictor(cfg)
-            self._predictor.model.load_state_dict(state)  # strict: every weight comes from the file
+        # MODEL.WEIGHTS is empty: DefaultPredictor loads nothing itself
+        self._predictor = build_then_load(lambda: DefaultPredictor(cfg), weights, lambda built: built.model)
         self.model = self._predictor.model
 
     def __call__(self, image_bgr: np.ndarray) -> Instances:

@@ -60,7 +60,6 @@ def atomic_open(path: str | os.PathLike[str], durable: bool = False) -> Iterator
             if durable:
                 handle.flush()
                 os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o644)
         os.replace(tmp_name, target)
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
@@ -75,7 +74,9 @@ def atomic_open(path: str | os.PathLike[str], durable: bool = False) -> Iterator
 
 def _make_temporary(target: Path) -> tuple[int, str]:
     target.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.fchmod(fd, 0o644)  # readable by all once renamed, not mkstemp's 0600
+    return fd, name
 
 
 def temporary_beside(path: str | os.PathLike[str]) -> Path:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from d2retrain.errors import D2RetrainError
-from d2retrain.fileio import atomic_open, write_figure
+from d2retrain.fileio import atomic_open, remove_leftovers, write_figure
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +59,7 @@ class CheckpointStore:
         Temporary files of a checkpoint write cut short by a kill are removed: only renamed,
         complete checkpoints are ever named by ``state.json``.
         """
-        partial = list(self.folder.glob(".*.tmp")) if self.folder.is_dir() else []
-        for path in partial:
-            path.unlink(missing_ok=True)
-        if partial:
-            logger.info("removed %d partial file(s) of a write cut short in %s", len(partial), self.folder)
+        remove_leftovers(self.folder, lambda name: True)  # the folder holds only this store's files
         state = self._state()
         if not state:
             return None

@@ -24,7 +24,7 @@ from d2retrain.detdata import TrainSamples, load_records
 from d2retrain.errors import D2RetrainError
 from d2retrain.evaluation import progress_record
 from d2retrain.headsurgery import load_state_dict_source, subset_class_rows
-from d2retrain.predictor import Instances, without_random_init
+from d2retrain.predictor import Instances, build_then_load
 from d2retrain.trainloop import CheckpointStore, MetricsLog, check_losses, load_checkpoint, loader_workers
 from d2retrain.trainspec import ModelSpec, SolverSpec, TrainJob, lr_factor
 
@@ -365,13 +365,7 @@ class TorchvisionPredictor:
         solver = dataclasses.replace(
             solver, min_size_train=(solver.min_size_test,), max_size_train=solver.max_size_test
         )
-        if weights is None:
-            self.model = build_model(spec, num_classes, solver)
-        else:
-            state = load_checkpoint(weights)["model"]
-            with without_random_init():
-                self.model = build_model(spec, num_classes, solver)
-            self.model.load_state_dict(state)  # strict: every weight comes from the file
+        self.model = build_then_load(lambda: build_model(spec, num_classes, solver), weights)
         self.model.roi_heads.score_thresh = score_threshold
         self.model.roi_heads.detections_per_img = max_detections
         self.device = _device(device)

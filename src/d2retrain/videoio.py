@@ -195,7 +195,6 @@ class VideoWriter:
         """Flush the encoder and move the file into place."""
         self._container.mux(self._stream.encode())
         self._container.close()
-        os.chmod(self._temporary, 0o644)
         os.replace(self._temporary, self.path)
 
     def abort(self) -> None:
