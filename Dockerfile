@@ -2,13 +2,12 @@
 # (config key `container`), and `docker run IMAGE snakemake --cores 8 --resources gpu=1` runs the
 # workflow copied into /workflow.
 #
-# Versions: the Python packages come from envs/d2retrain.yaml, the environment of --use-conda
-# runs, which is the one list of pins: this file copies it and installs its `name==version`
-# lines, so the image and the conda environment cannot drift apart. The only pins written here
-# are those the conda environment has no use for: the base image (which brings the same torch
-# and torchvision as the pins, built for CUDA 13.2, plus nvcc), detectron2's commit and
-# detectron2's own dependencies. tests/test_environments.py checks all of them against
-# pyproject.toml and against the versions the test suite ran with.
+# Versions: uv.lock is the one list of exact versions (the test environment and envs/d2retrain.yaml
+# come from it too). The build runs `uv export` on it, at the uv version the lock holds, and installs
+# every runtime package plus detectron2's own dependencies (the `detectron2` extra). The only
+# versions written here are those a Python lock cannot hold: the base image (which brings the locked
+# torch and torchvision, built for the CUDA release the lock's nvidia-* wheels are from, plus nvcc)
+# and detectron2's commit. tests/test_environments.py checks them against uv.lock.
 FROM pytorch/pytorch:2.15.0-cuda13.2-cudnn9-devel
 
 # git to fetch detectron2; g++ and ninja to build its C++/CUDA operators. Build tools only, so
@@ -23,16 +22,19 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
-# The pins: the env file's pip lines (the only `name==version` lines in it), used as the
-# requirements here and as constraints of the detectron2 step, so nothing there moves them.
-COPY envs/d2retrain.yaml /opt/d2retrain/env.yaml
-RUN sed -n 's/^ *- *\([A-Za-z0-9][A-Za-z0-9._-]*==[^ #]*\).*$/\1/p' /opt/d2retrain/env.yaml \
-        > /opt/d2retrain/pins.txt \
+# The pins, exported from uv.lock for this image's Python and platform (uv's markers decide), used
+# as the requirements here and as constraints of the detectron2 step, so nothing there moves them.
+ARG UV_VERSION=0.13.9
+COPY pyproject.toml uv.lock /opt/d2retrain/
+RUN python -m pip install "uv==${UV_VERSION}" \
+    && uv export --project /opt/d2retrain --frozen --no-dev --no-emit-project --no-hashes --no-header \
+        --no-annotate --extra detectron2 -o /opt/d2retrain/pins.txt \
     && cat /opt/d2retrain/pins.txt \
     && python -m pip install -r /opt/d2retrain/pins.txt
 
 # detectron2 from its repository at a fixed commit, built against the torch above (hence
-# --no-build-isolation; its setup.py and model_zoo import pkg_resources, gone in setuptools 81).
+# --no-build-isolation; its setup.py and model_zoo import pkg_resources, gone in setuptools 81:
+# the lock holds setuptools<81 for this reason, and the pins installed it above).
 # No GPU is visible during `docker build`: FORCE_CUDA builds the CUDA operators anyway, for
 # every architecture CUDA 13 supports (Turing T4 .. Blackwell; PTX for later ones). Narrow
 # TORCH_CUDA_ARCH_LIST with --build-arg for a faster build.
@@ -40,12 +42,8 @@ ARG DETECTRON2_COMMIT=02b5c4e295e990042a714712c21dc79b731e8833
 ARG TORCH_CUDA_ARCH_LIST="7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
 ENV FORCE_CUDA=1 \
     TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST}
-RUN python -m pip install -c /opt/d2retrain/pins.txt "setuptools<81" \
-    && python -m pip install --no-build-isolation -c /opt/d2retrain/pins.txt \
+RUN python -m pip install --no-build-isolation -c /opt/d2retrain/pins.txt \
         "detectron2 @ git+https://github.com/facebookresearch/detectron2.git@${DETECTRON2_COMMIT}" \
-        black==26.10.1 cloudpickle==3.1.3 fvcore==0.1.5.post20221221 hydra-core==1.3.8 iopath==0.1.9 \
-        omegaconf==2.3.1 packaging==25.0 tabulate==0.10.0 tensorboard==2.21.0 termcolor==3.3.0 \
-        yacs==0.1.8 \
     && python -c "import torch; from detectron2 import _C"
 
 # The project (its dependencies are all pinned above, hence --no-deps) and the workflow, under a

@@ -1,9 +1,9 @@
-"""The Dockerfile and the conda environments install what pyproject.toml asks, at the tested versions.
+"""uv.lock is the one list of versions: the test environment, the conda env and the image agree with it.
 
-Neither can be built here, so these tests read them: the env files as YAML, the Dockerfile as its
-instructions (continuation lines joined, ARG defaults substituted, each `pip install` split into
-requirements). The Dockerfile installs the pins of envs/d2retrain.yaml through a `sed` that these
-tests run on the env file, so what they check is what the image gets.
+The conda environment and the image cannot be built here, so these tests read them: the env files as
+YAML, the Dockerfile as its instructions (continuation lines joined, ARG defaults substituted, each
+`pip install` split into requirements). The Dockerfile installs what a `uv export` of the lock gives;
+these tests run that very command here, so what they check is what the image gets.
 """
 
 import importlib.metadata
@@ -11,6 +11,7 @@ import importlib.util
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -20,17 +21,20 @@ from pathlib import Path
 import pytest
 import yaml
 from packaging.requirements import Requirement
-from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
+LOCK = REPO / "uv.lock"
 ENV_FILES = sorted((REPO / "envs").glob("*.yaml"))
+UV = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
 EXACT_PIN = re.compile(r"==\s*[^*,;\s]+")
 BASE_IMAGE = re.compile(
-    r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda(\d+)\.\d+-cudnn\d+-devel(@sha256:[0-9a-f]{64})?"
+    r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda(\d+)\.(\d+)-cudnn\d+-devel(@sha256:[0-9a-f]{64})?"
 )
+# `uv export` as tools/lock_exports.py and the Dockerfile run it (each adds its groups and extras).
+EXPORT = ["--frozen", "--no-emit-project", "--no-hashes", "--no-header", "--no-annotate"]
 DETECTRON2_URL = re.compile(r"git\+https://github\.com/facebookresearch/detectron2(\.git)?@([0-9a-f]{40})")
 # The oldest GPU architecture each CUDA major release still compiles for (CUDA 13 dropped < 7.5).
 OLDEST_ARCH = {12: (5, 0), 13: (7, 5)}
@@ -48,6 +52,18 @@ class PipInstall:
 def _pyproject_dependencies() -> list[Requirement]:
     with (REPO / "pyproject.toml").open("rb") as stream:
         return [Requirement(line) for line in tomllib.load(stream)["project"]["dependencies"]]
+
+
+def _locked_version(name: str) -> str:
+    """The one version uv.lock holds for NAME (its versions differ by Python for a few packages)."""
+    lock = tomllib.loads(LOCK.read_text())
+    versions = {
+        package["version"]
+        for package in lock["package"]
+        if canonicalize_name(package["name"]) == canonicalize_name(name)
+    }
+    assert len(versions) == 1, f"uv.lock holds {name} at {sorted(versions) or 'no version'}"
+    return versions.pop()
 
 
 def _load_env(path: Path) -> dict:
@@ -134,29 +150,33 @@ def _run_commands() -> list[list[str]]:
     ]
 
 
-def _copied_env_files() -> list[Path]:
-    """The env files the Dockerfile copies to take its pins from."""
-    env_files = [REPO / source for source in _copied_sources() if re.fullmatch(r"envs/.+\.yaml", source)]
-    assert env_files, "the Dockerfile copies no env file to take its pins from"
-    return env_files
+def _uv(*arguments: str) -> str:
+    """What the project's uv prints for ARGUMENTS, run in the repository."""
+    assert UV is not None, "no uv in the test environment: set it up with tools/setup.sh"
+    return subprocess.run([UV, *arguments], cwd=REPO, check=True, capture_output=True, text=True).stdout
+
+
+def _dockerfile_uv_export(command: list[str]) -> tuple[str, str]:
+    """(output file, text) of a Dockerfile's `uv export ... -o FILE`, run here on this repository's lock."""
+    arguments, words, output = [], iter(command[2:]), None
+    for word in words:
+        if word in ("-o", "--output-file"):
+            output = next(words)
+        elif word == "--project":
+            next(words)  # the image's copy of pyproject.toml and uv.lock: this repository's here
+        else:
+            arguments.append(word)
+    assert output is not None, f"{shlex.join(command)}: writes no file"
+    return output, _uv("export", *arguments)
 
 
 def _image_files() -> dict[str, str]:
-    """Files of the image these tests can know: single-file COPYs and the `sed -n` they feed."""
+    """Files of the image these tests can know: the pins a `uv export` of the lock writes."""
     files = {}
-    for keyword, arguments in _instructions():
-        if keyword == "COPY":
-            *sources, destination = [word for word in arguments.split() if not word.startswith("--")]
-            if len(sources) == 1 and (REPO / sources[0]).is_file():
-                files[destination] = (REPO / sources[0]).read_text()
-        if keyword == "RUN":
-            for command in _commands(arguments):
-                if command[:2] == ["sed", "-n"] and ">" in command:
-                    script, source = command[2], command[3]
-                    output = subprocess.run(
-                        ["sed", "-n", script], input=files[source], capture_output=True, text=True, check=True
-                    )
-                    files[command[command.index(">") + 1]] = output.stdout
+    for command in _run_commands():
+        if command[:2] == ["uv", "export"]:
+            output, text = _dockerfile_uv_export(command)
+            files[output] = text
     return files
 
 
@@ -243,27 +263,6 @@ def test_every_pyproject_dependency_is_pinned_in_what_the_dockerfile_installs():
 
 
 @pytest.mark.parametrize("env_file", ENV_FILES, ids=lambda path: path.name)
-def test_no_package_is_pinned_to_two_versions_between_an_env_and_the_dockerfile(env_file):
-    env_pins = _env_pins(env_file)
-    seen: dict[str, str] = {}
-    for requirement in _dockerfile_requirements():
-        name = canonicalize_name(requirement.name)
-        if name in env_pins:
-            assert requirement.specifier.contains(env_pins[name], prereleases=True), (
-                f"Dockerfile asks {requirement}, {env_file.name} pins {name}=={env_pins[name]}"
-            )
-        for pinned, version in _exact_pins([requirement]).items():
-            assert seen.setdefault(pinned, version) == version, f"the Dockerfile pins {pinned} twice"
-
-
-def test_the_dockerfile_installs_every_pip_pin_of_the_env_it_copies():
-    installed = {str(requirement) for requirement in _dockerfile_requirements()}
-    for env_file in _copied_env_files():
-        pip_lines = {str(Requirement(line)) for line in _pip_lines(_load_env(env_file))}
-        assert pip_lines <= installed, f"not installed from {env_file.name}: {sorted(pip_lines - installed)}"
-
-
-@pytest.mark.parametrize("env_file", ENV_FILES, ids=lambda path: path.name)
 def test_each_conda_env_parses_and_uses_nodefaults_and_never_defaults(env_file):
     env = _load_env(env_file)
     assert isinstance(env, dict)
@@ -283,45 +282,85 @@ def test_each_conda_env_gives_every_package_a_version_and_installs_no_local_path
         assert EXACT_PIN.fullmatch(str(requirement.specifier)), f"{line}: not an exact pin"
 
 
-# Held to the pin's major version only: a fresh `pip install -e '.[test]'` resolves Snakemake
-# together with the SLURM executor plugin and may pick another 9.x; setuptools is whatever the
-# venv brings (the pin, <81, matters only where detectron2 is built).
-SAME_MAJOR = {"snakemake"}
-BUILD_TOOLS = {"setuptools", "pip"}
+def test_uv_lock_is_up_to_date_with_pyproject():
+    result = subprocess.run([UV, "lock", "--check"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, f"uv.lock is stale; run tools/upgrade-lock.sh\n{result.stderr}"
 
 
-def test_pins_equal_the_versions_installed_in_the_test_environment():
-    """Where the test environment has a package, its pin is the version the tests ran with."""
-    pinned = [(env_file.name, _env_pins(env_file)) for env_file in ENV_FILES]
-    if importlib.util.find_spec("detectron2") is not None:  # the Dockerfile's detectron2 deps
-        pinned.append(("Dockerfile", _exact_pins(_dockerfile_requirements())))
-    checked, differing = set(), []
-    for source, pins in pinned:
-        for name, version in pins.items():
-            try:
-                installed = importlib.metadata.version(name)
-            except importlib.metadata.PackageNotFoundError:
-                continue
-            checked.add(name)
-            if canonicalize_name(name) in BUILD_TOOLS:
-                continue
-            if canonicalize_name(name) in SAME_MAJOR:
-                if Version(installed).major != Version(version).major:
-                    differing.append(f"{source}: {name}=={version}, installed {installed}")
-                continue
-            if not SpecifierSet(f"=={version}").contains(installed, prereleases=True):
-                differing.append(f"{source}: {name}=={version}, installed {installed}")
-    assert not differing, differing
-    assert {canonicalize_name(dependency.name) for dependency in _pyproject_dependencies()} <= checked
+def test_the_conda_env_is_what_tools_lock_exports_writes_from_the_lock():
+    result = subprocess.run(
+        [sys.executable, "tools/lock_exports.py", "--check"], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_dockerfile_starts_from_an_exact_pytorch_devel_tag_of_the_pinned_torch():
+@pytest.mark.parametrize("env_file", ENV_FILES, ids=lambda path: path.name)
+def test_every_pip_line_of_each_conda_env_is_a_line_of_the_lock_export(env_file):
+    exported = set(_uv("export", *EXPORT, "--no-dev").splitlines())
+    pip_lines = _pip_lines(_load_env(env_file))
+    assert set(pip_lines) <= exported, sorted(set(pip_lines) - exported)
+    assert len(pip_lines) == len(set(pip_lines)), "a package listed twice"
+
+
+def test_the_test_environment_has_every_locked_package_at_its_locked_version():
+    """What tools/setup.sh --extra test installs is what uv.lock says, for this Python and platform."""
+    differing, checked = [], 0
+    for line in _uv("export", *EXPORT, "--extra", "test").splitlines():
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        (locked,) = _exact_pins([requirement]).values()
+        try:
+            installed = importlib.metadata.version(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            installed = None
+        checked += 1
+        if installed is None or Version(installed) != Version(locked):
+            differing.append(f"{requirement.name}: locked {locked}, installed {installed or 'nothing'}")
+    assert not differing, f"run tools/setup.sh --extra test: {differing}"
+    assert checked > 50
+
+
+def test_the_dockerfile_installs_every_locked_runtime_package_and_detectron2s_dependencies():
+    installed = {str(requirement) for requirement in _dockerfile_requirements()}
+    lines = _uv("export", *EXPORT, "--no-dev", "--extra", "detectron2").splitlines()
+    exported = {str(Requirement(line)) for line in lines}
+    assert exported <= installed, f"not installed by the Dockerfile: {sorted(exported - installed)}"
+    assert "fvcore" in {canonicalize_name(Requirement(line).name) for line in lines}
+
+
+def test_the_dockerfile_installs_uv_at_the_version_the_lock_holds():
+    uv_installs = [
+        requirement
+        for requirement in _dockerfile_requirements()
+        if canonicalize_name(requirement.name) == "uv"
+    ]
+    assert [str(requirement.specifier) for requirement in uv_installs] == [f"=={_locked_version('uv')}"]
+
+
+def test_the_dockerfile_starts_from_the_pytorch_devel_tag_of_the_locked_torch_and_cuda():
     image = _base_image()
     match = re.fullmatch(BASE_IMAGE, image)
     assert match, f"{image}: not an exact pytorch/pytorch -devel tag"
-    torch_pins = {_exact_pins(_dockerfile_requirements())["torch"]}
-    torch_pins |= {_env_pins(env_file)["torch"] for env_file in ENV_FILES}
-    assert torch_pins == {match.group(1)}, f"the image brings torch {match.group(1)}, the pins {torch_pins}"
+    assert match.group(1) == _locked_version("torch"), f"the image brings torch {match.group(1)}"
+    cuda = Version(_locked_version("nvidia-cuda-runtime"))
+    assert (int(match.group(2)), int(match.group(3))) == (cuda.major, cuda.minor), (
+        f"the image brings CUDA {match.group(2)}.{match.group(3)}, the locked torch wheels CUDA {cuda}"
+    )
+
+
+def test_the_detectron2_extra_satisfies_the_installed_detectron2s_own_requirements():
+    try:
+        requires = importlib.metadata.requires("detectron2") or []
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("detectron2 is not installed here; the lock's detectron2 extra cannot be compared")
+    missing = []
+    for requirement in map(Requirement, requires):
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue
+        if not requirement.specifier.contains(_locked_version(requirement.name), prereleases=True):
+            missing.append(str(requirement))
+    assert not missing, f"uv.lock does not satisfy detectron2's {missing}"
 
 
 def test_the_dockerfile_builds_detectron2_from_its_repository_at_a_full_commit():
@@ -381,15 +420,6 @@ def test_the_dockerfile_forces_cuda_operators_for_architectures_its_cuda_and_tor
     assert architectures.endswith("+PTX"), "the newest architecture should carry PTX for later GPUs"
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", architectures)
     assert _get_cuda_arch_flags()  # raises ValueError on an architecture torch does not know
-
-
-def test_the_dockerfile_sed_reads_exactly_the_pip_lines_of_the_env_it_copies():
-    (script,) = [command[2] for command in _run_commands() if command[:2] == ["sed", "-n"]]
-    for env_file in _copied_env_files():
-        output = subprocess.run(
-            ["sed", "-n", script, str(env_file)], capture_output=True, text=True, check=True
-        ).stdout
-        assert output.splitlines() == _pip_lines(_load_env(env_file))
 
 
 def test_snakemake_hands_its_sys_path_to_script_jobs_so_they_import_the_workflow_src(tmp_path, monkeypatch):

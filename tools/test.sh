@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# Set up (once) and run every check: ruff, snakefmt, snakemake --lint and pytest.
+# Set up (or bring up to date, from uv.lock) and run every check: ruff, snakefmt, snakemake --lint and pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-# Disk: the environment takes about 6.5 GB (PyTorch's CUDA build), the tests about 2 GB at their peak.
+# Disk: the environment takes about 6 GB (PyTorch's CUDA build), the tests about 2 GB at their peak.
 need_gb=3
 if [ ! -x "$VENV/bin/python" ]; then
   need_gb=10
-  python3 -m venv "$VENV"
 fi
 for where in . "${TMPDIR:-/tmp}"; do
   free_gb=$(df -Pk "$where" | awk 'NR == 2 {print int($4 / 1048576)}')
@@ -15,9 +14,8 @@ for where in . "${TMPDIR:-/tmp}"; do
     echo "tools/test.sh: warning: ${free_gb} GB free under $where; setup and tests need about ${need_gb} GB" >&2
   fi
 done
-# No pip cache: it would hold a second copy of the ~3 GB of downloaded wheels.
-"$VENV/bin/python" -m pip install -q --no-cache-dir --upgrade pip
-"$VENV/bin/python" -m pip install -q --no-cache-dir -e '.[test]'
+# The environment exactly as uv.lock says (the test extra included): tools/setup.sh.
+VENV="$VENV" bash tools/setup.sh --extra test --quiet
 export PATH="$PWD/$VENV/bin:$PATH"
 ruff check .
 ruff format --check .

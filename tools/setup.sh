@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up (or bring up to date) the environment .venv exactly as uv.lock says: needs only Python 3.11+.
+# Arguments go to `uv sync` (tools/test.sh passes --extra test); `--uv-only` stops once uv is there
+# (tools/upgrade-lock.sh). uv itself is installed with pip at
+# the version uv.lock holds (the `dev` group), so the lock is the one list of versions.
+#
+# `--locked` stops with uv's message when pyproject.toml changed and uv.lock was not regenerated
+# (tools/upgrade-lock.sh). `--inexact` keeps what is in .venv but not in the lock, such as a
+# detectron2 built by hand from its repository (it is not on PyPI).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+uv_version=$("$VENV/bin/python" - <<'PY'
+import tomllib
+
+with open("uv.lock", "rb") as stream:
+    (version,) = [package["version"] for package in tomllib.load(stream)["package"] if package["name"] == "uv"]
+print(version)
+PY
+)
+if [ "$("$VENV/bin/uv" --version 2>/dev/null | cut -d' ' -f2)" != "$uv_version" ]; then
+  "$VENV/bin/python" -m pip install -q --no-cache-dir --disable-pip-version-check "uv==$uv_version"
+fi
+if [ "${1:-}" = "--uv-only" ]; then
+  exit 0
+fi
+# uv's cache (~/.cache/uv) is hard-linked into .venv when both are on one file system, so the ~3 GB
+# of wheels are not stored twice; a second setup takes seconds.
+UV_PROJECT_ENVIRONMENT="$VENV" "$VENV/bin/uv" sync --locked --inexact "$@"
