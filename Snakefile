@@ -1,5 +1,5 @@
 # d2retrain: COCO categories -> filtered, balanced data -> Mask R-CNN -> predictions.
-# Stages live in workflow/rules/, logic in src/d2retrain/, config keys in the schema.
+# Stages live in workflow/rules/, logic in src/d2retrain/, config keys in its schema.
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -10,7 +10,8 @@ if not config:
     configfile: "config/config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+# The schema is package data of d2retrain, which reads the same file.
+validate(config, "src/d2retrain/config.schema.yaml")
 
 
 container: config["container"]

@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import functools
+import importlib.resources
 import logging
 import os
 from pathlib import Path
@@ -19,7 +20,7 @@ if TYPE_CHECKING:  # the inference module imports torch: not at CLI start-up
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "SCHEMA_PATH",
+    "SCHEMA_FILE",
     "load_schema",
     "section_defaults",
     "model_spec",
@@ -29,7 +30,9 @@ __all__ = [
     "load_config",
 ]
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+# Package data: found the same way in a source checkout, an editable install and a wheel. The
+# Snakefile validates against this very file (src/d2retrain/config.schema.yaml).
+SCHEMA_FILE = importlib.resources.files("d2retrain") / "config.schema.yaml"
 
 
 def load_schema() -> dict[str, Any]:
@@ -40,7 +43,7 @@ def load_schema() -> dict[str, Any]:
 @functools.cache
 def _schema() -> dict[str, Any]:
     # parsed once per process: every model load reads section defaults from it
-    return yaml.load(SCHEMA_PATH.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    return yaml.load(SCHEMA_FILE.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def section_defaults(section: str) -> dict[str, Any]:
