@@ -31,10 +31,9 @@ from alternating import alternating
 from d2retrain.demo import write_demo_dataset
 from d2retrain.engines import load_predictor, train_from_config
 from d2retrain.filtering import FilterOptions
-from d2retrain.inference import Labels, infer_video, run_inference
+from d2retrain.inference import Labels, infer_video, inference_options, run_inference
 from d2retrain.inputs import InputFile, shards
 from d2retrain.prepare import filter_file
-from d2retrain.settings import inference_options
 from d2retrain.videoio import read_frames
 
 logger = logging.getLogger("bench_infer")

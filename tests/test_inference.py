@@ -20,10 +20,10 @@ from d2retrain.demo import write_demo_dataset
 from d2retrain.engines import train_from_config
 from d2retrain.errors import D2RetrainError
 from d2retrain.filtering import FilterOptions
-from d2retrain.inference import load_image, run_inference, write_summary
+from d2retrain.inference import inference_options, load_image, run_inference
 from d2retrain.inputs import InputFile, discover, shard_of, shards
 from d2retrain.prepare import filter_file
-from d2retrain.settings import inference_options
+from d2retrain.summary import write_summary
 
 VIDEO = SHARED_DATA / "video" / "one-by-one-person-detection.mp4"
 CLASSES = ["person", "sports ball"]

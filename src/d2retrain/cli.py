@@ -108,9 +108,8 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _infer(args: argparse.Namespace) -> int:
-    from d2retrain.inference import run_inference
+    from d2retrain.inference import inference_options, run_inference
     from d2retrain.inputs import discover
-    from d2retrain.settings import inference_options
 
     options = inference_options(
         {

@@ -9,14 +9,19 @@ import torch
 
 from d2retrain import distributed
 from d2retrain.errors import D2RetrainError
-from d2retrain.headsurgery import WeightsError, check_pickle_source, load_tensor_file, subset_class_rows
+from d2retrain.headsurgery import (
+    WeightsError,
+    check_pickle_source,
+    load_checkpoint,
+    load_tensor_file,
+    subset_class_rows,
+)
 from d2retrain.predictor import Instances, build_then_load
 from d2retrain.trainloop import (
     CheckpointStore,
     MetricsLog,
     TrainingDivergedError,
     check_losses,
-    load_checkpoint,
     loader_workers,
 )
 from d2retrain.trainspec import ModelSpec, SolverSpec, TrainJob

@@ -11,8 +11,9 @@ import yaml
 from d2retrain.errors import D2RetrainError
 from d2retrain.evaluation import evaluate, write_evaluation
 from d2retrain.fileio import atomic_open, write_bytes_atomic, write_text_atomic
+from d2retrain.headsurgery import load_checkpoint
 from d2retrain.predictor import Predictor
-from d2retrain.trainloop import load_checkpoint, plot_metrics
+from d2retrain.trainloop import plot_metrics
 from d2retrain.trainspec import (
     ClassInfo,
     ModelSpec,

@@ -1,10 +1,11 @@
-"""Base weights: where they come from, and head surgery that keeps the chosen classes' rows."""
+"""Weights: base weights and their sources, checkpoints, head surgery keeping the chosen classes' rows."""
 
 import logging
 import pickle
 import urllib.error
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,6 +17,7 @@ __all__ = [
     "MODEL_ZOO_SOURCES",
     "WeightsError",
     "check_pickle_source",
+    "load_checkpoint",
     "load_tensor_file",
     "load_state_dict_source",
     "subset_class_rows",
@@ -52,6 +54,11 @@ def load_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
             "weights are read with torch.load(weights_only=True), which runs no code: re-save "
             "the file as a state dict (torch.save(model.state_dict(), path)) from a source you trust"
         ) from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by the training loop's CheckpointStore (weights only, no pickle code)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def check_pickle_source(weights: str, trusted: bool) -> None:

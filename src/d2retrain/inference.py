@@ -12,11 +12,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
-import pandas as pd
 import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
@@ -27,19 +26,20 @@ from d2retrain.evaluation import to_coco_results
 from d2retrain.fileio import atomic_open, remove_leftovers, write_bytes_atomic, write_text_atomic
 from d2retrain.inputs import IMAGE_SUFFIXES, VIDEO_SUFFIXES, InputFile
 from d2retrain.predictor import Instances, Predictor
+from d2retrain.settings import section_defaults
+from d2retrain.summary import FileStatus
 from d2retrain.videoio import VideoInfo, VideoWriter, ahead, probe, read_frames, yield_to_the_model
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "InferenceOptions",
-    "FileStatus",
+    "inference_options",
     "Labels",
     "load_image",
     "infer_images",
     "infer_video",
     "run_inference",
-    "write_summary",
 ]
 
 _DEPTH = 4  # items read ahead of, and written behind, the model
@@ -67,30 +67,12 @@ class InferenceOptions:
     batch_size: int
 
 
-@dataclasses.dataclass
-class FileStatus:
-    """What happened to one input file; the run summary has one row per file.
-
-    Attributes:
-        path: The input.
-        kind: ``image`` or ``video``.
-        name: Its outputs' base name.
-        status: ``ok``; ``truncated`` (a video that broke off: the frames before were inferred);
-            ``error`` (nothing inferred; the outputs say why).
-        error: What was wrong, or empty.
-        instances: Instances found (all frames of a video).
-        frames: Frames inferred (1 for an image).
-        seconds: Wall time spent on the file.
-    """
-
-    path: str
-    kind: str
-    name: str
-    status: str = "ok"
-    error: str = ""
-    instances: int = 0
-    frames: int = 0
-    seconds: float = 0.0
+def inference_options(inference: dict[str, Any]) -> InferenceOptions:
+    """:class:`InferenceOptions` from the config's ``inference`` section (schema defaults filled in)."""
+    values = section_defaults("inference") | inference
+    return InferenceOptions(
+        **{field.name: values[field.name] for field in dataclasses.fields(InferenceOptions)}
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -418,24 +400,3 @@ def run_inference(
     if status_path is not None:
         write_text_atomic(status_path, json.dumps([dataclasses.asdict(s) for s in statuses], indent=1) + "\n")
     return statuses
-
-
-def write_summary(status_paths: Sequence[str | Path], csv_path: str | Path) -> pd.DataFrame:
-    """Merge the jobs' status files into one CSV, a row per file, problems first.
-
-    Returns:
-        The table.
-    """
-    rows = [row for path in status_paths for row in json.loads(Path(path).read_text())]
-    table = pd.DataFrame(rows, columns=[field.name for field in dataclasses.fields(FileStatus)])
-    table = table.sort_values(
-        ["status", "kind", "name"],
-        key=lambda c: c.ne("ok") if c.name == "status" else c,
-        ascending=[False, True, True],
-    )
-    write_text_atomic(csv_path, table.to_csv(index=False))
-    for row in table.itertuples():
-        if row.status != "ok":
-            logger.warning("%s %s: %s", row.kind, row.status, row.error)
-    logger.info("%d files inferred, %d with problems", len(table), int((table.status != "ok").sum()))
-    return table

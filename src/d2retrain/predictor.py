@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from d2retrain.trainloop import load_checkpoint
+from d2retrain.headsurgery import load_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -1,21 +1,17 @@
 """The configuration: schema defaults (the one source of them), validation, and specs built from it."""
 
 import copy
-import dataclasses
 import functools
 import importlib.resources
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from d2retrain.errors import D2RetrainError
 from d2retrain.trainspec import LAUNCH_KEYS, DistributedSpec, ModelSpec, SolverSpec
-
-if TYPE_CHECKING:  # the inference module imports torch: not at CLI start-up
-    from d2retrain.inference import InferenceOptions
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +22,6 @@ __all__ = [
     "model_spec",
     "solver_spec",
     "distributed_spec",
-    "inference_options",
     "load_config",
 ]
 
@@ -80,16 +75,6 @@ def distributed_spec(train: dict[str, Any]) -> DistributedSpec:
                 "run inside a SLURM job or give the machine's rank"
             ) from None
     return DistributedSpec(**spec)
-
-
-def inference_options(inference: dict[str, Any]) -> "InferenceOptions":
-    """:class:`InferenceOptions` from the ``inference`` section (defaults filled in)."""
-    from d2retrain.inference import InferenceOptions
-
-    values = section_defaults("inference") | inference
-    return InferenceOptions(
-        **{field.name: values[field.name] for field in dataclasses.fields(InferenceOptions)}
-    )
 
 
 def load_config(path: str | Path) -> dict[str, Any]:

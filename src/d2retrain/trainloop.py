@@ -20,7 +20,6 @@ __all__ = [
     "MetricsLog",
     "check_losses",
     "loader_workers",
-    "load_checkpoint",
     "plot_metrics",
 ]
 
@@ -119,11 +118,6 @@ class CheckpointStore:
         text = json.dumps({"fingerprint": self.fingerprint, **state}, indent=2)
         with atomic_open(self.folder / "state.json", durable=True) as handle:
             handle.write(text.encode())
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint written by :meth:`CheckpointStore.save` (weights only, no pickle code)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class MetricsLog:

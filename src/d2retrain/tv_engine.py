@@ -23,9 +23,9 @@ from d2retrain import distributed
 from d2retrain.detdata import TrainSamples, load_records
 from d2retrain.errors import D2RetrainError
 from d2retrain.evaluation import progress_record
-from d2retrain.headsurgery import load_state_dict_source, subset_class_rows
+from d2retrain.headsurgery import load_checkpoint, load_state_dict_source, subset_class_rows
 from d2retrain.predictor import Instances, build_then_load
-from d2retrain.trainloop import CheckpointStore, MetricsLog, check_losses, load_checkpoint, loader_workers
+from d2retrain.trainloop import CheckpointStore, MetricsLog, check_losses, loader_workers
 from d2retrain.trainspec import ModelSpec, SolverSpec, TrainJob, lr_factor
 
 logger = logging.getLogger(__name__)

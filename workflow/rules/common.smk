@@ -1,13 +1,12 @@
 # Config lookups and path helpers; no logic beyond that.
-import hashlib
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from d2retrain.codehash import code_hash
 from d2retrain.inputs import check_pattern_safe, discover, output_files, shards
 from d2retrain.layout import DemoLayout
 
-SRC = Path(workflow.basedir) / "src" / "d2retrain"
 SPLITS = ["train", "val"]
 
 
@@ -80,12 +79,10 @@ def balance_mode(wildcards):
     return balance_mode_of(wildcards.subset, wildcards.split)
 
 
-def code_version(*modules):
-    """Hash of the package modules a rule runs, so a code change reruns it."""
-    digest = hashlib.sha256()
-    for module in modules:
-        digest.update((SRC / f"{module}.py").read_bytes())
-    return digest.hexdigest()[:16]
+def script_code(script):
+    """Hash of the package modules in the import closure of a rule's entry script
+    (workflow/scripts/<script>.py): any change to code the job can run reruns it."""
+    return code_hash(Path(workflow.basedir) / "workflow" / "scripts" / f"{script}.py")
 
 
 def stats_inputs(wildcards):

@@ -19,7 +19,7 @@ checkpoint demo_data:
         train=config["demo"]["train_images"],
         val=config["demo"]["val_images"],
         video_frames=config["demo"]["video_frames"],
-        code=code_version("demo"),
+        code=script_code("demo_data"),
     script:
         "../scripts/demo_data.py"
 
@@ -41,7 +41,7 @@ rule filter:
         min_area=subset_value("min_area"),
         drop_crowd=subset_value("drop_crowd"),
         keep_empty_images=subset_value("keep_empty_images"),
-        code=code_version("coco", "filtering", "geometry", "forked", "prepare"),
+        code=script_code("filter"),
     script:
         "../scripts/filter.py"
 
@@ -60,7 +60,7 @@ rule balance:
         **CPU_JOB,
     params:
         mode=balance_mode,
-        code=code_version("coco", "filtering", "geometry", "forked", "prepare"),
+        code=script_code("balance"),
     script:
         "../scripts/balance.py"
 
@@ -80,7 +80,7 @@ rule images_and_masks:
     resources:
         **CPU_JOB,
     params:
-        code=code_version("coco", "geometry", "masks"),
+        code=script_code("images_and_masks"),
     script:
         "../scripts/images_and_masks.py"
 
@@ -104,6 +104,6 @@ rule stats:
         **CPU_JOB,
     params:
         categories=subset_value("categories"),
-        code=code_version("coco", "stats", "prepare"),
+        code=script_code("stats"),
     script:
         "../scripts/stats.py"

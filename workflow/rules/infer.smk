@@ -23,9 +23,7 @@ for shard in INFERENCE_SHARDS:
         params:
             categories=subset_value("categories"),
             options=inference_params(),
-            code=code_version(
-                "inference", "draw", "videoio", "inputs", "predictor", "engines"
-            ),
+            code=script_code("infer"),
         script:
             "../scripts/infer.py"
 
@@ -50,6 +48,6 @@ rule inference_summary:
     resources:
         **CPU_JOB,
     params:
-        code=code_version("inference"),
+        code=script_code("inference_summary"),
     script:
         "../scripts/inference_summary.py"

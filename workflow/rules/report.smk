@@ -20,7 +20,7 @@ rule ap_table:
     resources:
         **CPU_JOB,
     params:
-        code=code_version("report"),
+        code=script_code("ap_table"),
     script:
         "../scripts/ap_table.py"
 
@@ -50,14 +50,6 @@ rule prediction_grid:
         categories=subset_value("categories"),
         device=config["train"]["device"],
         score_threshold=config["inference"]["score_threshold"],
-        code=code_version(
-            "report",
-            "draw",
-            "detdata",
-            "engines",
-            "predictor",
-            "tv_engine",
-            "d2_engine",
-        ),
+        code=script_code("prediction_grid"),
     script:
         "../scripts/prediction_grid.py"

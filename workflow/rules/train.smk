@@ -31,16 +31,7 @@ rule train:
         categories=subset_value("categories"),
         model=config["model"],
         train=config["train"],
-        code=code_version(
-            "trainspec",
-            "trainloop",
-            "detdata",
-            "geometry",
-            "tv_engine",
-            "d2_engine",
-            "headsurgery",
-            "engines",
-        ),
+        code=script_code("train"),
     script:
         "../scripts/train.py"
 
@@ -65,8 +56,6 @@ rule evaluate:
     params:
         categories=subset_value("categories"),
         device=config["train"]["device"],
-        code=code_version(
-            "evaluation", "engines", "tv_engine", "d2_engine", "predictor"
-        ),
+        code=script_code("evaluate"),
     script:
         "../scripts/evaluate.py"

@@ -2,9 +2,8 @@
 
 from pathlib import Path
 
-from d2retrain.inference import run_inference
+from d2retrain.inference import inference_options, run_inference
 from d2retrain.logutil import run_job
-from d2retrain.settings import inference_options
 
 snakemake = globals()["snakemake"]
 run_job(

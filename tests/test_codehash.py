@@ -1,0 +1,191 @@
+"""A rule's code hash is the import closure of its entry script: edits rerun exactly what can run them."""
+
+import dis
+import re
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+from d2retrain.codehash import PACKAGE_ROOT, code_hash, import_closure, imported_names
+
+SCRIPTS = REPO / "workflow" / "scripts"
+MODULES = sorted(path.relative_to(PACKAGE_ROOT).as_posix() for path in PACKAGE_ROOT.rglob("*.py"))
+
+
+def _package(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root / "pkg"
+
+
+def test_the_closure_follows_lazy_relative_and_submodule_imports_and_skips_type_checking(tmp_path):
+    package = _package(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/a.py": "def f():\n    from pkg import b\n",
+            "pkg/b.py": "from .sub import c\nimport json\n",
+            "pkg/sub/__init__.py": "",
+            "pkg/sub/c.py": "import typing\nif typing.TYPE_CHECKING:\n    import pkg.d\nimport pkg.a\n",
+            "pkg/d.py": "",
+            "pkg/unused.py": "",
+            "script.py": "from pkg.a import f\n",
+        },
+    )
+    closure = {
+        path.relative_to(tmp_path).as_posix() for path in import_closure(tmp_path / "script.py", package)
+    }
+    assert closure == {"pkg/__init__.py", "pkg/a.py", "pkg/b.py", "pkg/sub/__init__.py", "pkg/sub/c.py"}
+
+
+def test_the_hash_changes_with_a_module_in_the_closure_and_not_with_one_outside(tmp_path):
+    package = _package(
+        tmp_path, {"pkg/__init__.py": "", "pkg/a.py": "", "pkg/b.py": "", "s.py": "import pkg.a\n"}
+    )
+    before = code_hash(tmp_path / "s.py", package)
+    (package / "b.py").write_text("# edited\n")
+    assert code_hash(tmp_path / "s.py", package) == before
+    (package / "a.py").write_text("# edited\n")
+    assert code_hash(tmp_path / "s.py", package) != before
+
+
+def _closure_names(script: str) -> set[str]:
+    return {path.relative_to(PACKAGE_ROOT).as_posix() for path in import_closure(SCRIPTS / f"{script}.py")}
+
+
+def test_training_runs_the_mask_rasteriser_and_no_inference_drawing_or_video_code():
+    train = _closure_names("train")
+    assert "masks.py" in train  # the training reader rasterises polygons with it
+    assert not {"draw.py", "videoio.py", "inference.py", "inputs.py", "cli.py", "report.py"} & train
+
+
+def test_the_command_line_is_in_no_rules_closure():
+    assert not any("cli.py" in _closure_names(script.stem) for script in SCRIPTS.glob("*.py"))
+
+
+def _bytecode_imports(path: Path) -> set[str]:
+    """d2retrain names the compiled file imports anywhere: an oracle independent of the AST walk."""
+    names, pending = set(), [compile(path.read_bytes(), str(path), "exec")]
+    while pending:
+        code = pending.pop()
+        pending += [constant for constant in code.co_consts if isinstance(constant, types.CodeType)]
+        instructions = list(dis.get_instructions(code))
+        for index, instruction in enumerate(instructions):
+            if instruction.opname != "IMPORT_NAME" or not instruction.argval.startswith("d2retrain"):
+                continue
+            names.add(instruction.argval)
+            for follower in instructions[index + 1 :]:
+                if follower.opname == "IMPORT_FROM":
+                    names.add(f"{instruction.argval}.{follower.argval}")
+                elif not follower.opname.startswith("STORE_"):
+                    break
+    return names
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_import_the_interpreter_would_run_is_followed(module):
+    """The package has no `if TYPE_CHECKING:` imports, so the bytecode's imports all run."""
+    path = PACKAGE_ROOT / module
+    found = set(imported_names(path, None))
+    assert _bytecode_imports(path) <= found
+    assert "TYPE_CHECKING" not in path.read_text() or module == "codehash.py"
+
+
+# --- The workflow itself: every module edited in turn after a full run -------------------------
+
+
+def _snakemake(workdir: Path, *args: str) -> str:
+    command = [sys.executable, "-m", "snakemake", "-s", str(workdir / "Snakefile"), "-d", str(workdir)]
+    command += ["--configfile", str(workdir / "config.yaml"), "--cores", "2", "--resources", "gpu=1", *args]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def _planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
+    text = _snakemake(workdir, "--dry-run", *args)
+    return {
+        rule: int(count)
+        for rule, count in re.findall(r"^(\w+)\s+(\d+)$", text, re.M)
+        if rule not in ("total", "all")
+    }
+
+
+def _rule_scripts(workdir: Path, rules: set[str]) -> dict[str, str]:
+    """Rule name -> entry script stem, read from the rule files (inference rules infer_NN run infer.py)."""
+    scripts = {}
+    for smk in (workdir / "workflow" / "rules").glob("*.smk"):
+        for block in re.split(r"^(?=rule |checkpoint )", smk.read_text(), flags=re.M):
+            named = re.match(r"(?:rule|checkpoint) (\w+):", block)
+            script = re.search(r"\"\.\./scripts/(\w+)\.py\"", block)
+            if named and script:
+                scripts[named.group(1)] = script.group(1)
+    scripts |= {rule: "infer" for rule in rules if re.fullmatch(r"infer_\d\d", rule)}
+    assert set(scripts) >= rules, rules - set(scripts)
+    return {rule: scripts[rule] for rule in rules}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """A copy of the workflow and package (edited freely), after a full run of a small demo."""
+    workdir = tmp_path_factory.mktemp("codehash")
+    for name in ("Snakefile", "workflow", "src", "config", "envs"):
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(
+                source, workdir / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+            )
+        else:
+            shutil.copy(source, workdir / name)
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["demo"] = {"root": "resources/demo", "train_images": 6, "val_images": 3, "video_frames": 3}
+    config["train"] = {
+        "iterations": 2,
+        "eval_period": 0,
+        "warmup_iterations": 1,
+        "steps": [],
+        "checkpoint_period": 2,
+    }
+    config["inference"] = config["inference"] | {"shards": 2}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    rules = set(_planned_jobs(workdir))
+    _snakemake(workdir)
+    assert _planned_jobs(workdir) == {}
+    return workdir, _rule_scripts(workdir, rules), {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", MODULES)
+def test_editing_a_module_replans_exactly_the_rules_that_can_run_it_and_what_depends_on_them(
+    full_run, module
+):
+    workdir, rule_scripts, expected_by_holders = full_run
+    package = workdir / "src" / "d2retrain"
+    holders = tuple(
+        sorted(
+            rule
+            for rule, script in rule_scripts.items()
+            if package / module in import_closure(workdir / "workflow" / "scripts" / f"{script}.py", package)
+        )
+    )
+    if holders not in expected_by_holders:
+        expected_by_holders[holders] = _planned_jobs(workdir, "--forcerun", *holders) if holders else {}
+    path = package / module
+    original = path.read_bytes()
+    path.write_bytes(original + b"\n# an edit\n")
+    try:
+        replanned = _planned_jobs(workdir)
+    finally:
+        path.write_bytes(original)
+    assert replanned == expected_by_holders[holders]
+    if module == "cli.py":
+        assert replanned == {}
+    if module == "masks.py":
+        assert {"train", "images_and_masks"} <= set(replanned)
