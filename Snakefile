@@ -11,7 +11,7 @@ if not config:
 
 
 # The schema is package data of d2retrain, which reads the same file.
-validate(config, "src/d2retrain/config.schema.yaml")
+validate(config, "src/d2retrain/core/config.schema.yaml")
 
 
 container: config["container"]

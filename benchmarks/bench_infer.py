@@ -28,13 +28,14 @@ import cv2
 import torch
 from alternating import alternating
 
-from d2retrain.demo import write_demo_dataset
-from d2retrain.engines import load_predictor, train_from_config
-from d2retrain.filtering import FilterOptions
-from d2retrain.inference import Labels, infer_video, inference_options, run_inference
-from d2retrain.inputs import InputFile, shards
-from d2retrain.prepare import filter_file
-from d2retrain.videoio import read_frames
+from d2retrain.data.demo import write_demo_dataset
+from d2retrain.data.filtering import FilterOptions
+from d2retrain.data.prepare import filter_file
+from d2retrain.infer.inputs import InputFile, shards
+from d2retrain.infer.pipeline import Labels, infer_video, inference_options, run_inference
+from d2retrain.infer.videoio import read_frames
+from d2retrain.model.engines import load_predictor
+from d2retrain.train.run import train_from_config
 
 logger = logging.getLogger("bench_infer")
 

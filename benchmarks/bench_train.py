@@ -1,6 +1,6 @@
 """Training throughput: the workflow's training function against a plain loop on the engine's API.
 
-Runs, on the same data and config, N iterations through `d2retrain.engines.train_from_config`
+Runs, on the same data and config, N iterations through `d2retrain.model.engines.train_from_config`
 and through a loop written straight on the engine (torchvision: model + SGD; detectron2:
 a plain `DefaultTrainer`), and prints images/s of each and their ratio (target >= 0.95).
 
@@ -17,9 +17,12 @@ from pathlib import Path
 
 import torch
 
-from d2retrain.detdata import TrainSamples, load_records
-from d2retrain.engines import resolve_engine, train_from_config
-from d2retrain.settings import model_spec, section_defaults, solver_spec
+from d2retrain.core.config import section_defaults
+from d2retrain.data.records import load_records
+from d2retrain.model.engines import resolve_engine
+from d2retrain.model.specs import model_spec, solver_spec
+from d2retrain.train.run import train_from_config
+from d2retrain.train.samples import TrainSamples
 
 logger = logging.getLogger("bench_train")
 
@@ -30,7 +33,7 @@ CLASSES = ["person", "sports ball"]
 
 def plain_torchvision(paths: dict, iterations: int, train: dict) -> float:
     """The obvious torchvision loop: build, SGD, iterate. Returns seconds for the timed iterations."""
-    from d2retrain.tv_engine import build_model
+    from d2retrain.model.tv import build_model
 
     solver = solver_spec(train)
     torch.manual_seed(solver.seed)
@@ -58,7 +61,8 @@ def plain_detectron2(paths: dict, iterations: int, train: dict, model: dict) -> 
     """A plain DefaultTrainer on the same config. Returns seconds for the timed iterations."""
     from detectron2.engine import DefaultTrainer, hooks
 
-    from d2retrain.d2_engine import build_config, register_split
+    from d2retrain.model.d2 import build_config
+    from d2retrain.train.d2 import register_split
 
     solver = solver_spec(train)
     marks = {}

@@ -23,7 +23,7 @@ DEMO_DATASET = {
 
 @pytest.fixture
 def one_thread():
-    """This process with no thread but the main one, so that ``d2retrain.forked`` may fork:
+    """This process with no thread but the main one, so that ``d2retrain.core.forked`` may fork:
     tqdm's monitor thread, started by an earlier progress bar, is stopped."""
     from tqdm import tqdm
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import TWO_CPUS, make_coco
 
-from d2retrain.coco import check_file_name, encode_coco, parse_coco, renumber_category
-from d2retrain.errors import AnnotationError, InputFileError, UnsafePathError
+from d2retrain.core.errors import AnnotationError, InputFileError, UnsafePathError
+from d2retrain.data.coco import check_file_name, encode_coco, parse_coco, renumber_category
 
 
 def encoded(document: dict) -> bytes:

@@ -2,9 +2,9 @@
 
 import av
 
-from d2retrain.coco import read_coco
-from d2retrain.demo import write_demo_dataset
-from d2retrain.stats import category_counts
+from d2retrain.data.coco import read_coco
+from d2retrain.data.demo import write_demo_dataset
+from d2retrain.data.stats import category_counts
 
 
 def test_demo_dataset_is_deterministic_and_shaped_as_promised(tmp_path):

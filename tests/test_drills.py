@@ -19,9 +19,9 @@ import torch
 import yaml
 from conftest import COCO_MINI, REPO
 
-from d2retrain.inference import InferenceOptions, Labels, infer_video
-from d2retrain.inputs import InputFile
-from d2retrain.predictor import Instances
+from d2retrain.infer.inputs import InputFile
+from d2retrain.infer.pipeline import InferenceOptions, Labels, infer_video
+from d2retrain.model.predictor import Instances
 
 D2RETRAIN = [sys.executable, "-m", "d2retrain.cli"]
 
@@ -141,8 +141,8 @@ def metrics_lines(path: Path) -> int:
 
 @pytest.mark.slow
 def test_training_killed_with_sigkill_after_a_checkpoint_resumes_and_ends_at_the_configured_count(tmp_path):
-    from d2retrain.filtering import FilterOptions
-    from d2retrain.prepare import filter_file
+    from d2retrain.data.filtering import FilterOptions
+    from d2retrain.data.prepare import filter_file
 
     for split in ("train", "val"):
         source = COCO_MINI / "annotations" / f"instances_{split}2017.json"
@@ -343,7 +343,7 @@ def rename_images(annotations: Path, folder: Path, names: list[str]) -> list[str
 
 @pytest.mark.slow
 def test_file_names_with_quotes_dollars_backticks_and_unicode_flow_through_every_rule(tmp_path):
-    from d2retrain.demo import write_demo_dataset
+    from d2retrain.data.demo import write_demo_dataset
 
     layout = write_demo_dataset(tmp_path / "data", train=8, val=6, video_frames=4)
     for split in ("train", "val"):

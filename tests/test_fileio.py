@@ -10,8 +10,8 @@ import av
 import numpy as np
 import pytest
 
-from d2retrain.fileio import atomic_open, remove_leftovers
-from d2retrain.videoio import VideoWriter
+from d2retrain.core.fileio import atomic_open, remove_leftovers
+from d2retrain.infer.videoio import VideoWriter
 
 # A child that starts a write of `a.json` and an MP4 encode of `v.mp4` in `folder`, then is killed
 # (SIGKILL: no cleanup runs) while both are under way.
@@ -21,8 +21,8 @@ KILLED_WRITER = textwrap.dedent(
     from fractions import Fraction
     from pathlib import Path
     import numpy as np
-    from d2retrain.fileio import atomic_open
-    from d2retrain.videoio import VideoWriter
+    from d2retrain.core.fileio import atomic_open
+    from d2retrain.infer.videoio import VideoWriter
 
     folder = Path(sys.argv[1])
     video = VideoWriter(folder / "v.mp4", Fraction(10), 64, 48)

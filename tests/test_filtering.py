@@ -5,9 +5,9 @@ import json
 import pytest
 from conftest import COCO_MINI, TWO_CPUS, make_coco
 
-from d2retrain.coco import encode_coco, parse_coco, read_coco
-from d2retrain.errors import AnnotationError, CategoryError, EmptyResultError
-from d2retrain.filtering import FilterOptions, balance_document, filter_document
+from d2retrain.core.errors import AnnotationError, CategoryError, EmptyResultError
+from d2retrain.data.coco import encode_coco, parse_coco, read_coco
+from d2retrain.data.filtering import FilterOptions, balance_document, filter_document
 
 
 def document_of(images, **kwargs):

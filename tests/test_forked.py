@@ -6,8 +6,8 @@ import threading
 import pytest
 from conftest import TWO_CPUS
 
-from d2retrain.errors import AnnotationError
-from d2retrain.forked import in_two_halves
+from d2retrain.core.errors import AnnotationError
+from d2retrain.core.forked import in_two_halves
 
 pytestmark = [
     pytest.mark.skipif(not TWO_CPUS, reason="needs fork and two CPUs"),

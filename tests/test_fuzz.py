@@ -21,14 +21,21 @@ from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from d2retrain import geometry
-from d2retrain.coco import parse_coco
-from d2retrain.detdata import TrainSamples, load_records
-from d2retrain.errors import AnnotationError, CategoryError, D2RetrainError, InputFileError, UnsafePathError
-from d2retrain.filtering import FilterOptions
-from d2retrain.geometry import usable_segmentation
-from d2retrain.masks import IGNORE, copy_images_and_masks, rasterize
-from d2retrain.prepare import balance_file, filter_file
+from d2retrain.core.errors import (
+    AnnotationError,
+    CategoryError,
+    D2RetrainError,
+    InputFileError,
+    UnsafePathError,
+)
+from d2retrain.data import geometry
+from d2retrain.data.coco import parse_coco
+from d2retrain.data.filtering import FilterOptions
+from d2retrain.data.geometry import usable_segmentation
+from d2retrain.data.masks import IGNORE, copy_images_and_masks, rasterize
+from d2retrain.data.prepare import balance_file, filter_file
+from d2retrain.data.records import load_records
+from d2retrain.train.samples import TrainSamples
 
 FUZZ = settings(
     max_examples=200,
@@ -646,7 +653,7 @@ def test_degenerate_geometry_is_dropped_by_the_documented_rule_with_a_count_in_t
     change(document)
     names = [document["categories"][0]["name"]]
     (tmp_path / "in.json").write_text(json.dumps(document))
-    with caplog.at_level(logging.WARNING, logger="d2retrain.filtering"):
+    with caplog.at_level(logging.WARNING, logger="d2retrain.data.filtering"):
         filter_file(str(tmp_path / "in.json"), str(tmp_path / "out.json"), names, FilterOptions())
     out = check_coco_output(tmp_path / "out.json").dataset
     assert [annotation["id"] for annotation in out["annotations"]] == kept
@@ -708,7 +715,7 @@ def test_training_records_leave_out_degenerate_geometry_with_a_warning(tmp_path,
     document["annotations"][0]["segmentation"] = [[1, 2, 3, 4]]
     document["annotations"][2]["bbox"] = [0, 0, -1, 5]
     (tmp_path / "in.json").write_text(json.dumps(document))
-    with caplog.at_level(logging.WARNING, logger="d2retrain.detdata"):
+    with caplog.at_level(logging.WARNING, logger="d2retrain.data.records"):
         records = load_records(str(tmp_path / "in.json"), str(image_dir))
     kept = {record.image_id: len(record.annotations) for record in records}
     assert kept == {1: 1, 2: 1, 3: 2}  # crowd annotation 6 is left out as always

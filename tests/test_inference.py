@@ -16,14 +16,14 @@ from conftest import COCO_MINI, SHARED_DATA
 from pycocotools import mask as mask_utils
 
 from d2retrain.cli import main
-from d2retrain.demo import write_demo_dataset
-from d2retrain.engines import train_from_config
-from d2retrain.errors import D2RetrainError
-from d2retrain.filtering import FilterOptions
-from d2retrain.inference import inference_options, load_image, run_inference
-from d2retrain.inputs import InputFile, discover, shard_of, shards
-from d2retrain.prepare import filter_file
-from d2retrain.summary import write_summary
+from d2retrain.core.errors import D2RetrainError
+from d2retrain.data.demo import write_demo_dataset
+from d2retrain.data.filtering import FilterOptions
+from d2retrain.data.prepare import filter_file
+from d2retrain.infer.inputs import InputFile, discover, shard_of, shards
+from d2retrain.infer.pipeline import inference_options, load_image, run_inference
+from d2retrain.infer.summary import write_summary
+from d2retrain.train.run import train_from_config
 
 VIDEO = SHARED_DATA / "video" / "one-by-one-person-detection.mp4"
 CLASSES = ["person", "sports ball"]
@@ -78,8 +78,8 @@ def test_each_image_gets_a_drawn_png_and_coco_results_json(demo_model, tmp_path)
 def test_a_loaded_model_skips_random_init_and_predicts_as_one_built_the_slow_way(demo_model):
     import torch
 
-    from d2retrain.engines import load_predictor, read_model_config
-    from d2retrain.tv_engine import build_model
+    from d2retrain.model.engines import load_predictor, read_model_config
+    from d2retrain.model.tv import build_model
 
     model, layout = demo_model
     init_functions = {name: getattr(torch.nn.init, name) for name in ("kaiming_uniform_", "normal_", "ones_")}
@@ -106,8 +106,8 @@ def test_a_loaded_model_skips_random_init_and_predicts_as_one_built_the_slow_way
 def test_a_loaded_detectron2_model_skips_random_init_and_predicts_as_one_built_the_slow_way(tmp_path):
     import torch
 
-    from d2retrain.d2_engine import Detectron2Predictor
-    from d2retrain.settings import model_spec, solver_spec
+    from d2retrain.model.d2 import Detectron2Predictor
+    from d2retrain.model.specs import model_spec, solver_spec
 
     spec = model_spec({"architecture": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"}, "detectron2")
     solver = solver_spec({"min_size_test": 192, "max_size_test": 256})
@@ -131,7 +131,7 @@ def test_a_loaded_detectron2_model_skips_random_init_and_predicts_as_one_built_t
 def test_reading_ahead_and_writing_behind_run_at_the_lowest_priority_and_the_model_thread_does_not():
     from concurrent.futures import ThreadPoolExecutor
 
-    from d2retrain.videoio import ahead, yield_to_the_model
+    from d2retrain.infer.videoio import ahead, yield_to_the_model
 
     def niceness() -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())

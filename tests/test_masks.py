@@ -8,8 +8,8 @@ import pytest
 from conftest import make_coco, square, write_json
 from pycocotools import mask as mask_utils
 
-from d2retrain.errors import AnnotationError, InputFileError, UnsafePathError
-from d2retrain.masks import CROWD_INSTANCE, IGNORE, copy_images_and_masks, rasterize, render_masks
+from d2retrain.core.errors import AnnotationError, InputFileError, UnsafePathError
+from d2retrain.data.masks import CROWD_INSTANCE, IGNORE, copy_images_and_masks, rasterize, render_masks
 
 
 def test_semantic_and_instance_masks_follow_the_annotations(tmp_path):

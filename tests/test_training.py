@@ -8,14 +8,15 @@ import torch
 import yaml
 from conftest import COCO_MINI
 
-from d2retrain import tv_engine
-from d2retrain.engines import evaluate_model, resolve_engine, train_from_config
-from d2retrain.errors import D2RetrainError
-from d2retrain.filtering import FilterOptions
-from d2retrain.prepare import filter_file
-from d2retrain.settings import distributed_spec, model_spec, solver_spec
-from d2retrain.trainloop import CheckpointStore, TrainingDivergedError, check_losses
-from d2retrain.trainspec import lr_factor, read_classes
+from d2retrain.core.errors import D2RetrainError
+from d2retrain.data.filtering import FilterOptions
+from d2retrain.data.prepare import filter_file
+from d2retrain.model import tv as tv_engine
+from d2retrain.model.engines import evaluate_model, resolve_engine
+from d2retrain.model.specs import distributed_spec, lr_factor, model_spec, read_classes, solver_spec
+from d2retrain.train import tv as tv_train
+from d2retrain.train.loop import CheckpointStore, TrainingDivergedError, check_losses
+from d2retrain.train.run import train_from_config
 
 TINY = {
     "iterations": 4,
@@ -186,7 +187,7 @@ def test_torchvision_engine_trains_and_evaluates_on_coco_mini_from_scratch(mini_
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(mini_split, tmp_path, monkeypatch, caplog):
     folder, paths = mini_split
-    real_step = tv_engine._step
+    real_step = tv_train._step
     calls = {"n": 0}
 
     def dying_step(*args):
@@ -195,11 +196,11 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(mini_split, tmp_path, mon
             raise KeyboardInterrupt  # killed during iteration 3, after the checkpoint at 2
         return real_step(*args)
 
-    monkeypatch.setattr(tv_engine, "_step", dying_step)
+    monkeypatch.setattr(tv_train, "_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         _train_mini(folder, paths, tmp_path / "model", eval_period=2)
     assert not (tmp_path / "model" / "model_final.pth").exists()
-    monkeypatch.setattr(tv_engine, "_step", real_step)
+    monkeypatch.setattr(tv_train, "_step", real_step)
     with caplog.at_level(logging.INFO):
         _train_mini(folder, paths, tmp_path / "model", eval_period=2)
     assert "at iteration 2" in caplog.text
@@ -290,7 +291,7 @@ def test_coco_base_weights_give_a_baseline_beside_the_retrained_model(mini_split
     ],
 )
 def test_unusable_weights_say_what_to_do(weights, words, tmp_path, monkeypatch):
-    from d2retrain.headsurgery import WeightsError, load_state_dict_source
+    from d2retrain.model.headsurgery import WeightsError, load_state_dict_source
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(WeightsError, match=words) as caught:
@@ -402,7 +403,7 @@ class _Payload:
 
 
 def test_a_pth_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
-    from d2retrain.headsurgery import WeightsError, load_state_dict_source
+    from d2retrain.model.headsurgery import WeightsError, load_state_dict_source
 
     marker = tmp_path / "ran"
     torch.save({"model": {"w": torch.zeros(1)}, "evil": _Payload(marker)}, tmp_path / "evil.pth")
@@ -419,8 +420,8 @@ def test_detectron2_loads_a_local_pkl_only_with_trust_pickle_and_a_pth_without_p
 
     import numpy as np
 
-    from d2retrain import d2_engine
-    from d2retrain.headsurgery import WeightsError
+    from d2retrain.model import d2 as d2_engine
+    from d2retrain.model.headsurgery import WeightsError
 
     spec = model_spec({"architecture": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"}, "detectron2")
     predictor = d2_engine.Detectron2Predictor(None, spec, solver_spec(TINY), 2, device="cpu")
@@ -450,7 +451,7 @@ def test_detectron2_loads_a_local_pkl_only_with_trust_pickle_and_a_pth_without_p
 
 
 def test_a_model_folder_written_before_newer_keys_still_loads(tmp_path):
-    from d2retrain.engines import read_model_config
+    from d2retrain.model.engines import read_model_config
 
     solver = {k: v for k, v in TINY.items() if k not in ("device", "eval_period")}
     record = {"model": {"engine": "torchvision", "architecture": "maskrcnn_resnet18_fpn", "weights": "none"}}

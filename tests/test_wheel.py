@@ -93,7 +93,7 @@ def test_the_wheel_holds_exactly_the_tracked_package_files_and_the_schema(instal
         name for name in zipfile.ZipFile(wheel).namelist() if not name.split("/")[0].endswith(".dist-info")
     }
     assert package_files == {name.removeprefix("src/") for name in tracked}
-    assert "d2retrain/config.schema.yaml" in package_files
+    assert "d2retrain/core/config.schema.yaml" in package_files
 
 
 def test_the_installed_wheel_runs_from_outside_the_repository(installed, tmp_path):

@@ -197,8 +197,8 @@ def planned_jobs(workdir: Path, config: dict) -> dict[str, int]:
 
 
 def test_adding_an_image_reruns_only_its_shard_and_retraining_reruns_all_inference(tmp_path):
-    from d2retrain.demo import write_demo_dataset
-    from d2retrain.inputs import InputFile, shard_of
+    from d2retrain.data.demo import write_demo_dataset
+    from d2retrain.infer.inputs import InputFile, shard_of
 
     pictures = write_demo_dataset(tmp_path / "pictures", train=1, val=200, video_frames=2).images("val")
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -232,7 +232,7 @@ def test_train_num_gpus_2_runs_two_processes_inside_a_snakemake_job(tmp_path):
     snakemake(tmp_path, config, target, "--resources", "gpu=2")
     log = (tmp_path / "logs/person_ball/train.log").read_text()
     assert "starting 2 training processes" in log
-    assert "[rank 1] d2retrain.distributed: weights identical on all 2 processes" in log
+    assert "[rank 1] d2retrain.train.distributed: weights identical on all 2 processes" in log
     assert log.count("trained 4 iterations") == 1
     lines = (tmp_path / "results/person_ball/model/metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iteration"] for line in lines] == [0, 1, 2, 3]

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up (or bring up to date, from uv.lock) and run every check: ruff, snakefmt, snakemake --lint and pytest.
+# Set up (or bring up to date, from uv.lock) and run every check: ruff, snakefmt, snakemake --lint,
+# import-linter, mypy and pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -21,4 +22,6 @@ ruff check .
 ruff format --check .
 snakefmt --check Snakefile workflow
 snakemake --lint
+lint-imports  # the layers contract of pyproject.toml
+mypy          # src/, as configured in pyproject.toml
 pytest "$@"

@@ -7,9 +7,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from d2retrain import __version__
-from d2retrain.errors import D2RetrainError
-from d2retrain.filtering import BALANCE_MODES, FilterOptions
-from d2retrain.logutil import configure_logging
+from d2retrain.core.errors import D2RetrainError
+from d2retrain.core.logutil import configure_logging
+from d2retrain.data.filtering import BALANCE_MODES, FilterOptions
 
 logger = logging.getLogger(__name__)
 
@@ -17,7 +17,7 @@ __all__ = ["main", "build_parser"]
 
 
 def _demo_data(args: argparse.Namespace) -> None:
-    from d2retrain.demo import write_demo_dataset
+    from d2retrain.data.demo import write_demo_dataset
 
     write_demo_dataset(
         args.output, seed=args.seed, train=args.train, val=args.val, video_frames=args.video_frames
@@ -25,7 +25,7 @@ def _demo_data(args: argparse.Namespace) -> None:
 
 
 def _filter(args: argparse.Namespace) -> None:
-    from d2retrain.prepare import filter_file
+    from d2retrain.data.prepare import filter_file
 
     options = FilterOptions(
         min_area=args.min_area, drop_crowd=args.drop_crowd, keep_empty_images=args.keep_empty_images
@@ -34,25 +34,25 @@ def _filter(args: argparse.Namespace) -> None:
 
 
 def _balance(args: argparse.Namespace) -> None:
-    from d2retrain.prepare import balance_file
+    from d2retrain.data.prepare import balance_file
 
     balance_file(args.input, args.output, args.mode, args.threads)
 
 
 def _images(args: argparse.Namespace) -> None:
-    from d2retrain.masks import copy_images
+    from d2retrain.data.masks import copy_images
 
     copy_images(args.input, args.image_dir, args.output, threads=args.threads)
 
 
 def _masks(args: argparse.Namespace) -> None:
-    from d2retrain.masks import render_masks
+    from d2retrain.data.masks import render_masks
 
     render_masks(args.input, args.output, threads=args.threads)
 
 
 def _stats(args: argparse.Namespace) -> None:
-    from d2retrain.stats import write_stats
+    from d2retrain.data.stats import write_stats
 
     steps: dict[str, dict[str, str]] = {}
     for item in args.inputs:
@@ -67,8 +67,8 @@ def _stats(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from d2retrain.engines import train_from_config
-    from d2retrain.settings import load_config
+    from d2retrain.core.config import load_config
+    from d2retrain.train.run import train_from_config
 
     config = load_config(args.config) if args.config else {"model": {}, "train": {}}
     if args.iterations:
@@ -90,8 +90,8 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from d2retrain.engines import evaluate_model
-    from d2retrain.trainspec import read_classes
+    from d2retrain.model.engines import evaluate_model
+    from d2retrain.model.specs import read_classes
 
     classes = read_classes(args.model).classes
     out = Path(args.output)
@@ -108,8 +108,8 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _infer(args: argparse.Namespace) -> int:
-    from d2retrain.inference import inference_options, run_inference
-    from d2retrain.inputs import discover
+    from d2retrain.infer.inputs import discover
+    from d2retrain.infer.pipeline import inference_options, run_inference
 
     options = inference_options(
         {
@@ -132,7 +132,7 @@ def _infer(args: argparse.Namespace) -> int:
 
 
 def _add_infer(commands: argparse._SubParsersAction) -> None:
-    from d2retrain.settings import section_defaults
+    from d2retrain.core.config import section_defaults
 
     defaults = section_defaults("inference")
     infer = commands.add_parser(

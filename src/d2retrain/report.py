@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from d2retrain.detdata import load_records, read_image
-from d2retrain.draw import draw_instances
-from d2retrain.fileio import write_figure, write_text_atomic
+from d2retrain.core.fileio import write_figure, write_text_atomic
+from d2retrain.data.records import load_records, read_image
+from d2retrain.infer.draw import draw_instances
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def write_prediction_grid(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from d2retrain.engines import load_predictor
+    from d2retrain.model.engines import load_predictor
 
     torch.set_num_threads(max(1, threads))
     predictor, info = load_predictor(model_dir, list(classes), device=device, score_threshold=score_threshold)

@@ -3,9 +3,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-from d2retrain.codehash import code_hash
-from d2retrain.inputs import check_pattern_safe, discover, output_files, shards
-from d2retrain.layout import DemoLayout
+from d2retrain.core.codehash import code_hash
+from d2retrain.infer.inputs import check_pattern_safe, discover, output_files, shards
+from d2retrain.core.layout import DemoLayout
 
 SPLITS = ["train", "val"]
 

@@ -1,6 +1,6 @@
 """Snakemake job: the per-class AP table (baseline vs retrained) of the report."""
 
-from d2retrain.logutil import run_job
+from d2retrain.core.logutil import run_job
 from d2retrain.report import write_ap_table
 
 snakemake = globals()["snakemake"]

@@ -1,7 +1,7 @@
 """Snakemake job: balance one filtered split."""
 
-from d2retrain.logutil import run_job
-from d2retrain.prepare import balance_file
+from d2retrain.core.logutil import run_job
+from d2retrain.data.prepare import balance_file
 
 snakemake = globals()["snakemake"]
 run_job(

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from d2retrain.demo import write_demo_dataset
-from d2retrain.logutil import run_job
+from d2retrain.core.logutil import run_job
+from d2retrain.data.demo import write_demo_dataset
 
 snakemake = globals()["snakemake"]
 params = snakemake.params

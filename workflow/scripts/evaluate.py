@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from d2retrain.engines import evaluate_model
-from d2retrain.logutil import run_job
+from d2retrain.core.logutil import run_job
+from d2retrain.model.engines import evaluate_model
 
 snakemake = globals()["snakemake"]
 run_job(

@@ -1,8 +1,8 @@
 """Snakemake job: filter one split to the subset's categories."""
 
-from d2retrain.filtering import FilterOptions
-from d2retrain.logutil import run_job
-from d2retrain.prepare import filter_file
+from d2retrain.core.logutil import run_job
+from d2retrain.data.filtering import FilterOptions
+from d2retrain.data.prepare import filter_file
 
 snakemake = globals()["snakemake"]
 params = snakemake.params

@@ -1,7 +1,7 @@
 """Snakemake job: link a split's images and render its mask PNGs."""
 
-from d2retrain.logutil import run_job
-from d2retrain.masks import copy_images_and_masks
+from d2retrain.core.logutil import run_job
+from d2retrain.data.masks import copy_images_and_masks
 
 snakemake = globals()["snakemake"]
 run_job(

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from d2retrain.inference import inference_options, run_inference
-from d2retrain.logutil import run_job
+from d2retrain.core.logutil import run_job
+from d2retrain.infer.pipeline import inference_options, run_inference
 
 snakemake = globals()["snakemake"]
 run_job(

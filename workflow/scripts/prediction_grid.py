@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from d2retrain.logutil import run_job
+from d2retrain.core.logutil import run_job
 from d2retrain.report import write_prediction_grid
 
 snakemake = globals()["snakemake"]

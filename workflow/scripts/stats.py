@@ -1,7 +1,7 @@
 """Snakemake job: per-category counts at each data step."""
 
-from d2retrain.logutil import run_job
-from d2retrain.stats import write_stats
+from d2retrain.core.logutil import run_job
+from d2retrain.data.stats import write_stats
 
 snakemake = globals()["snakemake"]
 steps: dict[str, dict[str, str]] = {}

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from d2retrain.engines import train_from_config
-from d2retrain.logutil import run_job
+from d2retrain.core.logutil import run_job
+from d2retrain.train.run import train_from_config
 
 if __name__ == "__main__":  # training processes (train.num_gpus > 1) import this file again
     snakemake = globals()["snakemake"]

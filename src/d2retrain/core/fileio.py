@@ -1,0 +1,156 @@
+"""Atomic writes: a crash never leaves a half file that looks complete."""
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from d2retrain.core.errors import D2RetrainError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "NoSpaceError",
+    "atomic_open",
+    "remove_leftovers",
+    "temporary_beside",
+    "write_bytes_atomic",
+    "write_text_atomic",
+    "write_figure",
+]
+
+# Write errors that mean "no room": a full disk, a file-size limit (ulimit -f), a quota.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+# A temporary beside ``name``: ``.<name>.<8 characters of mkstemp>.tmp``.
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+
+
+class NoSpaceError(D2RetrainError):
+    """A write failed for lack of space; nothing partial was left behind."""
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], durable: bool = False) -> Iterator[BinaryIO]:
+    """Open a temporary file beside ``path``; rename it onto ``path`` on success.
+
+    A killed process never leaves a partial ``path``; ``durable`` also flushes the data
+    to the disk before the rename, so it survives a power loss (for checkpoints).
+
+    Args:
+        path: Final destination. Its parent folder is created when missing.
+        durable: fsync before renaming.
+
+    Yields:
+        A binary file object. On an exception the temporary file is removed and
+        ``path`` is left as it was.
+
+    Raises:
+        NoSpaceError: The disk, a quota or the file-size limit ran out while writing.
+    """
+    target = Path(path)
+    fd, tmp_name = _make_temporary(target)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except BaseException as error:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        if isinstance(error, OSError) and error.errno in _NO_SPACE:
+            raise NoSpaceError(
+                f"{target}: no space left to write it ({error.strerror or error}); nothing was written. "
+                "Free disk space (or raise the quota or file-size limit) and rerun"
+            ) from None
+        raise
+
+
+def _make_temporary(target: Path) -> tuple[int, str]:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.fchmod(fd, 0o644)  # readable by all once renamed, not mkstemp's 0600
+    return fd, name
+
+
+def temporary_beside(path: str | os.PathLike[str]) -> Path:
+    """Create an empty hidden temporary file beside ``path`` for a writer that renames it onto
+    ``path`` when done (named as :func:`atomic_open` names its own, so that
+    :func:`remove_leftovers` finds both)."""
+    fd, name = _make_temporary(Path(path))
+    os.close(fd)
+    return Path(name)
+
+
+def remove_leftovers(folder: str | os.PathLike[str], of: Callable[[str], bool]) -> int:
+    """Remove the temporaries that writes cut short by a kill left in ``folder``.
+
+    Args:
+        folder: Where the writes went (a missing folder has none).
+        of: Whether a file name is one of the caller's: only temporaries of such files are
+            removed, so writers of other files in the same folder are left alone.
+
+    Returns:
+        How many were removed.
+    """
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for entry in entries:
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match and of(match["name"]):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed += 1
+    if removed:
+        logger.info("removed %d temporary file(s) of writes cut short in %s", removed, folder)
+    return removed
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically.
+
+    Args:
+        path: Destination file.
+        data: Bytes to write.
+    """
+    with atomic_open(path) as handle:
+        handle.write(data)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically.
+
+    Args:
+        path: Destination file.
+        text: Text to write.
+    """
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_figure(path: str | os.PathLike[str], figure: "matplotlib.figure.Figure", title: str) -> None:  # noqa: F821
+    """Title, lay out and save a matplotlib figure as PNG atomically, then close it.
+
+    Args:
+        path: PNG destination.
+        figure: The figure.
+        title: Its title.
+    """
+    import io
+
+    import matplotlib.pyplot as plt
+
+    figure.suptitle(title)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    write_bytes_atomic(path, buffer.getvalue())

@@ -1,0 +1,454 @@
+"""Read, validate and write COCO instance files fast, keeping every field as raw bytes.
+
+Only the fields the workflow decides on are parsed (ids, references, area, crowd flag,
+file names); everything else, segmentations included, stays as the raw JSON bytes of the
+input and is copied to the output untouched.
+"""
+
+import dataclasses
+import logging
+import mmap
+import os
+import re
+from collections.abc import Sequence
+from operator import attrgetter
+from pathlib import PurePosixPath, PureWindowsPath
+from typing import Annotated
+
+import msgspec
+import numpy as np
+
+from d2retrain.core.errors import AnnotationError, InputFileError, UnsafePathError
+from d2retrain.core.fileio import write_bytes_atomic
+from d2retrain.core.forked import in_two_halves
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Category",
+    "AnnotationTable",
+    "CocoDocument",
+    "read_coco",
+    "parse_coco",
+    "encode_coco",
+    "write_coco",
+    "check_file_name",
+    "check_image_size",
+    "NESTED_TOO_DEEP",
+    "renumber_category",
+    "MAX_IMAGE_PIXELS",
+    "Id",
+    "ImageSide",
+]
+
+_REQUIRED_KEYS = ("images", "annotations", "categories")
+
+MAX_IMAGE_PIXELS = 2**30
+"""Largest ``height * width`` accepted: OpenCV's default limit, so mask PNGs can be read back."""
+
+Id = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+"""An id: any integer that fits the 64-bit columns the workflow keeps ids in."""
+
+ImageSide = Annotated[int, msgspec.Meta(ge=1, le=MAX_IMAGE_PIXELS)]
+"""An image ``height`` or ``width``: a positive integer."""
+
+NESTED_TOO_DEEP = "JSON nested about 1000 levels deep, deeper than the JSON readers can follow; flatten it"
+"""The message for a document that makes the JSON decoders recurse too deep."""
+
+
+class Category(msgspec.Struct, frozen=True):
+    """One COCO category: id, name and supercategory."""
+
+    id: Id
+    name: str
+    supercategory: str = ""
+
+
+_ABSENT = msgspec.Raw(b"")
+
+
+class _Records(msgspec.Struct, gc=False, forbid_unknown_fields=True):
+    """The top level: one scan finds every record's bytes."""
+
+    images: list[msgspec.Raw]
+    annotations: list[msgspec.Raw]
+    categories: list[Category]
+    info: msgspec.Raw = _ABSENT
+    licenses: msgspec.Raw = _ABSENT
+
+
+class _LooseRecords(_Records, forbid_unknown_fields=False):
+    """The top level of a file with keys beyond the COCO ones."""
+
+
+class _ImageKeys(msgspec.Struct, gc=False):
+    id: Id
+    file_name: str
+    height: ImageSide
+    width: ImageSide
+
+
+class _AnnotationKeys(msgspec.Struct, gc=False):
+    id: Id
+    image_id: Id
+    category_id: Id
+    iscrowd: Id | bool = 0
+    area: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnotationTable:
+    """Columnar view of the annotation fields the workflow decides on.
+
+    Attributes:
+        ids: Annotation ids.
+        image_ids: Image id of each annotation.
+        category_ids: Category id of each annotation.
+        iscrowd: Crowd flag of each annotation.
+        area: Area of each annotation (NaN when the file gives none).
+    """
+
+    ids: np.ndarray
+    image_ids: np.ndarray
+    category_ids: np.ndarray
+    iscrowd: np.ndarray
+    area: np.ndarray
+
+    def take(self, index: np.ndarray) -> "AnnotationTable":
+        """Return the rows selected by an index or boolean mask."""
+        return AnnotationTable(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
+
+
+@dataclasses.dataclass(frozen=True)
+class CocoDocument:
+    """A COCO instances document: parsed keys beside the raw bytes of every record.
+
+    Attributes:
+        source: Where the document came from, for messages.
+        top: Every top-level key in output order (``info``, ``licenses``, the record
+            lists, then any other key); the record lists are None here and rebuilt on
+            write from the attributes below, every other value is kept raw.
+        images: Raw JSON of each image record.
+        image_ids: Id of each image, in the order of ``images``.
+        file_names: File name of each image, in the order of ``images``.
+        image_sizes: ``(height, width)`` of each image, in the order of ``images``.
+        annotations: Raw JSON of each annotation record.
+        table: Parsed fields of each annotation, in the order of ``annotations``.
+        categories: The categories.
+    """
+
+    source: str
+    top: dict[str, msgspec.Raw | None]
+    images: list[msgspec.Raw]
+    image_ids: np.ndarray
+    file_names: list[str]
+    image_sizes: np.ndarray
+    annotations: list[msgspec.Raw]
+    table: AnnotationTable
+    categories: list[Category]
+
+
+def read_coco(path: str | os.PathLike[str], processes: int = 1) -> CocoDocument:
+    """Read and validate a COCO instances file.
+
+    Args:
+        path: The JSON file.
+        processes: Decode the annotations in two processes when this is 2 or more.
+
+    Returns:
+        The parsed document.
+
+    Raises:
+        InputFileError: The file is missing, unreadable or not JSON.
+        AnnotationError: The document breaks a COCO rule.
+        UnsafePathError: An image ``file_name`` escapes its image folder.
+    """
+    try:
+        data = _map(path)
+    except FileNotFoundError:
+        raise InputFileError(f"{path}: no such file; check the path in the config") from None
+    except IsADirectoryError:
+        raise InputFileError(f"{path}: is a folder, expected a COCO JSON file") from None
+    except OSError as error:
+        raise InputFileError(f"{path}: cannot be read ({error.strerror})") from None
+    return parse_coco(data, source=str(path), processes=processes)
+
+
+def _map(path: str | os.PathLike[str]) -> bytes | mmap.mmap:
+    """Map the file (no copy; records keep views into it), or read it when empty."""
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+
+
+def parse_coco(data: bytes | mmap.mmap, source: str = "<memory>", processes: int = 1) -> CocoDocument:
+    """Parse and validate COCO instances JSON held in memory.
+
+    Args:
+        data: The JSON bytes.
+        source: Name used in error messages.
+        processes: Decode the annotations in two processes when this is 2 or more.
+
+    Returns:
+        The parsed document.
+
+    Raises:
+        InputFileError: The bytes are not JSON.
+        AnnotationError: The document breaks a COCO rule.
+        UnsafePathError: An image ``file_name`` escapes its image folder.
+    """
+    records, top = _decode_top(data, source)
+    image_keys = _decode_each(records.images, _ImageKeys, source, "images")
+    document = CocoDocument(
+        source=source,
+        top=top,
+        images=records.images,
+        image_ids=_column(image_keys, "id", np.int64),
+        file_names=list(map(attrgetter("file_name"), image_keys)),
+        image_sizes=np.stack(
+            [_column(image_keys, "height", np.int64), _column(image_keys, "width", np.int64)], axis=1
+        ),
+        annotations=records.annotations,
+        table=_annotation_table(records.annotations, source, processes),
+        categories=records.categories,
+    )
+    _validate(document)
+    return document
+
+
+def _decode_top(data: bytes | mmap.mmap, source: str) -> tuple[_Records, dict[str, msgspec.Raw | None]]:
+    """Split the top level into record lists, and every key in output order."""
+    try:
+        records = _decode(data, _Records, source)
+    except _UnknownTopLevelKeyError:
+        top = _decode(data, dict[str, msgspec.Raw], source)
+        return _decode(data, _LooseRecords, source), {
+            k: None if k in _REQUIRED_KEYS else v for k, v in top.items()
+        }
+    top = {key: getattr(records, key) for key in ("info", "licenses") if getattr(records, key) is not _ABSENT}
+    return records, top | dict.fromkeys(_REQUIRED_KEYS)
+
+
+class _UnknownTopLevelKeyError(Exception):
+    pass
+
+
+def _decode(data: bytes | mmap.mmap, kind: type, source: str):
+    try:
+        return msgspec.json.decode(data, type=kind)
+    except msgspec.ValidationError as error:  # a subclass of DecodeError: first
+        message = str(error)
+    except msgspec.DecodeError as error:
+        raise InputFileError(f"{source}: not valid JSON ({error})") from None
+    except RecursionError:
+        raise InputFileError(f"{source}: {NESTED_TOO_DEEP}") from None
+    if message.startswith("Object contains unknown field"):
+        raise _UnknownTopLevelKeyError
+    missing = re.match(r"Object missing required field `(\w+)`$", message)
+    if missing:
+        raise AnnotationError(
+            f"{source}: missing key(s) {missing.group(1)}; a COCO instances file needs "
+            "'images', 'annotations' and 'categories'"
+        )
+    if "- at `$" not in message:
+        raise AnnotationError(f"{source}: the top level must be a JSON object ({message})")
+    raise AnnotationError(f"{source}: {message.replace('`$.', '`', 1)}")
+
+
+def _decode_each(records: list[msgspec.Raw], kind: type, source: str, where: str) -> list:
+    decoder = msgspec.json.Decoder(kind)
+    try:
+        return [decoder.decode(record) for record in records]
+    except msgspec.ValidationError:
+        pass
+    for index, record in enumerate(records):
+        try:
+            decoder.decode(record)
+        except msgspec.ValidationError as error:
+            message = str(error).replace("`$", f"`{where}[{index}]", 1)
+            raise AnnotationError(f"{source}: {where}[{index}]: {message}") from None
+    raise AssertionError("unreachable")
+
+
+def _annotation_table(records: list[msgspec.Raw], source: str, processes: int) -> AnnotationTable:
+    parts = in_two_halves(_table_or_none, records, processes)
+    if any(part is None for part in parts):
+        _decode_each(records, _AnnotationKeys, source, "annotations")  # raises, naming the record
+    fields = [field.name for field in dataclasses.fields(AnnotationTable)]
+    return AnnotationTable(*(np.concatenate([getattr(part, name) for part in parts]) for name in fields))
+
+
+def _table_or_none(records: Sequence[msgspec.Raw]) -> AnnotationTable | None:
+    decode = msgspec.json.Decoder(_AnnotationKeys).decode
+    try:
+        return _table([decode(record) for record in records])
+    except msgspec.ValidationError:
+        return None
+
+
+def _column(keys: list, field: str, dtype: type) -> np.ndarray:
+    return np.fromiter(map(attrgetter(field), keys), dtype=dtype, count=len(keys))
+
+
+def _table(keys: list[_AnnotationKeys]) -> AnnotationTable:
+    return AnnotationTable(
+        ids=_column(keys, "id", np.int64),
+        image_ids=_column(keys, "image_id", np.int64),
+        category_ids=_column(keys, "category_id", np.int64),
+        iscrowd=_column(keys, "iscrowd", np.int64).astype(bool),
+        area=np.array(list(map(attrgetter("area"), keys)), dtype=np.float64),  # None -> nan
+    )
+
+
+def _first_duplicate(ids: np.ndarray) -> int | None:
+    ordered = np.sort(ids)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    return int(repeated[0]) if repeated.size else None
+
+
+def _validate(document: CocoDocument) -> None:
+    source, table = document.source, document.table
+    for what, ids in (
+        ("image", document.image_ids),
+        ("annotation", table.ids),
+        ("category", np.array([c.id for c in document.categories], dtype=np.int64)),
+    ):
+        duplicate = _first_duplicate(ids)
+        if duplicate is not None:
+            raise AnnotationError(f"{source}: {what} id {duplicate} appears more than once")
+    if table.ids.size and table.ids.min() <= 0:
+        index = int(np.argmax(table.ids <= 0))
+        raise AnnotationError(
+            f"{source}: annotations[{index}] has id {int(table.ids[index])}; COCO evaluation "
+            "treats ids <= 0 as 'unmatched', renumber annotations from 1"
+        )
+    _check_references(source, "image_id", table.image_ids, document.image_ids)
+    category_ids = np.array([c.id for c in document.categories], dtype=np.int64)
+    _check_references(source, "category_id", table.category_ids, category_ids)
+    _check_unique(source, "categories", "name", [category.name for category in document.categories])
+    _check_unique(source, "images", "file_name", document.file_names)
+    for index, file_name in enumerate(document.file_names):
+        if not _PLAIN_NAME.fullmatch(file_name):
+            check_file_name(file_name, where=f"{source}: images[{index}].file_name")
+    pixels = document.image_sizes.prod(axis=1)
+    if np.any(pixels > MAX_IMAGE_PIXELS):
+        index = int(np.argmax(pixels > MAX_IMAGE_PIXELS))
+        check_image_size(*document.image_sizes[index].tolist(), where=f"{source}: images[{index}]")
+
+
+def _check_unique(source: str, section: str, key: str, values: list[str]) -> None:
+    if len(set(values)) == len(values):
+        return
+    first: dict[str, int] = {}
+    for index, value in enumerate(values):
+        if value in first:
+            raise AnnotationError(
+                f"{source}: {section}[{first[value]}] and {section}[{index}] have the same {key} "
+                f"{value!r}; each must be unique, rename or remove one"
+            )
+        first[value] = index
+
+
+def _check_references(source: str, field: str, values: np.ndarray, known: np.ndarray) -> None:
+    dangling = ~np.isin(values, known)
+    if dangling.any():
+        index = int(np.argmax(dangling))
+        raise AnnotationError(
+            f"{source}: annotations[{index}].{field} is {int(values[index])}, which no "
+            f"{field.removesuffix('_id')} in the file has ({int(dangling.sum())} such annotations)"
+        )
+
+
+# A name without separators, drive colons or NUL that is not "." or "..": always safe.
+_PLAIN_NAME = re.compile(r"(?!\.\.?$)[^/\\:\0]+")
+
+
+def check_file_name(file_name: str, where: str) -> None:
+    """Refuse a file name that would leave its image folder or names no file.
+
+    Args:
+        file_name: The ``file_name`` of an image record.
+        where: Location used in the error message.
+
+    Raises:
+        UnsafePathError: The name is empty, absolute, has a ``..`` component, or names a
+            folder (``.``, a trailing ``/``).
+    """
+    posix, windows = PurePosixPath(file_name), PureWindowsPath(file_name)
+    if not file_name or "\0" in file_name:
+        raise UnsafePathError(f"{where} is empty or holds a NUL byte")
+    if not posix.name or not windows.name or file_name.endswith(("/", "\\", "/.", "\\.")):
+        raise UnsafePathError(f"{where} is {file_name!r}, which names a folder, not an image file")
+    if posix.is_absolute() or windows.is_absolute() or windows.drive:
+        raise UnsafePathError(
+            f"{where} is the absolute path {file_name!r}; it must be relative to the image folder"
+        )
+    if ".." in posix.parts or ".." in windows.parts:
+        raise UnsafePathError(f"{where} is {file_name!r}, which climbs out of the image folder")
+
+
+def check_image_size(height: int, width: int, where: str) -> None:
+    """Refuse an image size that no mask can be drawn on.
+
+    Args:
+        height: The image's ``height``.
+        width: The image's ``width``.
+        where: Location used in the error message.
+
+    Raises:
+        AnnotationError: A side is not a positive integer, or the image has more than
+            :data:`MAX_IMAGE_PIXELS` pixels.
+    """
+    if not all(type(side) is int and side >= 1 for side in (height, width)):
+        raise AnnotationError(f"{where}: height {height!r} and width {width!r} must be positive integers")
+    if height * width > MAX_IMAGE_PIXELS:
+        raise AnnotationError(
+            f"{where}: {height}x{width} is more than {MAX_IMAGE_PIXELS} pixels; check the height and "
+            "width, or tile the image"
+        )
+
+
+_CATEGORY_ID = re.compile(rb'("category_id"\s*:\s*)(-?\d+)')
+
+
+def renumber_category(raw: msgspec.Raw, new_id: int) -> msgspec.Raw:
+    """Return an annotation's raw JSON with its ``category_id`` set to ``new_id``.
+
+    Every other byte is kept. When the key name occurs more than once in the record
+    (a nested field of the same name), the record is decoded and re-encoded instead.
+    """
+    data = bytes(raw)
+    if data.count(b'"category_id"') == 1:
+        return msgspec.Raw(_CATEGORY_ID.sub(lambda m: m.group(1) + str(new_id).encode(), data))
+    fields = msgspec.json.decode(data, type=dict[str, msgspec.Raw])
+    fields["category_id"] = msgspec.Raw(str(new_id).encode())
+    return msgspec.Raw(msgspec.json.encode(fields))
+
+
+def encode_coco(document: CocoDocument) -> bytes:
+    """Encode a document as compact JSON in the key order of its source.
+
+    Args:
+        document: The document to encode.
+
+    Returns:
+        The JSON bytes.
+    """
+    records = {
+        "images": document.images,
+        "annotations": document.annotations,
+        "categories": document.categories,
+    }
+    out = {key: records.get(key, value) for key, value in document.top.items()}
+    return msgspec.json.encode(out)
+
+
+def write_coco(path: str | os.PathLike[str], document: CocoDocument) -> None:
+    """Write a document atomically.
+
+    Args:
+        path: Destination file.
+        document: The document to write.
+    """
+    write_bytes_atomic(path, encode_coco(document))

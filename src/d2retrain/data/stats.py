@@ -1,0 +1,92 @@
+"""Per-category instance and image counts at each data step, as a table and a bar chart."""
+
+import logging
+from collections.abc import Sequence
+
+import pandas as pd
+
+from d2retrain.core.fileio import write_figure, write_text_atomic
+from d2retrain.data.coco import CocoDocument, read_coco
+from d2retrain.data.filtering import count_categories
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["category_counts", "write_counts_csv", "plot_counts", "write_stats"]
+
+COLUMNS = ["split", "step", "category", "instances", "images"]
+
+
+def category_counts(document: CocoDocument, names: Sequence[str] | None = None) -> pd.DataFrame:
+    """Count instances and images per category, as a frame (see :func:`count_categories`).
+
+    Args:
+        document: The document to count.
+        names: Categories to report, in this order; all of the document's when None.
+
+    Returns:
+        A frame with columns ``category``, ``instances`` and ``images``.
+    """
+    return pd.DataFrame(count_categories(document, names), columns=["category", "instances", "images"])
+
+
+def write_counts_csv(path: str, counts: pd.DataFrame) -> None:
+    """Write a counts table (columns ``split, step, category, instances, images``) atomically."""
+    write_text_atomic(path, counts[COLUMNS].to_csv(index=False))
+
+
+def plot_counts(path: str, counts: pd.DataFrame, title: str) -> None:
+    """Draw grouped bar charts of instances and images per category and step.
+
+    Args:
+        path: PNG destination.
+        counts: Table with the columns of :data:`COLUMNS`.
+        title: Figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = list(dict.fromkeys(counts["split"]))
+    figure, axes = plt.subplots(len(splits), 2, figsize=(10, 3.2 * len(splits)), squeeze=False)
+    for row, split in enumerate(splits):
+        part = counts[counts["split"] == split]
+        for column, measure in enumerate(("instances", "images")):
+            pivot = part.pivot(index="category", columns="step", values=measure)
+            pivot = pivot.loc[list(dict.fromkeys(part["category"])), list(dict.fromkeys(part["step"]))]
+            pivot.plot.bar(
+                ax=axes[row][column],
+                rot=0,
+                logy=bool(pivot.to_numpy().max() > 50 * max(1, pivot.to_numpy().min())),
+            )
+            axes[row][column].set_title(f"{split}: {measure}")
+            axes[row][column].set_xlabel("")
+            for container in axes[row][column].containers:
+                axes[row][column].bar_label(container, fontsize=7)
+    write_figure(path, figure, title)
+
+
+def write_stats(
+    steps: dict[str, dict[str, str]], names: Sequence[str], csv_path: str, png_path: str, title: str
+) -> pd.DataFrame:
+    """Count instances and images per category at each step and write a CSV and a bar chart.
+
+    Args:
+        steps: ``{split: {step name: COCO file}}``, in display order.
+        names: The chosen category names.
+        csv_path: CSV destination.
+        png_path: PNG destination.
+        title: Chart title.
+
+    Returns:
+        The counts table.
+    """
+    frames = []
+    for split, files in steps.items():
+        for step, path in files.items():
+            counts = category_counts(read_coco(path), names)
+            frames.append(counts.assign(split=split, step=step))
+    table = pd.concat(frames, ignore_index=True)
+    write_counts_csv(csv_path, table)
+    plot_counts(png_path, table, title)
+    return table

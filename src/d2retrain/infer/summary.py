@@ -1,0 +1,62 @@
+"""Inference run summary: what happened to each input file, merged into one table."""
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from d2retrain.core.fileio import write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FileStatus", "write_summary"]
+
+
+@dataclasses.dataclass
+class FileStatus:
+    """What happened to one input file; the run summary has one row per file.
+
+    Attributes:
+        path: The input.
+        kind: ``image`` or ``video``.
+        name: Its outputs' base name.
+        status: ``ok``; ``truncated`` (a video that broke off: the frames before were inferred);
+            ``error`` (nothing inferred; the outputs say why).
+        error: What was wrong, or empty.
+        instances: Instances found (all frames of a video).
+        frames: Frames inferred (1 for an image).
+        seconds: Wall time spent on the file.
+    """
+
+    path: str
+    kind: str
+    name: str
+    status: str = "ok"
+    error: str = ""
+    instances: int = 0
+    frames: int = 0
+    seconds: float = 0.0
+
+
+def write_summary(status_paths: Sequence[str | Path], csv_path: str | Path) -> pd.DataFrame:
+    """Merge the jobs' status files into one CSV, a row per file, problems first.
+
+    Returns:
+        The table.
+    """
+    rows = [row for path in status_paths for row in json.loads(Path(path).read_text())]
+    table = pd.DataFrame(rows, columns=[field.name for field in dataclasses.fields(FileStatus)])
+    table = table.sort_values(
+        ["status", "kind", "name"],
+        key=lambda c: c.ne("ok") if c.name == "status" else c,
+        ascending=[False, True, True],
+    )
+    write_text_atomic(csv_path, table.to_csv(index=False))
+    for row in table.itertuples():
+        if row.status != "ok":
+            logger.warning("%s %s: %s", row.kind, row.status, row.error)
+    logger.info("%d files inferred, %d with problems", len(table), int((table.status != "ok").sum()))
+    return table

@@ -1,0 +1,196 @@
+"""The detectron2 engine's model half: its config from the specs, COCO head surgery, its predictor."""
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from d2retrain.core.errors import D2RetrainError
+from d2retrain.model.headsurgery import WeightsError, check_pickle_source, load_tensor_file, subset_class_rows
+from d2retrain.model.predictor import Instances, build_then_load
+from d2retrain.model.specs import ModelSpec, SolverSpec
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["COCO_IDS", "build_config", "initial_state", "make_predictor", "Detectron2Predictor"]
+
+# detectron2's COCO models number the 80 categories 0..79 in the order of their COCO ids.
+COCO_IDS = tuple(i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
+HEAD_LAYERS = {
+    "roi_heads.box_predictor.cls_score": 1,
+    "roi_heads.box_predictor.bbox_pred": 4,
+    "roi_heads.mask_head.predictor": 1,
+}
+
+
+def build_config(spec: ModelSpec, solver: SolverSpec, num_classes: int, device: str, output_dir: str = ""):
+    """A detectron2 ``CfgNode`` from the workflow's specs.
+
+    Raises:
+        D2RetrainError: The architecture is neither a config file nor a model-zoo name.
+    """
+    from detectron2 import model_zoo
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    try:
+        path = (
+            spec.architecture
+            if Path(spec.architecture).is_file()
+            else model_zoo.get_config_file(spec.architecture)
+        )
+        cfg.merge_from_file(path)
+    except RuntimeError:
+        raise D2RetrainError(
+            f"model.architecture {spec.architecture!r} is neither a config file nor a detectron2 "
+            "model-zoo name (e.g. COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml)"
+        ) from None
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.DEVICE = (
+        "cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu")
+    )
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = spec.roi_batch_size_per_image
+    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = spec.rpn_post_nms_topk_train
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = spec.rpn_post_nms_topk_test
+    cfg.SOLVER.MAX_ITER = solver.iterations
+    cfg.SOLVER.IMS_PER_BATCH = solver.images_per_batch
+    cfg.SOLVER.BASE_LR = solver.base_lr
+    cfg.SOLVER.WARMUP_ITERS = solver.warmup_iterations
+    cfg.SOLVER.WARMUP_FACTOR = 0.001
+    cfg.SOLVER.STEPS = tuple(solver.steps)
+    cfg.SOLVER.GAMMA = solver.gamma
+    cfg.SOLVER.MOMENTUM = solver.momentum
+    cfg.SOLVER.WEIGHT_DECAY = solver.weight_decay
+    cfg.SOLVER.CHECKPOINT_PERIOD = solver.checkpoint_period
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = solver.clip_gradients > 0
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "norm"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = solver.clip_gradients or 1.0
+    cfg.SOLVER.AMP.ENABLED = solver.amp and cfg.MODEL.DEVICE.startswith("cuda")
+    cfg.INPUT.MIN_SIZE_TRAIN = tuple(solver.min_size_train)
+    cfg.INPUT.MAX_SIZE_TRAIN = solver.max_size_train
+    cfg.INPUT.MIN_SIZE_TEST = solver.min_size_test
+    cfg.INPUT.MAX_SIZE_TEST = solver.max_size_test
+    cfg.INPUT.RANDOM_FLIP = "horizontal" if solver.flip else "none"
+    cfg.SEED = solver.seed
+    cfg.TEST.EVAL_PERIOD = solver.eval_period  # run by the workflow's hook, not DefaultTrainer.test
+    cfg.OUTPUT_DIR = output_dir
+    return cfg
+
+
+def initial_state(
+    spec: ModelSpec, source_ids: Sequence[int], model: torch.nn.Module
+) -> tuple[dict | None, bool]:
+    """Base weights for ``model`` (detectron2 URLs and ``.pkl`` files included), with head surgery.
+
+    Returns:
+        The state dict (None for random initialisation), and whether head surgery made it
+        the COCO base model restricted to the classes.
+
+    Raises:
+        WeightsError: The weights cannot be found or fetched.
+    """
+    if spec.weights in ("", "none"):
+        return None, False
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    checkpointer = DetectionCheckpointer(model)
+    try:
+        local = checkpointer.path_manager.get_local_path(spec.weights)
+    except (OSError, ValueError) as error:
+        raise WeightsError(
+            f"model.weights {spec.weights}: cannot be loaded ({error}); offline, download it on a connected "
+            "machine and set model.weights to the local file"
+        ) from None
+    if local.endswith(".pkl"):  # detectron2's model-zoo format: a pickle, trusted by source only
+        check_pickle_source(spec.weights, spec.trust_pickle)
+        loaded = checkpointer._load_file(local)["model"]
+    else:
+        loaded = load_tensor_file(local)
+    state = {
+        k: torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for k, v in loaded.items()
+    }
+    head = state.get("roi_heads.box_predictor.cls_score.weight")
+    surgery = (
+        spec.head_surgery
+        and head is not None
+        and head.shape[0] == len(COCO_IDS) + 1
+        and set(source_ids) <= set(COCO_IDS)
+    )
+    if surgery:
+        rows = [COCO_IDS.index(i) for i in source_ids]
+        state = subset_class_rows(
+            state, {"roi_heads.box_predictor.bbox_pred": 4, "roi_heads.mask_head.predictor": 1}, rows
+        )
+        state = subset_class_rows(state, {"roi_heads.box_predictor.cls_score": 1}, [*rows, len(COCO_IDS)])
+        logger.info("head surgery: class layers start from COCO classes %s", list(source_ids))
+    expected = model.state_dict()
+    return {k: v for k, v in state.items() if k in expected and v.shape == expected[k].shape}, surgery
+
+
+def make_predictor(
+    weights: str | Path | None,
+    spec: ModelSpec,
+    solver: SolverSpec,
+    num_classes: int,
+    device: str = "auto",
+    score_threshold: float = 0.05,
+    max_detections: int = 100,
+) -> "Detectron2Predictor":
+    """A :class:`Detectron2Predictor` (the engine contract's ``make_predictor``)."""
+    return Detectron2Predictor(weights, spec, solver, num_classes, device, score_threshold, max_detections)
+
+
+class Detectron2Predictor:
+    """detectron2's model, loaded once; same interface as the torchvision predictor."""
+
+    def __init__(
+        self,
+        weights: str | Path,
+        spec: ModelSpec,
+        solver: SolverSpec,
+        num_classes: int,
+        device: str = "auto",
+        score_threshold: float = 0.05,
+        max_detections: int = 100,
+    ) -> None:
+        """Args: as :class:`d2retrain.model.tv.TorchvisionPredictor`."""
+        from detectron2.engine import DefaultPredictor
+
+        cfg = build_config(spec, solver, num_classes, device)
+        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score_threshold
+        cfg.TEST.DETECTIONS_PER_IMAGE = max_detections
+        self.cfg = cfg
+        # MODEL.WEIGHTS is empty: DefaultPredictor loads nothing itself
+        self._predictor = build_then_load(lambda: DefaultPredictor(cfg), weights, lambda built: built.model)
+        self.model = self._predictor.model
+
+    def __call__(self, image_bgr: np.ndarray) -> Instances:
+        """Predict one BGR uint8 image."""
+        return self.predict_batch([image_bgr])[0]
+
+    @torch.inference_mode()
+    def predict_batch(self, images_bgr: Sequence[np.ndarray]) -> list[Instances]:
+        """Predict several BGR uint8 images in one forward pass (``DefaultPredictor``'s
+        preprocessing, applied to each)."""
+        inputs = []
+        for image in images_bgr:
+            resized = self._predictor.aug.get_transform(image).apply_image(image)
+            if self._predictor.input_format == "RGB":
+                resized = resized[:, :, ::-1]
+            tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))).float()
+            inputs.append(
+                {"image": tensor.to(self.cfg.MODEL.DEVICE), "height": image.shape[0], "width": image.shape[1]}
+            )
+        return [_instances(output["instances"].to("cpu")) for output in self.model(inputs)]
+
+
+def _instances(output) -> Instances:
+    return Instances(
+        boxes=output.pred_boxes.tensor.numpy(),
+        scores=output.scores.numpy(),
+        classes=output.pred_classes.numpy(),
+        masks=output.pred_masks.numpy().astype(bool),
+    )

@@ -1,0 +1,210 @@
+"""The torchvision engine's model half: torchvision's Mask R-CNN, its COCO head surgery, its predictor."""
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from d2retrain.core.errors import D2RetrainError
+from d2retrain.model.headsurgery import load_state_dict_source, subset_class_rows
+from d2retrain.model.predictor import Instances, build_then_load
+from d2retrain.model.specs import ModelSpec, SolverSpec
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ARCHITECTURES",
+    "build_model",
+    "initial_state",
+    "make_predictor",
+    "resolve_device",
+    "TorchvisionPredictor",
+]
+
+ARCHITECTURES = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn")
+COCO_ROWS = 91  # torchvision's COCO models index classes by COCO category id (0 = background)
+
+# Class-specific layers: name -> rows per class (box regression has 4 per class).
+HEAD_LAYERS = {
+    "roi_heads.box_predictor.cls_score": 1,
+    "roi_heads.box_predictor.bbox_pred": 4,
+    "roi_heads.mask_predictor.mask_fcn_logits": 1,
+}
+
+
+def build_model(spec: ModelSpec, num_classes: int, solver: SolverSpec) -> nn.Module:
+    """Build an untrained Mask R-CNN with ``num_classes`` classes plus background.
+
+    Args:
+        spec: Architecture (one of :data:`ARCHITECTURES`).
+        num_classes: Foreground classes.
+        solver: Input sizes for training and inference.
+
+    Returns:
+        The model.
+
+    Raises:
+        D2RetrainError: The architecture is unknown.
+    """
+    sizes = {
+        "min_size": solver.min_size_train,
+        "max_size": solver.max_size_train,
+        "box_batch_size_per_image": spec.roi_batch_size_per_image,
+        "rpn_post_nms_top_n_train": spec.rpn_post_nms_topk_train,
+        "rpn_pre_nms_top_n_train": 2 * spec.rpn_post_nms_topk_train,
+        "rpn_post_nms_top_n_test": spec.rpn_post_nms_topk_test,
+        "rpn_pre_nms_top_n_test": spec.rpn_post_nms_topk_test,
+    }
+    if spec.architecture == "maskrcnn_resnet18_fpn":
+        return _small_maskrcnn(num_classes, sizes)
+    if spec.architecture in ARCHITECTURES:
+        builder = getattr(torchvision.models.detection, spec.architecture)
+        return builder(weights=None, weights_backbone=None, num_classes=num_classes + 1, **sizes)
+    raise D2RetrainError(
+        f"model.architecture {spec.architecture!r} is not a torchvision architecture; "
+        f"use one of {', '.join(ARCHITECTURES)}"
+    )
+
+
+def _small_maskrcnn(num_classes: int, options: dict) -> MaskRCNN:
+    """The demo network: ResNet-18 + FPN at 128 channels, a 512-d box head, a 128-channel
+    mask head, BatchNorm throughout: learns the demo data from scratch on a CPU in minutes."""
+    channels, representation = 128, 512
+    body = torchvision.models.resnet18(weights=None)
+    layers = {f"layer{k}": str(k - 1) for k in range(1, 5)}
+    backbone = BackboneWithFPN(body, layers, [64, 128, 256, 512], channels, extra_blocks=LastLevelMaxPool())
+    return MaskRCNN(
+        backbone,
+        box_head=TwoMLPHead(channels * 7 * 7, representation),
+        box_predictor=FastRCNNPredictor(representation, num_classes + 1),
+        mask_head=MaskRCNNHeads(channels, (channels,) * 4, 1),
+        mask_predictor=MaskRCNNPredictor(channels, channels, num_classes + 1),
+        **options,
+    )
+
+
+def initial_state(
+    spec: ModelSpec, source_ids: Sequence[int], model: nn.Module
+) -> tuple[dict[str, torch.Tensor] | None, bool]:
+    """The starting weights for ``model``: base weights, with head surgery when they are COCO's.
+
+    Args:
+        spec: Weights source and head-surgery switch.
+        source_ids: Original COCO category id of each class, in model order.
+        model: The model the weights are for (gives the expected shapes).
+
+    Returns:
+        A state dict to load (None for random initialisation), and whether head surgery
+        made it the COCO base model restricted to the classes.
+
+    Raises:
+        WeightsError: The weights cannot be found or fetched.
+    """
+    state = load_state_dict_source(spec.weights, torchvision_names=True)
+    if state is None:
+        return None, False
+    expected = model.state_dict()
+    coco_head = state.get("roi_heads.box_predictor.cls_score.weight")
+    surgery = (
+        spec.head_surgery
+        and coco_head is not None
+        and coco_head.shape[0] == COCO_ROWS
+        and max(source_ids) < COCO_ROWS
+    )
+    if surgery:
+        rows = [0, *source_ids]
+        state = subset_class_rows(state, HEAD_LAYERS, rows)
+        logger.info("head surgery: class layers start from COCO rows %s", rows)
+    mismatched = [k for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    for key in mismatched:
+        del state[key]
+    if mismatched:
+        logger.info("left at random (shape differs from the base weights): %s", ", ".join(mismatched))
+    return state, surgery
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; other names as they are."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def make_predictor(
+    weights: str | Path | None,
+    spec: ModelSpec,
+    solver: SolverSpec,
+    num_classes: int,
+    device: str = "auto",
+    score_threshold: float = 0.05,
+    max_detections: int = 100,
+) -> "TorchvisionPredictor":
+    """A :class:`TorchvisionPredictor` (the engine contract's ``make_predictor``)."""
+    return TorchvisionPredictor(weights, spec, solver, num_classes, device, score_threshold, max_detections)
+
+
+class TorchvisionPredictor:
+    """Load a trained model once and predict image after image."""
+
+    def __init__(
+        self,
+        weights: str | Path,
+        spec: ModelSpec,
+        solver: SolverSpec,
+        num_classes: int,
+        device: str = "auto",
+        score_threshold: float = 0.05,
+        max_detections: int = 100,
+    ) -> None:
+        """Args:
+        weights: ``model_final.pth`` (a state dict, or a checkpoint holding one under "model").
+        spec: The architecture.
+        solver: Test input sizes.
+        num_classes: Foreground classes.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        score_threshold: Lowest score kept.
+        max_detections: Most instances per image.
+        """
+        solver = dataclasses.replace(
+            solver, min_size_train=(solver.min_size_test,), max_size_train=solver.max_size_test
+        )
+        self.model = build_then_load(lambda: build_model(spec, num_classes, solver), weights)
+        self.model.roi_heads.score_thresh = score_threshold
+        self.model.roi_heads.detections_per_img = max_detections
+        self.device = resolve_device(device)
+        self.model.to(self.device).eval()
+
+    def __call__(self, image_bgr: np.ndarray) -> Instances:
+        """Predict one BGR uint8 image."""
+        return self.predict_batch([image_bgr])[0]
+
+    @torch.inference_mode()
+    def predict_batch(self, images_bgr: Sequence[np.ndarray]) -> list[Instances]:
+        """Predict several BGR uint8 images in one forward pass."""
+        tensors = [
+            torch.from_numpy(np.ascontiguousarray(image[:, :, ::-1]))
+            .to(self.device)
+            .permute(2, 0, 1)
+            .float()
+            .div_(255)
+            for image in images_bgr
+        ]
+        return [
+            Instances(
+                boxes=output["boxes"].cpu().numpy(),
+                scores=output["scores"].cpu().numpy(),
+                classes=output["labels"].cpu().numpy() - 1,
+                masks=(output["masks"][:, 0] > 0.5).cpu().numpy(),
+            )
+            for output in self.model(tensors)
+        ]

@@ -1,0 +1,201 @@
+"""The detectron2 engine's training half: DefaultTrainer with the workflow's checkpoints and metrics."""
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from d2retrain.core.errors import D2RetrainError
+from d2retrain.data.records import load_records
+from d2retrain.model.d2 import Detectron2Predictor, build_config, initial_state
+from d2retrain.model.evaluation import progress_record
+from d2retrain.model.headsurgery import load_checkpoint
+from d2retrain.model.specs import TrainJob
+from d2retrain.train import distributed
+from d2retrain.train.loop import (
+    CheckpointStore,
+    MetricsLog,
+    TrainingDivergedError,
+    check_losses,
+    loader_workers,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["register_split", "train"]
+
+
+def register_split(name: str, annotations_json: str, image_dir: str, classes: Sequence[str]) -> str:
+    """Register a COCO split once under ``name`` (unique per subset, split and content)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import load_coco_json
+
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: load_coco_json(annotations_json, image_dir, name))
+        MetadataCatalog.get(name).set(
+            thing_classes=list(classes),
+            json_file=annotations_json,
+            image_root=image_dir,
+            evaluator_type="coco",
+        )
+    return name
+
+
+def _trainer_class():
+    from detectron2.engine import DefaultTrainer, hooks
+
+    class Trainer(DefaultTrainer):
+        """DefaultTrainer whose checkpoints and metrics go through the workflow's store and log."""
+
+        store: CheckpointStore
+        metrics: MetricsLog
+        max_loss: float
+        job: TrainJob
+
+        def build_hooks(self):
+            kept = [
+                h
+                for h in super().build_hooks()
+                if not isinstance(h, hooks.PeriodicCheckpointer | hooks.PeriodicWriter | hooks.EvalHook)
+            ]
+            return [*kept, hooks.CallbackHook(after_step=_after_step)]
+
+    def _after_step(trainer) -> None:
+        if not distributed.is_main():  # detectron2 gathers the metrics on rank 0 only
+            return
+        storage = trainer.storage
+        latest = {name: value for name, (value, _) in storage.latest().items()}
+        losses = {k: float(v) for k, v in latest.items() if k.startswith("loss_")}
+        check_losses(losses, trainer.iter, trainer.max_loss)
+        trainer.metrics.write(
+            {
+                "iteration": trainer.iter,
+                "total_loss": sum(losses.values()),
+                **losses,
+                "lr": float(latest.get("lr", 0.0)),
+                "data_time": float(latest.get("data_time", 0.0)),
+                "time": float(latest.get("time", 0.0)),
+            }
+        )
+        done = trainer.iter + 1
+        if done % trainer.cfg.SOLVER.CHECKPOINT_PERIOD == 0 and done < trainer.max_iter:
+            trainer.store.save(_payload(trainer), done)
+        if trainer.cfg.TEST.EVAL_PERIOD and done % trainer.cfg.TEST.EVAL_PERIOD == 0:
+            trainer.metrics.write(_evaluate_now(trainer))
+
+    return Trainer
+
+
+def _evaluate_now(trainer) -> dict:
+    """AP of the weights so far on the val split, with the workflow's evaluation (as the
+    evaluate rule), through a separate inference copy of the model."""
+    job = trainer.job
+    predictor = Detectron2Predictor(
+        None, job.model, job.solver, len(job.classes), device=trainer.cfg.MODEL.DEVICE
+    )
+    predictor.model.load_state_dict(_bare(trainer.model).state_dict())
+    return progress_record(predictor, job.val_json, job.val_images, job.classes, trainer.iter)
+
+
+def _payload(trainer) -> dict:
+    state = trainer.state_dict()
+    state["iteration"] = trainer.iter + 1
+    return {"model": _bare(trainer.model).state_dict(), "trainer": state}
+
+
+def _bare(model: torch.nn.Module) -> torch.nn.Module:
+    """The network inside detectron2's data-parallel wrapper (itself for one process)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def train(job: TrainJob, fingerprint: str) -> Path:
+    """Train (or resume) with detectron2 and return the final checkpoint.
+
+    Several processes (``job.distributed``) go through detectron2's ``launch``, one per GPU.
+
+    Raises:
+        D2RetrainError: Missing images, bad weights or config, a diverged loss, or several
+            processes asked for without GPUs.
+    """
+    load_records(job.train_json, job.train_images)  # fail before training on missing images
+    spec = job.distributed
+    if spec.world_size == 1:
+        _train_process(job, fingerprint)
+    elif not torch.cuda.is_available():
+        raise D2RetrainError(
+            f"train.num_gpus x num_machines is {spec.world_size}, but the detectron2 engine runs "
+            "several processes on GPUs only (its data-parallel wrapper pins each to a GPU); set "
+            "train.num_gpus: 1, or model.engine: torchvision, which runs CPU processes with gloo"
+        )
+    else:
+        from detectron2.engine import launch
+
+        with distributed.launch_errors():
+            launch(
+                _launched_process,
+                spec.num_gpus,
+                spec.num_machines,
+                spec.machine_rank,
+                distributed.rendezvous_url(spec),
+                args=(job, fingerprint, distributed.log_file()),
+            )
+    return CheckpointStore(job.checkpoint_dir, fingerprint).latest()
+
+
+def _launched_process(job: TrainJob, fingerprint: str, log_file: str | None) -> None:
+    from detectron2.utils import comm
+
+    distributed.process_main(comm.get_local_rank(), _train_process, log_file, (job, fingerprint))
+
+
+def _load_start(trainer, job: TrainJob, resume: tuple[Path, int] | None) -> torch.nn.Module:
+    """Load the base weights (fresh run) or the checkpoint (resume); return the bare network."""
+    model = _bare(trainer.model)
+    if resume is None:
+        state, _ = initial_state(job.model, job.source_ids, model)
+        if state is not None:
+            model.load_state_dict(state, strict=False)
+    else:
+        path, iteration = resume
+        checkpoint = load_checkpoint(path)
+        model.load_state_dict(checkpoint["model"])
+        trainer.load_state_dict(checkpoint["trainer"])
+        trainer.start_iter = iteration
+        logger.info("resuming from %s at iteration %d", path, iteration)
+    return model
+
+
+def _train_process(job: TrainJob, fingerprint: str) -> None:
+    torch.set_num_threads(job.threads_per_process)
+    train_name = register_split(
+        f"d2retrain_{fingerprint}_train", job.train_json, job.train_images, job.classes
+    )
+    cfg = build_config(job.model, job.solver, len(job.classes), job.device, str(job.checkpoint_dir))
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train_name,), ()
+    cfg.DATALOADER.NUM_WORKERS = loader_workers(job.threads)
+    store = CheckpointStore(job.checkpoint_dir, fingerprint)
+    resume = store.resumable()
+    distributed.barrier()  # every process has read the state before rank 0 may clear it
+    if resume is None and distributed.is_main():
+        store.start_fresh()
+    trainer = _trainer_class()(cfg)
+    trainer.store, trainer.max_loss, trainer.job = store, job.solver.max_loss, job
+    model = _load_start(trainer, job, resume)
+    distributed.barrier()
+    main = distributed.is_main()
+    trainer.metrics = (
+        MetricsLog(store.folder / "metrics.jsonl", resume_from=trainer.start_iter) if main else None
+    )
+    try:
+        trainer.train()
+    except FloatingPointError as error:
+        raise TrainingDivergedError(f"training diverged: {error}; the last good checkpoint is kept") from None
+    finally:
+        if main:
+            trainer.metrics.close()
+    distributed.check_in_step(model, next(model.parameters()).device)
+    if main:
+        store.save(_payload(trainer), job.solver.iterations)
+        store.mark_finished(job.solver.iterations)
+    distributed.barrier()

@@ -1,0 +1,216 @@
+"""Engine-neutral training plumbing: resumable checkpoints, metrics log, divergence guard, plots."""
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from d2retrain.core.errors import D2RetrainError
+from d2retrain.core.fileio import atomic_open, remove_leftovers, write_figure
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TrainingDivergedError",
+    "CheckpointStore",
+    "MetricsLog",
+    "check_losses",
+    "loader_workers",
+    "plot_metrics",
+]
+
+
+class TrainingDivergedError(D2RetrainError):
+    """The loss became NaN, infinite or exploded."""
+
+
+class CheckpointStore:
+    """Checkpoints of one training run, resumed only by a run with the same fingerprint.
+
+    ``state.json`` records the fingerprint, the last checkpoint and whether the run
+    finished. A finished run's checkpoints are not resumed: rerunning a finished
+    training (``--forcerun``) starts fresh, a killed one continues.
+    """
+
+    def __init__(self, folder: str | Path, fingerprint: str, keep: int = 2) -> None:
+        """Args:
+        folder: Where checkpoints live.
+        fingerprint: Hash of what shapes the model.
+        keep: Checkpoints kept on disk.
+        """
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint
+        self.keep = keep
+
+    def _state(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.folder / "state.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def resumable(self) -> tuple[Path, int] | None:
+        """Return the checkpoint to resume and its iteration, or None to start fresh.
+
+        Temporary files of a checkpoint write cut short by a kill are removed: only renamed,
+        complete checkpoints are ever named by ``state.json``.
+        """
+        remove_leftovers(self.folder, lambda name: True)  # the folder holds only this store's files
+        state = self._state()
+        if not state:
+            return None
+        if state.get("fingerprint") != self.fingerprint:
+            logger.info("checkpoints in %s belong to another configuration: starting fresh", self.folder)
+            return None
+        if state.get("finished"):
+            logger.info("the previous run in %s finished: starting fresh", self.folder)
+            return None
+        path = self.folder / state["checkpoint"]
+        if not path.is_file():
+            return None
+        return path, int(state["iteration"])
+
+    def latest(self) -> Path:
+        """The checkpoint ``state.json`` points at (the final one after a finished run).
+
+        Raises:
+            D2RetrainError: No checkpoint was recorded.
+        """
+        state = self._state()
+        if "checkpoint" not in state:
+            raise D2RetrainError(f"{self.folder}: no checkpoint recorded in state.json")
+        return self.folder / state["checkpoint"]
+
+    def start_fresh(self) -> None:
+        """Remove old checkpoints and state."""
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True)
+
+    def save(self, payload: dict[str, Any], iteration: int) -> Path:
+        """Write a checkpoint durably, then point ``state.json`` at it.
+
+        Args:
+            payload: What to save (tensors and plain values only).
+            iteration: Iterations completed.
+
+        Returns:
+            The checkpoint's path.
+        """
+        path = self.folder / f"model_{iteration:07d}.pth"
+        with atomic_open(path, durable=True) as handle:
+            torch.save(payload, handle)
+        self._write_state({"checkpoint": path.name, "iteration": iteration, "finished": False})
+        for old in sorted(self.folder.glob("model_*.pth"))[: -self.keep]:
+            old.unlink()
+        logger.info("checkpoint at iteration %d: %s", iteration, path)
+        return path
+
+    def mark_finished(self, iteration: int) -> None:
+        """Record that the run completed, so a rerun starts fresh."""
+        state = self._state()
+        self._write_state({**state, "iteration": iteration, "finished": True})
+
+    def _write_state(self, state: dict[str, Any]) -> None:
+        text = json.dumps({"fingerprint": self.fingerprint, **state}, indent=2)
+        with atomic_open(self.folder / "state.json", durable=True) as handle:
+            handle.write(text.encode())
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one line per logged iteration, kept consistent across resumes."""
+
+    def __init__(self, path: str | Path, resume_from: int) -> None:
+        """Args:
+        path: The live log (in the checkpoint folder).
+        resume_from: Keep only the lines of iterations before this one.
+        """
+        self.path = Path(path)
+        kept = []
+        if resume_from > 0 and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["iteration"] < resume_from:
+                        kept.append(line)
+                except (ValueError, KeyError):
+                    break  # a line cut by a kill ends the usable log
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(f"{line}\n" for line in kept))
+        self._handle = self.path.open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record and flush it."""
+        self._handle.write(json.dumps(record) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        """Close the log."""
+        self._handle.close()
+
+
+def loader_workers(threads: int) -> int:
+    """Data-loading processes for a job with ``threads`` CPUs: none on small machines, where a
+    worker only takes a core from the model, else a quarter of the threads (at most 4)."""
+    return 0 if threads <= 2 else min(4, threads // 4 or 1)
+
+
+def check_losses(losses: dict[str, float], iteration: int, max_loss: float) -> None:
+    """Stop training on a NaN, infinite or exploding loss.
+
+    Raises:
+        TrainingDivergedError: With the iteration, the offending losses and what to try.
+    """
+    total = sum(losses.values())
+    if math.isfinite(total) and total <= max_loss:
+        return
+    shown = ", ".join(f"{name}={value:.4g}" for name, value in losses.items())
+    raise TrainingDivergedError(
+        f"training diverged at iteration {iteration} ({shown}); the last good checkpoint is kept. "
+        "Lower train.base_lr or lengthen train.warmup_iterations, then rerun"
+    )
+
+
+def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str) -> None:
+    """Plot total and component losses, the learning rate and, when training evaluated the val
+    split, its AP against iterations.
+
+    Args:
+        metrics_path: A ``metrics.jsonl`` (loss records, and AP records from ``train.eval_period``).
+        png_path: The PNG to write.
+        title: Figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "total_loss" in r]
+    evals = [r for r in records if "segm_AP" in r]
+    figure, axes = plt.subplots(1, 3 if evals else 2, figsize=(16 if evals else 11, 3.8))
+    losses, rate = axes[0], axes[1]
+    iterations = [r["iteration"] for r in steps]
+    for key in sorted({k for r in steps for k in r if k.startswith("loss") or k == "total_loss"}):
+        losses.plot(
+            iterations,
+            [r.get(key, float("nan")) for r in steps],
+            label=key,
+            linewidth=2 if key == "total_loss" else 1,
+        )
+    losses.set_yscale("log")
+    losses.set_xlabel("iteration")
+    losses.set_title("losses")
+    losses.legend(fontsize=7)
+    rate.plot(iterations, [r["lr"] for r in steps])
+    rate.set_xlabel("iteration")
+    rate.set_title("learning rate")
+    if evals:
+        for key in ("bbox_AP", "segm_AP"):
+            axes[2].plot([r["iteration"] for r in evals], [r[key] for r in evals], marker="o", label=key)
+        axes[2].set_xlabel("iteration")
+        axes[2].set_title("val AP during training")
+        axes[2].legend(fontsize=7)
+    write_figure(png_path, figure, title)

@@ -1,0 +1,127 @@
+"""Train a model folder: a job from the config sections, its engine's training half, the folder's files."""
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+import yaml
+
+from d2retrain.core.config import section_defaults
+from d2retrain.core.fileio import atomic_open, write_bytes_atomic, write_text_atomic
+from d2retrain.model.engines import resolve_engine
+from d2retrain.model.headsurgery import load_checkpoint
+from d2retrain.model.specs import (
+    ClassInfo,
+    TrainJob,
+    check_class_list,
+    distributed_spec,
+    fingerprint,
+    model_spec,
+    solver_spec,
+    source_category_ids,
+    write_classes,
+)
+from d2retrain.train.engines import train_engine
+from d2retrain.train.loop import plot_metrics
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["train_model", "train_from_config"]
+
+
+def train_model(job: TrainJob) -> None:
+    """Train (resuming a killed run of the same job) and write the model folder.
+
+    Writes ``model_final.pth``, ``classes.json``, ``config.yaml``, ``metrics.jsonl`` and
+    ``loss.png`` into ``job.output_dir``; checkpoints stay in ``checkpoints/`` beside them.
+
+    Raises:
+        D2RetrainError: Bad input, unusable weights or a diverged loss.
+    """
+    key = fingerprint(job)
+    job.distributed.check(job.solver.images_per_batch)
+    final = train_engine(job.model.engine).train(job, key)
+    if job.distributed.machine_rank != 0:
+        return  # machine 0 writes the model folder
+    output = Path(job.output_dir)
+    with atomic_open(output / "model_final.pth", durable=True) as handle:
+        torch.save({"model": load_checkpoint(final)["model"]}, handle)
+    write_text_atomic(output / "config.yaml", yaml.safe_dump(_config_record(job), sort_keys=False))
+    live_metrics = job.checkpoint_dir / "metrics.jsonl"
+    write_bytes_atomic(output / "metrics.jsonl", live_metrics.read_bytes())
+    plot_metrics(
+        output / "metrics.jsonl", output / "loss.png", f"{', '.join(job.classes)} ({job.model.engine})"
+    )
+    info = ClassInfo(
+        list(job.classes),
+        list(job.source_ids),
+        job.model.engine,
+        job.model.architecture,
+        job.model.weights,
+        key,
+    )
+    write_classes(output / "classes.json", info)
+
+
+def train_from_config(
+    model: dict,
+    train: dict,
+    classes: list[str],
+    train_json: str,
+    train_images: str,
+    val_json: str,
+    val_images: str,
+    source_json: str,
+    output_dir: str,
+    threads: int = 1,
+) -> None:
+    """Build a :class:`TrainJob` from the ``model`` and ``train`` config sections and run it.
+
+    Args:
+        model: The ``model`` section (schema defaults fill what is missing).
+        train: The ``train`` section.
+        classes: Class names in model order.
+        train_json: Filtered, balanced training annotations.
+        train_images: Training image folder.
+        val_json: Filtered validation annotations.
+        val_images: Validation image folder.
+        source_json: The unfiltered training annotations (the classes' original ids).
+        output_dir: The model folder.
+        threads: CPU threads.
+
+    Raises:
+        D2RetrainError: Bad configuration or input, unusable weights, or a diverged loss.
+    """
+    model = section_defaults("model") | model
+    engine = resolve_engine(model["engine"], model["architecture"])
+    for annotations in (train_json, val_json):
+        check_class_list(annotations, classes)
+    job = TrainJob(
+        train_json=train_json,
+        train_images=train_images,
+        val_json=val_json,
+        val_images=val_images,
+        classes=tuple(classes),
+        source_ids=source_category_ids(source_json, classes),
+        model=model_spec(model, engine),
+        solver=solver_spec(train),
+        output_dir=output_dir,
+        device=(section_defaults("train") | train)["device"],
+        threads=threads,
+        distributed=distributed_spec(train),
+    )
+    logger.info("training %s with the %s engine (%s)", ", ".join(classes), engine, job.model.architecture)
+    train_model(job)
+
+
+def _config_record(job: TrainJob) -> dict:
+    return {
+        "model": dataclasses.asdict(job.model),
+        "solver": {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(job.solver).items()
+        },
+        "classes": list(job.classes),
+        "train": {"annotations": job.train_json, "images": job.train_images},
+        "val": {"annotations": job.val_json, "images": job.val_images},
+    }

@@ -1,0 +1,62 @@
+"""Training samples: a filtered COCO file's records as tensors, in a deterministic, resumable order."""
+
+import logging
+
+import numpy as np
+import torch
+
+from d2retrain.data.masks import rasterize
+from d2retrain.data.records import ImageRecord, read_image
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrainSamples"]
+
+
+class TrainSamples(torch.utils.data.Dataset):
+    """Training samples addressed by global sample position, for a deterministic, resumable order.
+
+    Position ``p`` is image ``permutation(seed + epoch)[p % n]`` of epoch ``p // n``,
+    flipped when a generator seeded by ``(seed, p)`` says so.
+    """
+
+    def __init__(self, records: list[ImageRecord], seed: int, flip: bool) -> None:
+        """Args:
+        records: Images with at least one instance.
+        seed: Seed of the order and the flips.
+        flip: Random horizontal flips.
+        """
+        self.records = [record for record in records if record.annotations]
+        self.seed = seed
+        self.flip = flip
+
+    def __len__(self) -> int:
+        """Samples per epoch."""
+        return len(self.records)
+
+    def index_at(self, position: int) -> int:
+        """Record index served at a global position."""
+        epoch, offset = divmod(position, len(self.records))
+        return int(np.random.default_rng([self.seed, epoch]).permutation(len(self.records))[offset])
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Image (RGB float CHW in 0..1) and target (boxes xyxy, labels, uint8 masks)."""
+        record = self.records[self.index_at(position)]
+        image = read_image(record.path)[:, :, ::-1]
+        masks = np.stack([rasterize(a.segmentation, record.height, record.width) for a in record.annotations])
+        boxes = np.array(
+            [[x, y, x + w, y + h] for x, y, w, h in (a.bbox for a in record.annotations)], np.float32
+        )
+        if self.flip and np.random.default_rng([self.seed, position, 1]).random() < 0.5:
+            image, masks = image[:, ::-1], masks[:, :, ::-1]
+            boxes = np.stack(
+                [record.width - boxes[:, 2], boxes[:, 1], record.width - boxes[:, 0], boxes[:, 3]], 1
+            )
+        keep = (boxes[:, 2] > boxes[:, 0] + 0.5) & (boxes[:, 3] > boxes[:, 1] + 0.5)
+        target = {
+            "boxes": torch.from_numpy(np.ascontiguousarray(boxes[keep])),
+            "labels": torch.tensor([a.category_id for a in record.annotations], dtype=torch.int64)[keep],
+            "masks": torch.from_numpy(np.ascontiguousarray(masks[keep])).to(torch.uint8),
+        }
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+        return tensor, target
