@@ -8,9 +8,12 @@ import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from d2retrain.core.errors import D2RetrainError
+
+if TYPE_CHECKING:  # matplotlib costs ~0.3 s to import: only commands that plot pay it
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +139,7 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def write_figure(path: str | os.PathLike[str], figure: "matplotlib.figure.Figure", title: str) -> None:  # noqa: F821
+def write_figure(path: str | os.PathLike[str], figure: "Figure", title: str) -> None:
     """Title, lay out and save a matplotlib figure as PNG atomically, then close it.
 
     Args:

@@ -5,18 +5,20 @@ import os
 import pickle
 import threading
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["in_two_halves"]
 
-T = TypeVar("T")
+Items = TypeVar("Items", Sequence[Any], np.ndarray)  # anything sliced into halves
 R = TypeVar("R")
 
 
 def in_two_halves(
-    function: Callable[[Sequence[T]], R], items: Sequence[T], processes: int, minimum: int = 50_000
+    function: Callable[[Items], R], items: Items, processes: int, minimum: int = 50_000
 ) -> list[R]:
     """``[function(first half), function(second half)]``, the first computed in a forked child
     while this process computes the second, when ``processes`` allows two.
@@ -69,7 +71,7 @@ def _can_fork() -> bool:
     return len(cpus) > 1
 
 
-def _run_child(function: Callable, part: Sequence, read: int, write: int) -> None:
+def _run_child(function: Callable[[Items], Any], part: Items, read: int, write: int) -> None:
     """Compute, send ``(failed, result or exception)`` to the parent, and leave at once."""
     code = 0
     try:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from operator import attrgetter
 from pathlib import PurePosixPath, PureWindowsPath
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 import numpy as np
@@ -257,7 +257,7 @@ def _decode(data: bytes | mmap.mmap, kind: type, source: str):
 
 
 def _decode_each(records: list[msgspec.Raw], kind: type, source: str, where: str) -> list:
-    decoder = msgspec.json.Decoder(kind)
+    decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(kind)
     try:
         return [decoder.decode(record) for record in records]
     except msgspec.ValidationError:
@@ -334,7 +334,8 @@ def _validate(document: CocoDocument) -> None:
     pixels = document.image_sizes.prod(axis=1)
     if np.any(pixels > MAX_IMAGE_PIXELS):
         index = int(np.argmax(pixels > MAX_IMAGE_PIXELS))
-        check_image_size(*document.image_sizes[index].tolist(), where=f"{source}: images[{index}]")
+        height, width = document.image_sizes[index].tolist()
+        check_image_size(height, width, where=f"{source}: images[{index}]")
 
 
 def _check_unique(source: str, section: str, key: str, values: list[str]) -> None:

@@ -114,7 +114,7 @@ def _propose(rng: np.random.Generator, category: int) -> list[np.ndarray]:
 def _background(rng: np.random.Generator) -> np.ndarray:
     corners = rng.uniform(40, 200, size=(2, 2, 3)).astype(np.float32)
     image = cv2.resize(corners, (WIDTH, HEIGHT), interpolation=cv2.INTER_LINEAR)
-    image += rng.normal(0, 6, size=image.shape).astype(np.float32)
+    image += np.asarray(rng.normal(0, 6, size=image.shape), dtype=np.float32)
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
@@ -125,7 +125,8 @@ def _paint(rng: np.random.Generator, image: np.ndarray, category: int, polygons:
         cv2.fillPoly(image, [np.round(polygons[0]).astype(np.int32)], color)
         cv2.circle(image, (int(cx), int(cy)), max(2, int(radius * 0.35)), (20, 20, 20), -1)
         return
-    color = tuple(int(c) for c in rng.integers(0, 256, size=3))
+    red, green, blue = (int(c) for c in rng.integers(0, 256, size=3))
+    color = (red, green, blue)
     cv2.fillPoly(image, [np.round(p).astype(np.int32) for p in polygons], color)
     if category == _CAR:
         left, top, right, bottom = _bounds(polygons)
@@ -190,6 +191,7 @@ def _uncompressed_rle(mask: np.ndarray) -> dict:
 
 
 def _annotation(instance: Instance, annotation_id: int, image_id: int) -> dict:
+    segmentation: dict | list[list[float]]
     if instance.crowd_mask is not None:
         segmentation = _uncompressed_rle(instance.crowd_mask)
         rle = mask_utils.frPyObjects(segmentation, HEIGHT, WIDTH)
@@ -208,7 +210,8 @@ def _annotation(instance: Instance, annotation_id: int, image_id: int) -> dict:
 
 
 def _write_split(layout: DemoLayout, split: str, count: int, rng: np.random.Generator, first_id: int) -> None:
-    images, annotations = [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
     names = layout.image_names(split, count)
     for number, file_name in enumerate(tqdm(names, desc=f"demo {split}", unit="img", disable=None)):
         image_id = first_id + number

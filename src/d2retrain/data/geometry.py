@@ -25,7 +25,7 @@ import functools
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, TypeGuard
 
 import msgspec
 import numpy as np
@@ -141,7 +141,7 @@ def _rle_problem(rle: dict, height: int, width: int) -> str | None:
     return None
 
 
-def _integers(value: object) -> bool:
+def _integers(value: object) -> TypeGuard[list[int]]:
     return isinstance(value, list) and all(type(item) is int for item in value)
 
 
@@ -230,7 +230,9 @@ def apply_geometry_rule(
     rows = np.column_stack([index, sizes]).astype(np.int64, copy=False)
     if all(in_two_halves(functools.partial(_all_clean, document.annotations), rows, processes)):
         return keep, {}
-    dropped, dropped_at, rewritten = Counter(), [], {}
+    dropped: Counter[str] = Counter()
+    dropped_at: list[int] = []
+    rewritten: dict[int, msgspec.Raw] = {}
     for position, height, width, side in zip(
         index.tolist(), *sizes.T.tolist(), sizes.max(axis=1, initial=0).tolist(), strict=True
     ):
@@ -245,6 +247,7 @@ def apply_geometry_rule(
         except (msgspec.ValidationError, AnnotationError) as error:
             raise _malformed(document, position, error) from None
         if kept is None:
+            assert problem is not None  # a dropped annotation always has its reason
             dropped[problem] += 1
             dropped_at.append(position)
         elif problem is not None:
@@ -284,7 +287,7 @@ def _log_geometry(
     )
 
 
-def _with_segmentation(raw: msgspec.Raw, segmentation: list) -> msgspec.Raw:
+def _with_segmentation(raw: msgspec.Raw, segmentation: list | dict) -> msgspec.Raw:
     fields = msgspec.json.decode(raw, type=dict[str, msgspec.Raw])
     fields["segmentation"] = msgspec.Raw(msgspec.json.encode(segmentation))
     return msgspec.Raw(msgspec.json.encode(fields))

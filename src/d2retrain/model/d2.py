@@ -148,7 +148,7 @@ class Detectron2Predictor:
 
     def __init__(
         self,
-        weights: str | Path,
+        weights: str | Path | None,
         spec: ModelSpec,
         solver: SolverSpec,
         num_classes: int,

@@ -179,7 +179,7 @@ def _baseline_predictor(model_dir: str | Path, info: ClassInfo, device: str) -> 
     engine = model_engine(spec.engine)
     predictor = engine.make_predictor(None, spec, solver, len(info.classes), device=device)
     state, surgery = engine.initial_state(spec, info.source_ids, predictor.model)
-    if not surgery:
+    if state is None or not surgery:
         return None
     predictor.model.load_state_dict(state, strict=False)
     logger.info("baseline: the base weights %s restricted to %s", spec.weights, ", ".join(info.classes))

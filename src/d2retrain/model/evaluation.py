@@ -5,6 +5,7 @@ import io
 import json
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -52,7 +53,7 @@ def to_coco_results(image_id: int | None, instances: Instances, category_ids: Se
         instances.boxes, instances.scores, instances.classes, rles, strict=True
     ):
         x0, y0, x1, y1 = (float(v) for v in box)
-        record = {} if image_id is None else {"image_id": image_id}
+        record: dict[str, Any] = {} if image_id is None else {"image_id": image_id}
         record |= {
             "category_id": int(category_ids[int(label)]),
             "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],

@@ -6,7 +6,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 import numpy as np
 import torch
@@ -45,6 +45,8 @@ class Instances:
 class Predictor(Protocol):
     """A loaded model: call it on a BGR uint8 image, or on several at once."""
 
+    model: nn.Module  # the network, in eval mode (training evaluates through a copy of its weights)
+
     def __call__(self, image_bgr: np.ndarray) -> Instances:
         """Predict one image."""
         ...
@@ -72,7 +74,7 @@ _INIT_LOCK = threading.Lock()
 def build_then_load(
     build: Callable[[], T],
     weights: str | Path | None,
-    model_of: Callable[[T], nn.Module] = lambda built: built,
+    model_of: Callable[[T], nn.Module] | None = None,
 ) -> T:
     """``build()``, then, with ``weights``, every weight of ``model_of(built)`` loaded from that
     checkpoint (strict). As every weight is then overwritten, the model is built without
@@ -81,14 +83,15 @@ def build_then_load(
     Args:
         build: Builds the predictor or model.
         weights: A checkpoint written by training, or None to keep the random weights.
-        model_of: The module of what ``build`` returns that the weights belong to.
+        model_of: The module of what ``build`` returns that the weights belong to (None: itself).
     """
     if weights is None:
         return build()
     state = load_checkpoint(weights)["model"]
     with _without_random_init():
         built = build()
-    model_of(built).load_state_dict(state)  # strict: every weight comes from the file
+    module = model_of(built) if model_of is not None else cast(nn.Module, built)
+    module.load_state_dict(state)  # strict: every weight comes from the file
     return built
 
 

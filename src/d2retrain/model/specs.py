@@ -322,7 +322,8 @@ def solver_spec(train: dict[str, Any]) -> SolverSpec:
     values = section_defaults("train") | train
     for key in ("device", *LAUNCH_KEYS):
         values.pop(key)
-    return SolverSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return SolverSpec(**fields)
 
 
 def distributed_spec(train: dict[str, Any]) -> DistributedSpec:

@@ -4,6 +4,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from d2retrain.core.errors import D2RetrainError
@@ -158,7 +160,7 @@ class TorchvisionPredictor:
 
     def __init__(
         self,
-        weights: str | Path,
+        weights: str | Path | None,
         spec: ModelSpec,
         solver: SolverSpec,
         num_classes: int,
@@ -179,8 +181,9 @@ class TorchvisionPredictor:
             solver, min_size_train=(solver.min_size_test,), max_size_train=solver.max_size_test
         )
         self.model = build_then_load(lambda: build_model(spec, num_classes, solver), weights)
-        self.model.roi_heads.score_thresh = score_threshold
-        self.model.roi_heads.detections_per_img = max_detections
+        roi_heads = cast(RoIHeads, self.model.roi_heads)
+        roi_heads.score_thresh = score_threshold
+        roi_heads.detections_per_img = max_detections
         self.device = resolve_device(device)
         self.model.to(self.device).eval()
 

@@ -6,6 +6,7 @@ import time
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,13 +28,14 @@ __all__ = ["train"]
 
 def _optimizer(model: nn.Module, solver: SolverSpec) -> torch.optim.Optimizer:
     # detectron2's defaults: WEIGHT_DECAY_NORM = 0, biases decay like weights.
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for module in model.modules():
         norm = isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm)
         for parameter in module.parameters(recurse=False):
             if parameter.requires_grad:
                 (no_decay if norm else decay).append(parameter)
-    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups: list[dict[str, Any]] = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.SGD(
         groups, lr=solver.base_lr, momentum=solver.momentum, weight_decay=solver.weight_decay
     )
@@ -176,12 +178,12 @@ def _train_process(job: TrainJob, fingerprint: str) -> None:
             data_time = time.perf_counter() - clock
             losses = distributed.mean_over_ranks(_step(run, images, targets), run.device)
             check_losses(losses, iteration, job.solver.max_loss)
-            if main:
+            if metrics is not None:  # rank 0 alone logs, saves and evaluates
                 _log_step(metrics, run, losses, iteration, data_time, clock)
             run.scheduler.step()
             iteration += 1
             bar.update(1)
-            if main:
+            if metrics is not None:
                 if iteration % job.solver.checkpoint_period == 0 and iteration < job.solver.iterations:
                     store.save(_payload(run), iteration)
                 if job.solver.eval_period and iteration % job.solver.eval_period == 0:
