@@ -12,7 +12,8 @@ import pandas as pd
 import torch
 
 from d2retrain.core.fileio import write_figure, write_text_atomic
-from d2retrain.data.records import load_records, read_image
+from d2retrain.data.images import read_image
+from d2retrain.data.records import load_records
 from d2retrain.infer.draw import draw_instances
 
 logger = logging.getLogger(__name__)

@@ -8,15 +8,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
-import msgspec
 import numpy as np
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from d2retrain.core.errors import AnnotationError, InputFileError, UnsafePathError
 from d2retrain.core.fileio import write_bytes_atomic
-from d2retrain.data.coco import NESTED_TOO_DEEP, Id, ImageSide, check_file_name, check_image_size
+from d2retrain.data.coco import check_file_name, check_image_size
 from d2retrain.data.geometry import usable_segmentation
+from d2retrain.data.instances import ImageEntry, InstanceEntry, InstancesDocument, read_instances
 
 logger = logging.getLogger(__name__)
 
@@ -32,25 +32,6 @@ __all__ = [
 
 IGNORE = 255
 CROWD_INSTANCE = 65535
-
-
-class _Image(msgspec.Struct):
-    id: Id
-    file_name: str
-    height: ImageSide
-    width: ImageSide
-
-
-class _Geometry(msgspec.Struct):
-    image_id: Id
-    category_id: Id
-    segmentation: list[list[float]] | dict
-    iscrowd: Id | bool = 0
-
-
-class _Document(msgspec.Struct):
-    images: list[_Image]
-    annotations: list[_Geometry]
 
 
 def resolve_image_path(image_dir: str | os.PathLike[str], file_name: str) -> Path:
@@ -105,7 +86,7 @@ def rasterize(segmentation: list | dict, height: int, width: int) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)
 
 
-def _render_one(image: _Image, annotations: list[_Geometry], out_dir: Path) -> int:
+def _render_one(image: ImageEntry, annotations: list[InstanceEntry], out_dir: Path) -> int:
     semantic = np.zeros((image.height, image.width), dtype=np.uint8)
     instances = np.zeros((image.height, image.width), dtype=np.uint16)
     crowd = np.zeros((image.height, image.width), dtype=bool)
@@ -156,11 +137,11 @@ def render_masks(annotations_path: str, out_dir: str, threads: int = 1) -> int:
             or a class id is outside 1..254 (run the filter first).
         UnsafePathError: An image ``file_name`` leaves the output folder.
     """
-    return _render(_read_geometry(annotations_path), annotations_path, out_dir, threads)
+    return _render(read_instances(annotations_path), annotations_path, out_dir, threads)
 
 
-def _render(document: _Document, source: str, out_dir: str, threads: int) -> int:
-    by_image: dict[int, list[_Geometry]] = defaultdict(list)
+def _render(document: InstancesDocument, source: str, out_dir: str, threads: int) -> int:
+    by_image: dict[int, list[InstanceEntry]] = defaultdict(list)
     for annotation in document.annotations:
         by_image[annotation.image_id].append(annotation)
     _check_renderable(document, source)
@@ -177,7 +158,7 @@ def _render(document: _Document, source: str, out_dir: str, threads: int) -> int
     return dropped
 
 
-def _check_renderable(document: _Document, source: str) -> None:
+def _check_renderable(document: InstancesDocument, source: str) -> None:
     """Refuse what would fail half-way through rendering, before anything is written."""
     per_image = Counter(annotation.image_id for annotation in document.annotations)
     stems: dict[str, int] = {}
@@ -215,10 +196,10 @@ def copy_images(annotations_path: str, image_dir: str, out_dir: str, threads: in
         InputFileError: An image is missing (the first few are listed).
         UnsafePathError: A name or link leaves the image folder.
     """
-    _copy(_read_geometry(annotations_path).images, annotations_path, image_dir, out_dir, threads)
+    _copy(read_instances(annotations_path).images, annotations_path, image_dir, out_dir, threads)
 
 
-def _copy(images: list[_Image], source: str, image_dir: str, out_dir: str, threads: int) -> None:
+def _copy(images: list[ImageEntry], source: str, image_dir: str, out_dir: str, threads: int) -> None:
     sources = [resolve_image_path(image_dir, image.file_name) for image in images]
     missing = [str(path) for path in sources if not path.is_file()]
     if missing:
@@ -262,18 +243,7 @@ def copy_images_and_masks(
     Raises:
         D2RetrainError: An image is missing, a path is unsafe or the file is unusable.
     """
-    document = _read_geometry(annotations_path)
+    document = read_instances(annotations_path)
     _check_renderable(document, annotations_path)
     _copy(document.images, annotations_path, image_dir, images_out, threads)
     return _render(document, annotations_path, masks_out, threads)
-
-
-def _read_geometry(path: str) -> _Document:
-    try:
-        return msgspec.json.decode(Path(path).read_bytes(), type=_Document)
-    except OSError as error:
-        raise InputFileError(f"{path}: cannot be read ({error.strerror})") from None
-    except (msgspec.ValidationError, msgspec.DecodeError) as error:
-        raise AnnotationError(f"{path}: {error}") from None
-    except RecursionError:
-        raise InputFileError(f"{path}: {NESTED_TOO_DEEP}") from None

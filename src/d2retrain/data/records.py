@@ -4,38 +4,15 @@ import dataclasses
 import logging
 from pathlib import Path
 
-import cv2
-import msgspec
-import numpy as np
-
 from d2retrain.core.errors import AnnotationError, D2RetrainError, InputFileError
-from d2retrain.data.coco import NESTED_TOO_DEEP, Id, ImageSide, check_image_size
+from d2retrain.data.coco import check_image_size
 from d2retrain.data.geometry import box_problem, usable_segmentation
+from d2retrain.data.instances import InstanceEntry, InstancesDocument, read_instances
 from d2retrain.data.masks import resolve_image_path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageRecord", "load_records", "read_image"]
-
-
-class _Annotation(msgspec.Struct):
-    image_id: Id
-    category_id: Id
-    bbox: tuple[float, float, float, float]
-    segmentation: list[list[float]] | dict
-    iscrowd: Id | bool = 0
-
-
-class _Image(msgspec.Struct):
-    id: Id
-    file_name: str
-    height: ImageSide
-    width: ImageSide
-
-
-class _Document(msgspec.Struct):
-    images: list[_Image]
-    annotations: list[_Annotation]
+__all__ = ["ImageRecord", "load_records"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +23,7 @@ class ImageRecord:
     path: Path
     height: int
     width: int
-    annotations: tuple[_Annotation, ...]
+    annotations: tuple[InstanceEntry, ...]
 
 
 def load_records(
@@ -69,12 +46,7 @@ def load_records(
         AnnotationError: An image size or an RLE is malformed.
         D2RetrainError: The split holds no image.
     """
-    try:
-        document = msgspec.json.decode(Path(annotations_json).read_bytes(), type=_Document)
-    except (OSError, msgspec.DecodeError) as error:
-        raise InputFileError(f"{annotations_json}: cannot be used ({error})") from None
-    except RecursionError:
-        raise InputFileError(f"{annotations_json}: {NESTED_TOO_DEEP}") from None
+    document = read_instances(annotations_json)
     if require_annotations and not document.annotations:
         raise D2RetrainError(f"{annotations_json}: the training split is empty; check the filter's output")
     by_image = _usable_instances(document, annotations_json)
@@ -97,18 +69,22 @@ def load_records(
     return records
 
 
-def _usable_instances(document: _Document, source: str) -> dict[int, list[_Annotation]]:
+def _usable_instances(document: InstancesDocument, source: str) -> dict[int, list[InstanceEntry]]:
     """Non-crowd annotations by image id, less those with degenerate geometry."""
     sizes = {}
     for image in document.images:
         check_image_size(image.height, image.width, where=f"{source}: image {image.id}")
         sizes[image.id] = (image.height, image.width)
-    by_image: dict[int, list[_Annotation]] = {}
+    by_image: dict[int, list[InstanceEntry]] = {}
     dropped = 0
     for index, annotation in enumerate(document.annotations):
         if annotation.iscrowd or annotation.image_id not in sizes:
             continue
         size = sizes[annotation.image_id]
+        if annotation.bbox is None:
+            raise AnnotationError(
+                f"{source}: annotations[{index}]: no bbox; a training file needs one per annotation"
+            )
         try:
             usable = box_problem(annotation.bbox, *size) is None
             usable = usable and usable_segmentation(annotation.segmentation, *size)[0] is not None
@@ -126,15 +102,3 @@ def _usable_instances(document: _Document, source: str) -> dict[int, list[_Annot
             dropped,
         )
     return by_image
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image as BGR uint8.
-
-    Raises:
-        InputFileError: The file cannot be decoded.
-    """
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise InputFileError(f"{path}: not a readable image")
-    return image

@@ -3,7 +3,6 @@
 import collections
 import dataclasses
 import glob
-import io
 import json
 import logging
 import re
@@ -17,12 +16,12 @@ from typing import Any, TypeVar
 import cv2
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from d2retrain.core.config import section_defaults
 from d2retrain.core.errors import InputFileError
 from d2retrain.core.fileio import atomic_open, remove_leftovers, write_bytes_atomic, write_text_atomic
+from d2retrain.data.images import read_image
 from d2retrain.infer.draw import draw_instances, error_card
 from d2retrain.infer.inputs import IMAGE_SUFFIXES, VIDEO_SUFFIXES, InputFile
 from d2retrain.infer.summary import FileStatus
@@ -91,7 +90,7 @@ class Labels:
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """Read an image as BGR uint8, turned upright by its EXIF orientation (as detectron2 does).
+    """Read an inference input as BGR uint8, upright (:func:`d2retrain.data.images.read_image`).
 
     Raises:
         InputFileError: Empty, unsupported, truncated or not an image.
@@ -101,15 +100,7 @@ def load_image(path: str | Path) -> np.ndarray:
         raise InputFileError(
             f"{path}: unsupported file type {path.suffix!r} (images: {' '.join(IMAGE_SUFFIXES)})"
         )
-    data = path.read_bytes()
-    if not data:
-        raise InputFileError(f"{path}: empty file (0 bytes)")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            upright = ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise InputFileError(f"{path}: not a readable image ({error})") from None
-    return np.ascontiguousarray(np.asarray(upright)[:, :, ::-1])
+    return read_image(path)
 
 
 def _try_load(item: InputFile) -> np.ndarray | InputFileError:

@@ -16,7 +16,8 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from d2retrain.core.fileio import write_text_atomic
-from d2retrain.data.records import load_records, read_image
+from d2retrain.data.images import read_image
+from d2retrain.data.records import load_records
 from d2retrain.model.predictor import Instances, Predictor
 
 logger = logging.getLogger(__name__)

@@ -5,8 +5,9 @@ import logging
 import numpy as np
 import torch
 
+from d2retrain.data.images import read_image
 from d2retrain.data.masks import rasterize
-from d2retrain.data.records import ImageRecord, read_image
+from d2retrain.data.records import ImageRecord
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +45,7 @@ class TrainSamples(torch.utils.data.Dataset):
         record = self.records[self.index_at(position)]
         image = read_image(record.path)[:, :, ::-1]
         masks = np.stack([rasterize(a.segmentation, record.height, record.width) for a in record.annotations])
-        boxes = np.array(
-            [[x, y, x + w, y + h] for x, y, w, h in (a.bbox for a in record.annotations)], np.float32
-        )
+        boxes = np.array([_xyxy(a.bbox) for a in record.annotations], np.float32)
         if self.flip and np.random.default_rng([self.seed, position, 1]).random() < 0.5:
             image, masks = image[:, ::-1], masks[:, :, ::-1]
             boxes = np.stack(
@@ -60,3 +59,9 @@ class TrainSamples(torch.utils.data.Dataset):
         }
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
         return tensor, target
+
+
+def _xyxy(bbox: tuple[float, float, float, float] | None) -> list[float]:
+    assert bbox is not None  # load_records keeps annotations with a box only
+    x, y, w, h = bbox
+    return [x, y, x + w, y + h]
