@@ -164,3 +164,61 @@ def test_the_console_script_exits_2_without_a_traceback(tmp_path):
         result.stderr.strip()
         == f"d2retrain filter: error: {tmp_path / 'nope.json'}: no such file; check the path in the config"
     )
+
+
+def _subcommand_defaults(command: str) -> dict:
+    from d2retrain.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [action for action in parser._actions if action.dest == "command"]
+    return {action.dest: action.default for action in commands.choices[command]._actions}
+
+
+def _schema(path: str):
+    """A key's node in the schema itself, read here from the YAML file, not through the package."""
+    import yaml
+
+    from d2retrain.core.config import SCHEMA_FILE
+
+    node = yaml.safe_load(SCHEMA_FILE.read_text())
+    for part in path.split("."):
+        node = node["additionalProperties"] if part == "*" else node["properties"][part]
+    return node
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "key"),
+    [
+        ("filter", "min_area", "subsets.*.min_area"),
+        ("filter", "drop_crowd", "subsets.*.drop_crowd"),
+        ("filter", "keep_empty_images", "subsets.*.keep_empty_images"),
+        ("balance", "mode", "subsets.*.balance"),
+        ("demo-data", "seed", "demo.seed"),
+        ("demo-data", "train", "demo.train_images"),
+        ("demo-data", "val", "demo.val_images"),
+        ("demo-data", "video_frames", "demo.video_frames"),
+        ("evaluate", "device", "train.device"),
+        ("infer", "score_threshold", "inference.score_threshold"),
+        ("infer", "max_detections", "inference.max_detections"),
+        ("infer", "device", "inference.device"),
+        ("infer", "save_frames", "inference.save_frames"),
+        ("infer", "max_frames", "inference.max_frames"),
+        ("infer", "batch_size", "inference.batch_size"),
+    ],
+)
+def test_each_command_line_default_is_the_schemas(command, option, key):
+    assert _subcommand_defaults(command)[option] == _schema(key)["default"]
+
+
+def test_balance_modes_and_engines_are_the_schemas_enums_and_every_engine_is_registered():
+    from d2retrain.cli import build_parser
+    from d2retrain.data.filtering import BALANCE_MODES
+    from d2retrain.model.engines import ENGINES, MODEL_ENGINES
+    from d2retrain.train.engines import TRAIN_ENGINES
+
+    assert list(BALANCE_MODES) == _schema("subsets.*.balance")["enum"]
+    (commands,) = [action for action in build_parser()._actions if action.dest == "command"]
+    (mode,) = [action for action in commands.choices["balance"]._actions if action.dest == "mode"]
+    assert list(mode.choices) == list(BALANCE_MODES)
+    assert list(ENGINES) == _schema("model.engine")["enum"]
+    assert set(ENGINES) - {"auto"} == set(MODEL_ENGINES) == set(TRAIN_ENGINES)

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from d2retrain import __version__
+from d2retrain.core.config import section_defaults, subset_defaults
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.core.logutil import configure_logging
 from d2retrain.data.filtering import BALANCE_MODES, FilterOptions
@@ -132,8 +133,6 @@ def _infer(args: argparse.Namespace) -> int:
 
 
 def _add_infer(commands: argparse._SubParsersAction) -> None:
-    from d2retrain.core.config import section_defaults
-
     defaults = section_defaults("inference")
     infer = commands.add_parser(
         "infer",
@@ -147,8 +146,15 @@ def _add_infer(commands: argparse._SubParsersAction) -> None:
     infer.add_argument("--score-threshold", type=float, default=defaults["score_threshold"])
     infer.add_argument("--max-detections", type=int, default=defaults["max_detections"])
     infer.add_argument("--device", default=defaults["device"])
-    infer.add_argument("--save-frames", action="store_true", help="also write video frames as PNG")
-    infer.add_argument("--max-frames", type=int, default=0, help="frames per video (0: all)")
+    infer.add_argument(
+        "--save-frames",
+        action="store_true",
+        default=defaults["save_frames"],
+        help="also write video frames as PNG",
+    )
+    infer.add_argument(
+        "--max-frames", type=int, default=defaults["max_frames"], help="frames per video (0: all)"
+    )
     infer.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="images per pass")
     infer.add_argument("--threads", type=int, default=2)
     infer.set_defaults(handler=_infer)
@@ -173,7 +179,7 @@ def _add_model_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--val-json", required=True)
     evaluate.add_argument("--val-images", required=True)
     evaluate.add_argument("-o", "--output", required=True, help="folder for metrics.json and per_class.csv")
-    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--device", default=section_defaults("train")["device"])
     evaluate.add_argument("--threads", type=int, default=2)
     evaluate.set_defaults(handler=_evaluate)
     _add_infer(commands)
@@ -194,10 +200,18 @@ def _add_filter(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "-c", "--categories", nargs="+", required=True, help="category names, in model class order"
     )
-    parser.add_argument("--min-area", type=float, default=0.0, help="drop annotations of smaller area")
-    parser.add_argument("--drop-crowd", action="store_true", help="drop iscrowd annotations")
+    subset = subset_defaults()
     parser.add_argument(
-        "--keep-empty-images", action="store_true", help="keep images with no kept annotation (negatives)"
+        "--min-area", type=float, default=subset["min_area"], help="drop annotations of smaller area"
+    )
+    parser.add_argument(
+        "--drop-crowd", action="store_true", default=subset["drop_crowd"], help="drop iscrowd annotations"
+    )
+    parser.add_argument(
+        "--keep-empty-images",
+        action="store_true",
+        default=subset["keep_empty_images"],
+        help="keep images with no kept annotation (negatives)",
     )
     _add_threads(parser)
     parser.set_defaults(handler=_filter)
@@ -206,16 +220,17 @@ def _add_filter(commands: argparse._SubParsersAction) -> None:
 def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser("demo-data", help="write the deterministic demo dataset and video")
     demo.add_argument("output", help="destination folder")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--train", type=int, default=80, help="training images")
-    demo.add_argument("--val", type=int, default=24, help="validation images")
-    demo.add_argument("--video-frames", type=int, default=40)
+    sizes = section_defaults("demo")
+    demo.add_argument("--seed", type=int, default=sizes["seed"])
+    demo.add_argument("--train", type=int, default=sizes["train_images"], help="training images")
+    demo.add_argument("--val", type=int, default=sizes["val_images"], help="validation images")
+    demo.add_argument("--video-frames", type=int, default=sizes["video_frames"])
     demo.set_defaults(handler=_demo_data)
     _add_filter(commands)
     balance = commands.add_parser("balance", help="keep only images holding every category")
     balance.add_argument("-i", "--input", required=True, help="filtered COCO JSON")
     balance.add_argument("-o", "--output", required=True, help="output JSON")
-    balance.add_argument("--mode", choices=BALANCE_MODES, default="all")
+    balance.add_argument("--mode", choices=BALANCE_MODES, default=subset_defaults()["balance"])
     _add_threads(balance)
     balance.set_defaults(handler=_balance)
     for name, handler, text in (

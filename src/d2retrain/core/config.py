@@ -17,6 +17,8 @@ __all__ = [
     "SCHEMA_FILE",
     "load_schema",
     "section_defaults",
+    "subset_defaults",
+    "allowed_values",
     "load_config",
 ]
 
@@ -40,6 +42,21 @@ def section_defaults(section: str) -> dict[str, Any]:
     """Defaults of one top-level section (``model``, ``train``, ...), from the schema."""
     properties = _schema()["properties"][section]["properties"]
     return {key: copy.deepcopy(value["default"]) for key, value in properties.items() if "default" in value}
+
+
+def subset_defaults() -> dict[str, Any]:
+    """Defaults of the keys of each subset (``subsets.<name>.*``), from the schema."""
+    properties = _schema()["properties"]["subsets"]["additionalProperties"]["properties"]
+    return {key: copy.deepcopy(value["default"]) for key, value in properties.items() if "default" in value}
+
+
+def allowed_values(key: str) -> tuple[str, ...]:
+    """The schema's enum of a key, named by its dotted path (``model.engine``; ``*`` for any subset:
+    ``subsets.*.balance``): the one list of balance modes and engines."""
+    node = _schema()
+    for part in key.split("."):
+        node = node["additionalProperties"] if part == "*" else node["properties"][part]
+    return tuple(node["enum"])
 
 
 def load_config(path: str | Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import msgspec
 import numpy as np
 
+from d2retrain.core.config import allowed_values
 from d2retrain.core.errors import AnnotationError, CategoryError, EmptyResultError
 from d2retrain.data.coco import AnnotationTable, Category, CocoDocument, renumber_category
 from d2retrain.data.geometry import apply_geometry_rule
@@ -28,7 +29,7 @@ __all__ = [
     "balance_document",
 ]
 
-BALANCE_MODES = ("none", "all")
+BALANCE_MODES = allowed_values("subsets.*.balance")  # one function per mode below
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 import yaml
 
+from d2retrain.core.config import allowed_values
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.model.evaluation import evaluate, write_evaluation
 from d2retrain.model.predictor import Predictor
@@ -77,7 +78,7 @@ def model_engine(name: str) -> ModelEngine:
     return MODEL_ENGINES[name]()
 
 
-ENGINES = ("auto", *MODEL_ENGINES)
+ENGINES = allowed_values("model.engine")  # auto and every registered engine (a test ties them)
 
 
 def resolve_engine(name: str, architecture: str = "") -> str:
