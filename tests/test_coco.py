@@ -9,7 +9,8 @@ import pytest
 from conftest import TWO_CPUS, make_coco
 
 from d2retrain.core.errors import AnnotationError, InputFileError, UnsafePathError
-from d2retrain.data.coco import check_file_name, encode_coco, parse_coco, renumber_category
+from d2retrain.data.coco import encode_coco, parse_coco, renumber_category
+from d2retrain.data.fields import check_file_name
 
 
 def encoded(document: dict) -> bytes:

@@ -12,15 +12,22 @@ import os
 import re
 from collections.abc import Sequence
 from operator import attrgetter
-from pathlib import PurePosixPath, PureWindowsPath
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
 import numpy as np
 
-from d2retrain.core.errors import AnnotationError, InputFileError, UnsafePathError
+from d2retrain.core.errors import AnnotationError, InputFileError
 from d2retrain.core.fileio import write_bytes_atomic
 from d2retrain.core.forked import in_two_halves
+from d2retrain.data.fields import (
+    MAX_IMAGE_PIXELS,
+    NESTED_TOO_DEEP,
+    Id,
+    ImageSide,
+    check_file_names,
+    check_image_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,28 +39,10 @@ __all__ = [
     "parse_coco",
     "encode_coco",
     "write_coco",
-    "check_file_name",
-    "check_image_size",
-    "NESTED_TOO_DEEP",
     "renumber_category",
-    "MAX_IMAGE_PIXELS",
-    "Id",
-    "ImageSide",
 ]
 
 _REQUIRED_KEYS = ("images", "annotations", "categories")
-
-MAX_IMAGE_PIXELS = 2**30
-"""Largest ``height * width`` accepted: OpenCV's default limit, so mask PNGs can be read back."""
-
-Id = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
-"""An id: any integer that fits the 64-bit columns the workflow keeps ids in."""
-
-ImageSide = Annotated[int, msgspec.Meta(ge=1, le=MAX_IMAGE_PIXELS)]
-"""An image ``height`` or ``width``: a positive integer."""
-
-NESTED_TOO_DEEP = "JSON nested about 1000 levels deep, deeper than the JSON readers can follow; flatten it"
-"""The message for a document that makes the JSON decoders recurse too deep."""
 
 
 class Category(msgspec.Struct, frozen=True):
@@ -328,9 +317,7 @@ def _validate(document: CocoDocument) -> None:
     _check_references(source, "category_id", table.category_ids, category_ids)
     _check_unique(source, "categories", "name", [category.name for category in document.categories])
     _check_unique(source, "images", "file_name", document.file_names)
-    for index, file_name in enumerate(document.file_names):
-        if not _PLAIN_NAME.fullmatch(file_name):
-            check_file_name(file_name, where=f"{source}: images[{index}].file_name")
+    check_file_names(document.file_names, source)
     pixels = document.image_sizes.prod(axis=1)
     if np.any(pixels > MAX_IMAGE_PIXELS):
         index = int(np.argmax(pixels > MAX_IMAGE_PIXELS))
@@ -358,55 +345,6 @@ def _check_references(source: str, field: str, values: np.ndarray, known: np.nda
         raise AnnotationError(
             f"{source}: annotations[{index}].{field} is {int(values[index])}, which no "
             f"{field.removesuffix('_id')} in the file has ({int(dangling.sum())} such annotations)"
-        )
-
-
-# A name without separators, drive colons or NUL that is not "." or "..": always safe.
-_PLAIN_NAME = re.compile(r"(?!\.\.?$)[^/\\:\0]+")
-
-
-def check_file_name(file_name: str, where: str) -> None:
-    """Refuse a file name that would leave its image folder or names no file.
-
-    Args:
-        file_name: The ``file_name`` of an image record.
-        where: Location used in the error message.
-
-    Raises:
-        UnsafePathError: The name is empty, absolute, has a ``..`` component, or names a
-            folder (``.``, a trailing ``/``).
-    """
-    posix, windows = PurePosixPath(file_name), PureWindowsPath(file_name)
-    if not file_name or "\0" in file_name:
-        raise UnsafePathError(f"{where} is empty or holds a NUL byte")
-    if not posix.name or not windows.name or file_name.endswith(("/", "\\", "/.", "\\.")):
-        raise UnsafePathError(f"{where} is {file_name!r}, which names a folder, not an image file")
-    if posix.is_absolute() or windows.is_absolute() or windows.drive:
-        raise UnsafePathError(
-            f"{where} is the absolute path {file_name!r}; it must be relative to the image folder"
-        )
-    if ".." in posix.parts or ".." in windows.parts:
-        raise UnsafePathError(f"{where} is {file_name!r}, which climbs out of the image folder")
-
-
-def check_image_size(height: int, width: int, where: str) -> None:
-    """Refuse an image size that no mask can be drawn on.
-
-    Args:
-        height: The image's ``height``.
-        width: The image's ``width``.
-        where: Location used in the error message.
-
-    Raises:
-        AnnotationError: A side is not a positive integer, or the image has more than
-            :data:`MAX_IMAGE_PIXELS` pixels.
-    """
-    if not all(type(side) is int and side >= 1 for side in (height, width)):
-        raise AnnotationError(f"{where}: height {height!r} and width {width!r} must be positive integers")
-    if height * width > MAX_IMAGE_PIXELS:
-        raise AnnotationError(
-            f"{where}: {height}x{width} is more than {MAX_IMAGE_PIXELS} pixels; check the height and "
-            "width, or tile the image"
         )
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import msgspec
 
 from d2retrain.core.errors import AnnotationError, InputFileError
-from d2retrain.data.coco import NESTED_TOO_DEEP, Id, ImageSide
+from d2retrain.data.fields import NESTED_TOO_DEEP, Id, ImageSide
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from d2retrain.core.errors import AnnotationError, InputFileError, UnsafePathError
 from d2retrain.core.fileio import write_bytes_atomic
-from d2retrain.data.coco import check_file_name, check_image_size
+from d2retrain.data.fields import check_file_name, check_image_size
 from d2retrain.data.geometry import usable_segmentation
 from d2retrain.data.instances import ImageEntry, InstanceEntry, InstancesDocument, read_instances
 

@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 
 from d2retrain.core.errors import AnnotationError, D2RetrainError, InputFileError
-from d2retrain.data.coco import check_image_size
+from d2retrain.data.fields import check_image_size
 from d2retrain.data.geometry import box_problem, usable_segmentation
 from d2retrain.data.instances import InstanceEntry, InstancesDocument, read_instances
 from d2retrain.data.masks import resolve_image_path

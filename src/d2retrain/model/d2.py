@@ -55,6 +55,13 @@ def build_config(spec: ModelSpec, solver: SolverSpec, num_classes: int, device: 
     cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = spec.roi_batch_size_per_image
     cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = spec.rpn_post_nms_topk_train
     cfg.MODEL.RPN.POST_NMS_TOPK_TEST = spec.rpn_post_nms_topk_test
+    _set_solver(cfg, solver)
+    cfg.OUTPUT_DIR = output_dir
+    return cfg
+
+
+def _set_solver(cfg, solver: SolverSpec) -> None:
+    """The solver, input and test keys of a detectron2 config from the workflow's solver spec."""
     cfg.SOLVER.MAX_ITER = solver.iterations
     cfg.SOLVER.IMS_PER_BATCH = solver.images_per_batch
     cfg.SOLVER.BASE_LR = solver.base_lr
@@ -76,8 +83,6 @@ def build_config(spec: ModelSpec, solver: SolverSpec, num_classes: int, device: 
     cfg.INPUT.RANDOM_FLIP = "horizontal" if solver.flip else "none"
     cfg.SEED = solver.seed
     cfg.TEST.EVAL_PERIOD = solver.eval_period  # run by the workflow's hook, not DefaultTrainer.test
-    cfg.OUTPUT_DIR = output_dir
-    return cfg
 
 
 def initial_state(
