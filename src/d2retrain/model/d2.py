@@ -135,19 +135,6 @@ def initial_state(
     return {k: v for k, v in state.items() if k in expected and v.shape == expected[k].shape}, surgery
 
 
-def make_predictor(
-    weights: str | Path | None,
-    spec: ModelSpec,
-    solver: SolverSpec,
-    num_classes: int,
-    device: str = "auto",
-    score_threshold: float = 0.05,
-    max_detections: int = 100,
-) -> "Detectron2Predictor":
-    """A :class:`Detectron2Predictor` (the engine contract's ``make_predictor``)."""
-    return Detectron2Predictor(weights, spec, solver, num_classes, device, score_threshold, max_detections)
-
-
 class Detectron2Predictor:
     """detectron2's model, loaded once; same interface as the torchvision predictor."""
 
@@ -199,3 +186,6 @@ def _instances(output) -> Instances:
         classes=output.pred_classes.numpy(),
         masks=output.pred_masks.numpy().astype(bool),
     )
+
+
+make_predictor = Detectron2Predictor  # the engine contract's predictor factory

@@ -26,6 +26,7 @@ __all__ = [
     "ENGINES",
     "MODEL_ENGINES",
     "ModelEngine",
+    "PredictorFactory",
     "model_engine",
     "resolve_engine",
     "load_predictor",
@@ -34,16 +35,10 @@ __all__ = [
 ]
 
 
-class ModelEngine(Protocol):
-    """What an engine's model module provides (:mod:`d2retrain.model.tv`, :mod:`d2retrain.model.d2`)."""
+class PredictorFactory(Protocol):
+    """Builds a predictor: the class of an engine's predictor (its constructor is this call)."""
 
-    def initial_state(
-        self, spec: ModelSpec, source_ids: Sequence[int], model: torch.nn.Module
-    ) -> tuple[dict[str, torch.Tensor] | None, bool]:
-        """Base weights for ``model`` with head surgery, and whether surgery made them COCO's rows."""
-        ...
-
-    def make_predictor(
+    def __call__(
         self,
         weights: str | Path | None,
         spec: ModelSpec,
@@ -54,6 +49,21 @@ class ModelEngine(Protocol):
         max_detections: int = 100,
     ) -> Predictor:
         """A predictor with ``weights`` loaded (None: built, weights left to the caller)."""
+        ...
+
+
+class ModelEngine(Protocol):
+    """What an engine's model module provides (:mod:`d2retrain.model.tv`, :mod:`d2retrain.model.d2`)."""
+
+    @property
+    def make_predictor(self) -> PredictorFactory:
+        """The engine's predictor class (the module's ``make_predictor``)."""
+        ...
+
+    def initial_state(
+        self, spec: ModelSpec, source_ids: Sequence[int], model: torch.nn.Module
+    ) -> tuple[dict[str, torch.Tensor] | None, bool]:
+        """Base weights for ``model`` with head surgery, and whether surgery made them COCO's rows."""
         ...
 
 

@@ -142,19 +142,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_predictor(
-    weights: str | Path | None,
-    spec: ModelSpec,
-    solver: SolverSpec,
-    num_classes: int,
-    device: str = "auto",
-    score_threshold: float = 0.05,
-    max_detections: int = 100,
-) -> "TorchvisionPredictor":
-    """A :class:`TorchvisionPredictor` (the engine contract's ``make_predictor``)."""
-    return TorchvisionPredictor(weights, spec, solver, num_classes, device, score_threshold, max_detections)
-
-
 class TorchvisionPredictor:
     """Load a trained model once and predict image after image."""
 
@@ -211,3 +198,6 @@ class TorchvisionPredictor:
             )
             for output in self.model(tensors)
         ]
+
+
+make_predictor = TorchvisionPredictor  # the engine contract's predictor factory
