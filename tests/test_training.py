@@ -459,3 +459,108 @@ def test_a_model_folder_written_before_newer_keys_still_loads(tmp_path):
     model, loaded = read_model_config(tmp_path)
     assert (model.engine, model.trust_pickle, model.head_surgery) == ("torchvision", False, True)
     assert (loaded.iterations, loaded.eval_period, loaded.clip_gradients) == (4, 200, 1.0)
+
+
+def _torchvision_coco_checkpoint(path) -> dict:
+    """A COCO-shaped Mask R-CNN R50-FPN state dict as torchvision publishes its COCO model:
+    FrozenBatchNorm buffers (no num_batches_tracked), 91 class rows. Random weights, and norm
+    statistics far from 0 and 1, so that live norms would visibly move them."""
+    from torchvision.models import resnet50
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    model = MaskRCNN(_resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 3), num_classes=91)
+    for module in model.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    state = model.state_dict()
+    torch.save(state, path)
+    return state
+
+
+def _body_trainable(model) -> dict[str, bool]:
+    body = model.backbone.body
+    return {
+        name: any(p.requires_grad for p in getattr(body, name).parameters())
+        for name in ("conv1", "layer1", "layer2", "layer3", "layer4")
+    }
+
+
+@pytest.mark.parametrize(
+    ("freeze_at", "trainable"),
+    [(0, "conv1 layer1 layer2 layer3 layer4"), (2, "layer2 layer3 layer4"), (5, "")],
+)
+def test_a_torchvision_coco_checkpoint_loads_strictly_with_frozen_norms_and_freeze_at(
+    tmp_path, freeze_at, trainable
+):
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    published = _torchvision_coco_checkpoint(tmp_path / "coco.pth")
+    assert not [key for key in published if key.endswith("num_batches_tracked")]
+    spec = model_spec(
+        {
+            "architecture": "maskrcnn_resnet50_fpn",
+            "weights": str(tmp_path / "coco.pth"),
+            "freeze_at": freeze_at,
+        },
+        "torchvision",
+    )
+    model = tv_engine.build_model(spec, 90, solver_spec(TINY))
+    model.load_state_dict(published, strict=True)
+    body = model.backbone.body
+    assert not [m for m in body.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len([m for m in body.modules() if isinstance(m, FrozenBatchNorm2d)]) == 53
+    assert {name for name, live in _body_trainable(model).items() if live} == set(trainable.split())
+    assert all(p.requires_grad for p in model.roi_heads.parameters())
+
+
+def test_from_scratch_norms_train_and_nothing_is_frozen():
+    spec = model_spec({"architecture": "maskrcnn_resnet50_fpn", "weights": "none"}, "torchvision")
+    model = tv_engine.build_model(spec, 2, solver_spec(TINY))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.body.modules())
+    assert all(_body_trainable(model).values())
+
+
+@pytest.mark.slow
+def test_fine_tuning_at_a_zero_learning_rate_gives_the_same_predictions_after_1_and_8_iterations(
+    mini_split, tmp_path
+):
+    """Live norms fail this: every batch moves their statistics, whatever the learning rate."""
+    from d2retrain.data.images import read_image
+    from d2retrain.model.engines import load_predictor
+
+    _, paths = mini_split
+    published = _torchvision_coco_checkpoint(tmp_path / "coco.pth")
+    model = {
+        "engine": "torchvision",
+        "architecture": "maskrcnn_resnet50_fpn",
+        "weights": str(tmp_path / "coco.pth"),
+    }
+    sizes = {"min_size_train": [96], "max_size_train": 160, "min_size_test": 96, "max_size_test": 160}
+    train = TINY | sizes | {"base_lr": 1e-12, "warmup_iterations": 0, "steps": [], "checkpoint_period": 100}
+    images = [read_image(path) for path in sorted((COCO_MINI / "val2017").glob("*.jpg"))[:4]]
+    predictions, finals = [], []
+    for iterations in (1, 8):
+        folder = tmp_path / f"model_{iterations}"
+        train_from_config(model=model, train=train | {"iterations": iterations}, **mini_inputs(paths, folder))
+        predictor, _ = load_predictor(folder, device="cpu", score_threshold=0.0)
+        predictions.append(predictor.predict_batch(images))
+        finals.append(torch.load(folder / "model_final.pth", weights_only=True)["model"])
+    for one, eight in zip(*predictions, strict=True):  # the weights that train move by ~1e-12 x grad
+        assert len(one) == len(eight) > 0
+        assert abs(one.boxes - eight.boxes).max() < 0.01  # pixels
+        assert abs(one.scores - eight.scores).max() < 1e-4
+    frozen = [
+        key
+        for key in published
+        if key.startswith(("backbone.body.conv1", "backbone.body.bn1", "backbone.body.layer1"))
+    ]
+    frozen += [key for key in published if key.startswith("backbone.body") and "running_" in key]
+    assert len(frozen) > 50
+    for key in frozen:
+        assert torch.equal(finals[0][key], published[key]) and torch.equal(finals[1][key], published[key]), (
+            key
+        )

@@ -51,6 +51,9 @@ def build_config(spec: ModelSpec, solver: SolverSpec, num_classes: int, device: 
     cfg.MODEL.DEVICE = (
         "cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu")
     )
+    # Fine-tuning: detectron2's own setup (frozen norms, FREEZE_AT); from scratch everything trains.
+    cfg.MODEL.RESNETS.NORM = "FrozenBN" if spec.pretrained else "BN"
+    cfg.MODEL.BACKBONE.FREEZE_AT = spec.freeze_at if spec.pretrained else 0
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
     cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = spec.roi_batch_size_per_image
     cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = spec.rpn_post_nms_topk_train
@@ -97,7 +100,7 @@ def initial_state(
     Raises:
         WeightsError: The weights cannot be found or fetched.
     """
-    if spec.weights in ("", "none"):
+    if not spec.pretrained:
         return None, False
     from detectron2.checkpoint import DetectionCheckpointer
 

@@ -185,7 +185,7 @@ def _baseline_predictor(model_dir: str | Path, info: ClassInfo, device: str) -> 
     """The COCO base model restricted to the classes (head surgery at iteration 0), or None
     when the base weights are not a COCO model of these categories."""
     spec, solver = read_model_config(model_dir)
-    if spec.weights in ("", "none") or not spec.head_surgery:
+    if not spec.pretrained or not spec.head_surgery:
         return None
     engine = model_engine(spec.engine)
     predictor = engine.make_predictor(None, spec, solver, len(info.classes), device=device)

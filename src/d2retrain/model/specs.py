@@ -59,6 +59,9 @@ class ModelSpec:
         rpn_post_nms_topk_test: Proposals kept per image at inference.
         trust_pickle: Load pickled ``.pkl`` weights from sources other than detectron2's
             model zoo (they can run code).
+        freeze_at: Fine-tuning (base weights given): backbone stages kept as loaded, detectron2's
+            ``MODEL.BACKBONE.FREEZE_AT`` (0 none, 1 the stem, 2 stem and res2, ... 5 all); the
+            backbone's norms are then frozen too. From scratch nothing is frozen.
     """
 
     engine: str
@@ -69,6 +72,12 @@ class ModelSpec:
     rpn_post_nms_topk_train: int
     rpn_post_nms_topk_test: int
     trust_pickle: bool = False
+    freeze_at: int = 2
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether training starts from base weights (fine-tuning) rather than from scratch."""
+        return self.weights not in ("", "none")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.model.headsurgery import load_state_dict_source, subset_class_rows
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ARCHITECTURES",
     "build_model",
+    "freeze_backbone",
     "initial_state",
     "make_predictor",
     "resolve_device",
@@ -68,14 +70,47 @@ def build_model(spec: ModelSpec, num_classes: int, solver: SolverSpec) -> nn.Mod
         "rpn_pre_nms_top_n_test": spec.rpn_post_nms_topk_test,
     }
     if spec.architecture == "maskrcnn_resnet18_fpn":
-        return _small_maskrcnn(num_classes, sizes)
-    if spec.architecture in ARCHITECTURES:
+        model = _small_maskrcnn(num_classes, sizes)
+    elif spec.architecture in ARCHITECTURES:
         builder = getattr(torchvision.models.detection, spec.architecture)
-        return builder(weights=None, weights_backbone=None, num_classes=num_classes + 1, **sizes)
-    raise D2RetrainError(
-        f"model.architecture {spec.architecture!r} is not a torchvision architecture; "
-        f"use one of {', '.join(ARCHITECTURES)}"
-    )
+        model = builder(weights=None, weights_backbone=None, num_classes=num_classes + 1, **sizes)
+    else:
+        raise D2RetrainError(
+            f"model.architecture {spec.architecture!r} is not a torchvision architecture; "
+            f"use one of {', '.join(ARCHITECTURES)}"
+        )
+    if spec.pretrained:
+        freeze_backbone(model.backbone.body, spec.freeze_at)
+    return model
+
+
+# The ResNet body's stages in detectron2's order: stem (conv1, bn1), res2 (layer1) .. res5 (layer4).
+_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
+
+
+def freeze_backbone(body: nn.Module, freeze_at: int) -> None:
+    """detectron2's fine-tuning setup on a ResNet body: every BatchNorm becomes a
+    ``FrozenBatchNorm2d`` (statistics and affine fixed, as torchvision's COCO models and
+    detectron2's ``FrozenBN``), and the parameters of the first ``freeze_at`` stages stop training.
+
+    torchvision builds its models with live BatchNorm and every stage trainable unless it loads
+    its own weights itself; a batch of 2-16 images would then move the COCO statistics at every step.
+    """
+    _freeze_norms(body)
+    for names in _STAGES[:freeze_at]:
+        for name in names:
+            getattr(body, name).requires_grad_(False)
+
+
+def _freeze_norms(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(child, key).detach())
+            setattr(module, name, frozen)
+        else:
+            _freeze_norms(child)
 
 
 def _small_maskrcnn(num_classes: int, options: dict) -> MaskRCNN:
