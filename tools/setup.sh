@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up (or bring up to date) the environment .venv exactly as uv.lock says: needs only Python 3.11+.
 # Arguments go to `uv sync` (tools/test.sh passes --extra test); `--uv-only` stops once uv is there
-# (tools/upgrade-lock.sh). uv itself is installed with pip at
-# the version uv.lock holds (the `dev` group), so the lock is the one list of versions.
+# (tools/upgrade-lock.sh). uv itself is installed with pip at the version uv.lock holds (the `dev`
+# group), so the lock is the one list of versions.
 #
 # `--locked` stops with uv's message when pyproject.toml changed and uv.lock was not regenerated
 # (tools/upgrade-lock.sh). `--inexact` keeps what is in .venv but not in the lock, such as a
