@@ -92,12 +92,12 @@ def test_head_surgery_keeps_the_chosen_classes_outputs_exactly(tmp_path):
     full_spec = model_spec({"architecture": "maskrcnn_resnet18_fpn"}, "torchvision")
     full = tv_engine.build_model(full_spec, 90, solver).eval()  # 91 rows: a COCO-shaped model
     torch.save({"model": full.state_dict()}, tmp_path / "coco.pth")
-    ids = [37, 1]
+    ids = [37, 1]  # sports ball, person: the rows head surgery must pick, by name
     spec = model_spec(
         {"architecture": "maskrcnn_resnet18_fpn", "weights": str(tmp_path / "coco.pth")}, "torchvision"
     )
     subset = tv_engine.build_model(spec, len(ids), solver).eval()
-    state, surgery = tv_engine.initial_state(spec, ids, subset)
+    state, surgery = tv_engine.initial_state(spec, ["sports ball", "person"], subset)
     assert surgery
     subset.load_state_dict(state)
     image = torch.rand(1, 3, 128, 160)
@@ -431,21 +431,21 @@ def test_detectron2_loads_a_local_pkl_only_with_trust_pickle_and_a_pth_without_p
         pickle.dump({"model": {name: np.full(tensor.shape, 0.5, np.float32)}, "__author__": "x"}, handle)
     local = str(tmp_path / "weights.pkl")
     with pytest.raises(WeightsError, match=r"model\.trust_pickle: true"):
-        d2_engine.initial_state(model_spec({"weights": local}, "detectron2"), [1], predictor.model)
+        d2_engine.initial_state(model_spec({"weights": local}, "detectron2"), ["person"], predictor.model)
     trusted = model_spec({"weights": local, "trust_pickle": True}, "detectron2")
-    state, _ = d2_engine.initial_state(trusted, [1], predictor.model)
+    state, _ = d2_engine.initial_state(trusted, ["person"], predictor.model)
     assert float(state[name].flatten()[0]) == 0.5
     torch.save(
         {"model": {name: torch.full(tensor.shape, 0.25)}, "evil": _Payload(marker)}, tmp_path / "w.pth"
     )
     with pytest.raises(WeightsError, match="runs no code"):
         d2_engine.initial_state(
-            model_spec({"weights": str(tmp_path / "w.pth")}, "detectron2"), [1], predictor.model
+            model_spec({"weights": str(tmp_path / "w.pth")}, "detectron2"), ["person"], predictor.model
         )
     assert not marker.exists()
     torch.save({"model": {name: torch.full(tensor.shape, 0.25)}}, tmp_path / "w.pth")
     state, _ = d2_engine.initial_state(
-        model_spec({"weights": str(tmp_path / "w.pth")}, "detectron2"), [1], predictor.model
+        model_spec({"weights": str(tmp_path / "w.pth")}, "detectron2"), ["person"], predictor.model
     )
     assert float(state[name].flatten()[0]) == 0.25
 
@@ -564,3 +564,138 @@ def test_fine_tuning_at_a_zero_learning_rate_gives_the_same_predictions_after_1_
         assert torch.equal(finals[0][key], published[key]) and torch.equal(finals[1][key], published[key]), (
             key
         )
+
+
+def _coco_shaped_small(path) -> None:
+    """The demo network with COCO's 91 rows, saved as base weights."""
+    torch.manual_seed(1)
+    solver = solver_spec({"min_size_train": [128], "max_size_train": 200})
+    full = tv_engine.build_model(
+        model_spec({"architecture": "maskrcnn_resnet18_fpn"}, "torchvision"), 90, solver
+    )
+    torch.save({"model": full.state_dict()}, path)
+
+
+@pytest.mark.parametrize(
+    ("classes", "aliases", "rows"),
+    [
+        (["sports ball", "person"], {}, [0, 37, 1]),
+        (["ball", "person"], {"ball": "sports ball"}, [0, 37, 1]),
+        (["widget", "person"], {}, [0, None, 1]),
+    ],
+)
+def test_head_surgery_finds_coco_rows_by_name_and_leaves_other_classes_at_random(
+    tmp_path, classes, aliases, rows
+):
+    _coco_shaped_small(tmp_path / "coco.pth")
+    base = torch.load(tmp_path / "coco.pth", weights_only=True)["model"]
+    model = {
+        "architecture": "maskrcnn_resnet18_fpn",
+        "weights": str(tmp_path / "coco.pth"),
+        "coco_names": aliases,
+    }
+    spec = model_spec(model, "torchvision")
+    subset = tv_engine.build_model(spec, len(classes), solver_spec(TINY))
+    own = {key: value.clone() for key, value in subset.state_dict().items()}
+    state, surgery = tv_engine.initial_state(spec, classes, subset)
+    assert surgery
+    key = "roi_heads.box_predictor.cls_score.weight"
+    for place, row in enumerate(rows):
+        expected = own[key][place] if row is None else base[key][row]
+        assert torch.equal(state[key][place], expected)
+
+
+def test_classes_that_are_no_coco_category_get_no_surgery_and_an_unknown_alias_is_refused(tmp_path):
+    _coco_shaped_small(tmp_path / "coco.pth")
+    weights = {"architecture": "maskrcnn_resnet18_fpn", "weights": str(tmp_path / "coco.pth")}
+    spec = model_spec(weights, "torchvision")
+    subset = tv_engine.build_model(spec, 2, solver_spec(TINY))
+    _, surgery = tv_engine.initial_state(spec, ["widget", "gizmo"], subset)
+    assert not surgery
+    with pytest.raises(D2RetrainError, match="not COCO categories"):
+        tv_engine.initial_state(
+            model_spec(weights | {"coco_names": {"widget": "gadget"}}, "torchvision"), ["widget"], subset
+        )
+
+
+def _renamed_or_renumbered(source, target, rename=None, shift_ids=False):
+    """A copy of a COCO file with categories renamed, or with every category id changed (names kept)."""
+    document = json.loads(source.read_text())
+    new_id = {c["id"]: (1000 - c["id"] if shift_ids else c["id"]) for c in document["categories"]}
+    for category in document["categories"]:
+        category["name"] = (rename or {}).get(category["name"], category["name"])
+        category["id"] = new_id[category["id"]]
+    for annotation in document["annotations"]:
+        annotation["category_id"] = new_id[annotation["category_id"]]
+    target.write_text(json.dumps(document))
+    return target
+
+
+@pytest.mark.slow
+def test_a_source_file_with_other_category_ids_trains_exactly_the_same_model(mini_split, tmp_path):
+    _, paths = mini_split
+    _coco_shaped_small(tmp_path / "coco.pth")
+    source = COCO_MINI / "annotations" / "instances_train2017.json"
+    renumbered = _renamed_or_renumbered(source, tmp_path / "renumbered.json", shift_ids=True)
+    model = {
+        "engine": "torchvision",
+        "architecture": "maskrcnn_resnet18_fpn",
+        "weights": str(tmp_path / "coco.pth"),
+    }
+    finals = []
+    for name, source_json in (("original", source), ("renumbered", renumbered)):
+        folder = tmp_path / name
+        inputs = mini_inputs(paths, folder, source_json=str(source_json))
+        train_from_config(model=model, train=TINY | {"iterations": 1}, **inputs)
+        finals.append(torch.load(folder / "model_final.pth", weights_only=True)["model"])
+    assert read_classes(tmp_path / "renumbered").source_ids == [999, 963]  # classes.json keeps the file's ids
+    assert finals[0].keys() == finals[1].keys()
+    assert all(torch.equal(finals[0][key], finals[1][key]) for key in finals[0])
+
+
+@pytest.mark.slow
+def test_classes_named_outside_coco_get_no_baseline(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rename = {"person": "widget", "sports ball": "gizmo"}
+    paths = {}
+    for split in ("train", "val"):
+        source = _renamed_or_renumbered(
+            COCO_MINI / "annotations" / f"instances_{split}2017.json", folder / f"{split}_all.json", rename
+        )
+        filter_file(str(source), str(folder / f"{split}.json"), ["widget", "gizmo"], FilterOptions())
+        paths[split] = str(folder / f"{split}.json")
+    _coco_shaped_small(tmp_path / "coco.pth")
+    model = {
+        "engine": "torchvision",
+        "architecture": "maskrcnn_resnet18_fpn",
+        "weights": str(tmp_path / "coco.pth"),
+    }
+    inputs = mini_inputs(
+        paths, tmp_path / "m", classes=["widget", "gizmo"], source_json=str(folder / "train_all.json")
+    )
+    train_from_config(model=model, train=TINY | {"iterations": 1}, **inputs)
+    reports = evaluate_mini(tmp_path / "m", paths, tmp_path, ["widget", "gizmo"], "e.json", "e.csv")
+    assert set(reports) == {"retrained"}
+
+
+@pytest.mark.detectron2
+def test_detectron2_head_surgery_finds_coco_rows_by_name_with_background_last(tmp_path):
+    from d2retrain.model import d2 as d2_engine
+
+    spec = model_spec({"architecture": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"}, "detectron2")
+    coco = d2_engine.Detectron2Predictor(None, spec, solver_spec(TINY), 80, device="cpu").model.state_dict()
+    torch.save(coco, tmp_path / "coco.pth")
+    tuned = model_spec(
+        {"architecture": spec.architecture, "weights": str(tmp_path / "coco.pth")}, "detectron2"
+    )
+    subset = d2_engine.Detectron2Predictor(None, tuned, solver_spec(TINY), 2, device="cpu").model
+    own = {key: value.clone() for key, value in subset.state_dict().items()}
+    state, surgery = d2_engine.initial_state(tuned, ["widget", "sports ball"], subset)
+    assert surgery
+    scores, masks = "roi_heads.box_predictor.cls_score.weight", "roi_heads.mask_head.predictor.weight"
+    ball = d2_engine.COCO_IDS.index(37)
+    assert torch.equal(state[scores][0], own[scores][0])  # widget: its own random row
+    assert torch.equal(state[scores][1], coco[scores][ball])
+    assert torch.equal(state[scores][2], coco[scores][80])  # background, last in detectron2
+    assert torch.equal(state[masks][1], coco[masks][ball])

@@ -8,7 +8,14 @@ import numpy as np
 import torch
 
 from d2retrain.core.errors import D2RetrainError
-from d2retrain.model.headsurgery import WeightsError, check_pickle_source, load_tensor_file, subset_class_rows
+from d2retrain.model.cococlasses import coco_category_ids
+from d2retrain.model.headsurgery import (
+    WeightsError,
+    check_pickle_source,
+    load_tensor_file,
+    log_surgery,
+    subset_class_rows,
+)
 from d2retrain.model.predictor import Instances, build_then_load
 from d2retrain.model.specs import ModelSpec, SolverSpec
 
@@ -89,7 +96,7 @@ def _set_solver(cfg, solver: SolverSpec) -> None:
 
 
 def initial_state(
-    spec: ModelSpec, source_ids: Sequence[int], model: torch.nn.Module
+    spec: ModelSpec, classes: Sequence[str], model: torch.nn.Module
 ) -> tuple[dict | None, bool]:
     """Base weights for ``model`` (detectron2 URLs and ``.pkl`` files included), with head surgery.
 
@@ -121,20 +128,22 @@ def initial_state(
         k: torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for k, v in loaded.items()
     }
     head = state.get("roi_heads.box_predictor.cls_score.weight")
+    coco_ids = coco_category_ids(classes, spec.coco_names)
     surgery = (
         spec.head_surgery
         and head is not None
         and head.shape[0] == len(COCO_IDS) + 1
-        and set(source_ids) <= set(COCO_IDS)
+        and any(coco_id is not None for coco_id in coco_ids)
     )
-    if surgery:
-        rows = [COCO_IDS.index(i) for i in source_ids]
-        state = subset_class_rows(
-            state, {"roi_heads.box_predictor.bbox_pred": 4, "roi_heads.mask_head.predictor": 1}, rows
-        )
-        state = subset_class_rows(state, {"roi_heads.box_predictor.cls_score": 1}, [*rows, len(COCO_IDS)])
-        logger.info("head surgery: class layers start from COCO classes %s", list(source_ids))
     expected = model.state_dict()
+    if surgery:  # detectron2 numbers the 80 classes 0..79, background last
+        rows = [COCO_IDS.index(i) if i is not None else None for i in coco_ids]
+        layers = {"roi_heads.box_predictor.bbox_pred": 4, "roi_heads.mask_head.predictor": 1}
+        state = subset_class_rows(state, layers, rows, expected)
+        state = subset_class_rows(
+            state, {"roi_heads.box_predictor.cls_score": 1}, [*rows, len(COCO_IDS)], expected
+        )
+        log_surgery(classes, coco_ids)
     return {k: v for k, v in state.items() if k in expected and v.shape == expected[k].shape}, surgery
 
 

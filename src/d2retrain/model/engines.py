@@ -16,6 +16,7 @@ import yaml
 
 from d2retrain.core.config import allowed_values
 from d2retrain.core.errors import D2RetrainError
+from d2retrain.model.cococlasses import coco_category_ids
 from d2retrain.model.evaluation import evaluate, write_evaluation
 from d2retrain.model.predictor import Predictor
 from d2retrain.model.specs import ClassInfo, ModelSpec, SolverSpec, model_spec, read_classes, solver_spec
@@ -61,7 +62,7 @@ class ModelEngine(Protocol):
         ...
 
     def initial_state(
-        self, spec: ModelSpec, source_ids: Sequence[int], model: torch.nn.Module
+        self, spec: ModelSpec, classes: Sequence[str], model: torch.nn.Module
     ) -> tuple[dict[str, torch.Tensor] | None, bool]:
         """Base weights for ``model`` with head surgery, and whether surgery made them COCO's rows."""
         ...
@@ -176,22 +177,28 @@ def evaluate_model(
     reports = {"retrained": evaluate(predictor, val_json, val_images, info.classes)}
     baseline = _baseline_predictor(model_dir, info, device)
     if baseline is not None:
-        reports["baseline"] = evaluate(baseline, val_json, val_images, info.classes)
+        predictor, covered = baseline
+        reports["baseline"] = evaluate(predictor, val_json, val_images, info.classes, only=covered)
     write_evaluation(reports, metrics_path, per_class_path)
     return reports
 
 
-def _baseline_predictor(model_dir: str | Path, info: ClassInfo, device: str) -> Predictor | None:
-    """The COCO base model restricted to the classes (head surgery at iteration 0), or None
-    when the base weights are not a COCO model of these categories."""
+def _baseline_predictor(
+    model_dir: str | Path, info: ClassInfo, device: str
+) -> tuple[Predictor, list[str]] | None:
+    """The COCO base model restricted to the classes (head surgery at iteration 0) and the classes
+    it covers (those named as COCO categories), or None when the base weights are not a COCO
+    model or no class is a COCO category."""
     spec, solver = read_model_config(model_dir)
     if not spec.pretrained or not spec.head_surgery:
         return None
     engine = model_engine(spec.engine)
     predictor = engine.make_predictor(None, spec, solver, len(info.classes), device=device)
-    state, surgery = engine.initial_state(spec, info.source_ids, predictor.model)
+    state, surgery = engine.initial_state(spec, info.classes, predictor.model)
     if state is None or not surgery:
         return None
     predictor.model.load_state_dict(state, strict=False)
-    logger.info("baseline: the base weights %s restricted to %s", spec.weights, ", ".join(info.classes))
-    return predictor
+    coco_ids = coco_category_ids(info.classes, spec.coco_names)
+    covered = [name for name, coco_id in zip(info.classes, coco_ids, strict=True) if coco_id is not None]
+    logger.info("baseline: the base weights %s on the COCO classes %s", spec.weights, ", ".join(covered))
+    return predictor, covered

@@ -88,32 +88,46 @@ def predict_split(
     return results
 
 
-def coco_ap(ground_truth: COCO, results: list[dict], kind: str, classes: Sequence[str]) -> tuple[dict, dict]:
-    """Run COCOeval for ``bbox`` or ``segm``.
+def coco_ap(
+    ground_truth: COCO,
+    results: list[dict],
+    kind: str,
+    classes: Sequence[str],
+    only: Sequence[str] | None = None,
+) -> tuple[dict, dict]:
+    """Run COCOeval for ``bbox`` or ``segm``, over every class or ``only`` those named.
 
     Returns:
         The summary (AP, AP50, AP75, APs, APm, APl as fractions; -1 where undefined) and
         the AP of each class.
     """
+    names = list(classes if only is None else only)
     if not results:
-        return dict.fromkeys(SUMMARY_KEYS, 0.0), dict.fromkeys(classes, 0.0)
+        return dict.fromkeys(SUMMARY_KEYS, 0.0), dict.fromkeys(names, 0.0)
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator = COCOeval(ground_truth, ground_truth.loadRes(results), kind)
+        evaluator.params.catIds = [list(classes).index(name) + 1 for name in names]  # ids 1..N
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
     summary = {key: float(value) for key, value in zip(SUMMARY_KEYS, evaluator.stats[:6], strict=True)}
     precision = evaluator.eval["precision"][:, :, :, 0, -1]  # IoU, recall, class, area=all, maxDets=100
     per_class = {}
-    for index, name in enumerate(classes):
+    for index, name in enumerate(names):
         values = precision[:, :, index]
         values = values[values > -1]
         per_class[name] = float(values.mean()) if values.size else float("nan")
     return summary, per_class
 
 
-def evaluate(predictor: Predictor, annotations_json: str, image_dir: str, classes: Sequence[str]) -> dict:
-    """Predict the split and compute bbox and segm AP.
+def evaluate(
+    predictor: Predictor,
+    annotations_json: str,
+    image_dir: str,
+    classes: Sequence[str],
+    only: Sequence[str] | None = None,
+) -> dict:
+    """Predict the split and compute bbox and segm AP (over ``only`` these classes when given).
 
     Returns:
         ``{"bbox": {...}, "segm": {...}, "per_class": {kind: {class: AP}}}``.
@@ -123,7 +137,7 @@ def evaluate(predictor: Predictor, annotations_json: str, image_dir: str, classe
         ground_truth = COCO(annotations_json)
     report: dict = {"per_class": {}}
     for kind in ("bbox", "segm"):
-        report[kind], report["per_class"][kind] = coco_ap(ground_truth, results, kind, classes)
+        report[kind], report["per_class"][kind] = coco_ap(ground_truth, results, kind, classes, only)
     logger.info(
         "AP on %s: bbox %.3f, segm %.3f", annotations_json, report["bbox"]["AP"], report["segm"]["AP"]
     )

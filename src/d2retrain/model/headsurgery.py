@@ -21,6 +21,7 @@ __all__ = [
     "load_tensor_file",
     "load_state_dict_source",
     "subset_class_rows",
+    "log_surgery",
 ]
 
 # Where pickled (.pkl) weights are trusted without model.trust_pickle: detectron2's model zoo.
@@ -121,7 +122,10 @@ def load_state_dict_source(weights: str, torchvision_names: bool = False) -> dic
 
 
 def subset_class_rows(
-    state: Mapping[str, torch.Tensor], layers: Mapping[str, int], rows: Sequence[int]
+    state: Mapping[str, torch.Tensor],
+    layers: Mapping[str, int],
+    rows: Sequence[int | None],
+    own: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Keep, in each class-specific layer, the rows of the given classes in the given order.
 
@@ -129,16 +133,39 @@ def subset_class_rows(
         state: A full model's state dict.
         layers: Layer name (without ``.weight``/``.bias``) -> rows per class (4 for box
             regression, 1 otherwise).
-        rows: Class indices of the full model, in the new model's class order.
+        rows: Class indices of the full model, in the new model's class order; None for a class
+            the full model does not have, which keeps the new model's own (random) rows.
+        own: The new model's state dict (needed when a row is None).
 
     Returns:
         A new state dict; other tensors are shared, not copied.
     """
     result = dict(state)
     for layer, per_class in layers.items():
-        index = torch.tensor([row * per_class + k for row in rows for k in range(per_class)])
         for suffix in ("weight", "bias"):
             key = f"{layer}.{suffix}"
-            if key in result:
-                result[key] = result[key].index_select(0, index).clone()
+            if key not in result:
+                continue
+            parts = [
+                result[key][row * per_class : (row + 1) * per_class]
+                if row is not None
+                else _own_rows(own, key)[place * per_class : (place + 1) * per_class]
+                for place, row in enumerate(rows)
+            ]
+            result[key] = torch.cat(parts).clone()
     return result
+
+
+def _own_rows(own: Mapping[str, torch.Tensor] | None, key: str) -> torch.Tensor:
+    if own is None:
+        raise ValueError(f"{key}: a class without base rows needs the new model's own state")
+    return own[key]
+
+
+def log_surgery(classes: Sequence[str], coco_ids: Sequence[int | None]) -> None:
+    """Say which classes start from which COCO category's rows, and which start at random."""
+    for name, coco_id in zip(classes, coco_ids, strict=True):
+        if coco_id is None:
+            logger.info("head surgery: %r is not a COCO category: its class rows start at random", name)
+        else:
+            logger.info("head surgery: %r starts from the rows of COCO category %d", name, coco_id)

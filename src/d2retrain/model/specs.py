@@ -62,6 +62,8 @@ class ModelSpec:
         freeze_at: Fine-tuning (base weights given): backbone stages kept as loaded, detectron2's
             ``MODEL.BACKBONE.FREEZE_AT`` (0 none, 1 the stem, 2 stem and res2, ... 5 all); the
             backbone's norms are then frozen too. From scratch nothing is frozen.
+        coco_names: Class name -> COCO category name, for classes named otherwise; head surgery
+            and the baseline match classes to COCO by name, never by the dataset's ids.
     """
 
     engine: str
@@ -73,6 +75,7 @@ class ModelSpec:
     rpn_post_nms_topk_test: int
     trust_pickle: bool = False
     freeze_at: int = 2
+    coco_names: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def pretrained(self) -> bool:

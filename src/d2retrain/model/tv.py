@@ -19,7 +19,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from d2retrain.core.errors import D2RetrainError
-from d2retrain.model.headsurgery import load_state_dict_source, subset_class_rows
+from d2retrain.model.cococlasses import coco_category_ids
+from d2retrain.model.headsurgery import load_state_dict_source, log_surgery, subset_class_rows
 from d2retrain.model.predictor import Instances, build_then_load
 from d2retrain.model.specs import ModelSpec, SolverSpec
 
@@ -131,13 +132,13 @@ def _small_maskrcnn(num_classes: int, options: dict) -> MaskRCNN:
 
 
 def initial_state(
-    spec: ModelSpec, source_ids: Sequence[int], model: nn.Module
+    spec: ModelSpec, classes: Sequence[str], model: nn.Module
 ) -> tuple[dict[str, torch.Tensor] | None, bool]:
     """The starting weights for ``model``: base weights, with head surgery when they are COCO's.
 
     Args:
-        spec: Weights source and head-surgery switch.
-        source_ids: Original COCO category id of each class, in model order.
+        spec: Weights source, head-surgery switch and ``coco_names`` aliases.
+        classes: Class names in model order; those named as COCO categories start from their rows.
         model: The model the weights are for (gives the expected shapes).
 
     Returns:
@@ -152,16 +153,16 @@ def initial_state(
         return None, False
     expected = model.state_dict()
     coco_head = state.get("roi_heads.box_predictor.cls_score.weight")
+    coco_ids = coco_category_ids(classes, spec.coco_names)
     surgery = (
         spec.head_surgery
         and coco_head is not None
         and coco_head.shape[0] == COCO_ROWS
-        and max(source_ids) < COCO_ROWS
+        and any(coco_id is not None for coco_id in coco_ids)
     )
-    if surgery:
-        rows = [0, *source_ids]
-        state = subset_class_rows(state, HEAD_LAYERS, rows)
-        logger.info("head surgery: class layers start from COCO rows %s", rows)
+    if surgery:  # torchvision's COCO rows are indexed by category id, 0 = background
+        state = subset_class_rows(state, HEAD_LAYERS, [0, *coco_ids], expected)
+        log_surgery(classes, coco_ids)
     mismatched = [k for k, v in state.items() if k in expected and v.shape != expected[k].shape]
     for key in mismatched:
         del state[key]

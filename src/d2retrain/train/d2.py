@@ -153,7 +153,7 @@ def _load_start(trainer, job: TrainJob, resume: tuple[Path, int] | None) -> torc
     """Load the base weights (fresh run) or the checkpoint (resume); return the bare network."""
     model = _bare(trainer.model)
     if resume is None:
-        state, _ = initial_state(job.model, job.source_ids, model)
+        state, _ = initial_state(job.model, job.classes, model)
         if state is not None:
             model.load_state_dict(state, strict=False)
     else:

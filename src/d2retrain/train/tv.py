@@ -97,7 +97,7 @@ def _prepare(job: TrainJob, store: CheckpointStore) -> tuple[_Run, int]:
     if resume is None:
         if distributed.is_main():
             store.start_fresh()
-        state, _ = initial_state(job.model, job.source_ids, model)
+        state, _ = initial_state(job.model, job.classes, model)
         if state is not None:
             model.load_state_dict(state, strict=False)
     model.to(device).train()
