@@ -1,6 +1,7 @@
 """Shared fixtures: small COCO factories and paths to the real data beside the repository."""
 
 import copy
+import functools
 import json
 import os
 import threading
@@ -19,6 +20,35 @@ DEMO_DATASET = {
     for split in ("train", "val")
 }
 """The demo data's splits as a ``datasets`` entry of a workflow config."""
+
+
+@functools.cache
+def _detectron2_importable() -> bool:
+    try:
+        import detectron2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``detectron2`` skip, with the reason, where it is not importable.
+
+    With pytest-xdist (``tools/test.sh`` runs ``-n auto --dist loadgroup``): the tests of a
+    module that share a module-scoped fixture (a finished workflow run, a cluster, a trained model)
+    run in one worker, so that the fixture is built once, not once per worker."""
+    for item in items:
+        if "detectron2" in item.keywords and not _detectron2_importable():
+            item.add_marker(pytest.mark.skip(reason="detectron2 is not importable in this environment"))
+        definitions = getattr(item, "_fixtureinfo", None)
+        if definitions is None:
+            continue
+        if any(
+            chain[-1].scope == "module"
+            for name, chain in definitions.name2fixturedefs.items()
+            if name in item.fixturenames and chain
+        ):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture
@@ -117,12 +147,3 @@ def coco_file(tmp_path: Path):
         return write_json(tmp_path / name, make_coco(images, **kwargs))
 
     return _write
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if "detectron2" in item.keywords:
-            try:
-                import detectron2  # noqa: F401
-            except ImportError:
-                item.add_marker(pytest.mark.skip(reason="detectron2 is not importable in this environment"))

@@ -5,7 +5,8 @@ the foreground under ``setsid``, with every config, state, log and socket file i
 and are stopped by their process ids. The one exception is ``/etc/slurm/slurm.conf``: the
 executor plugin's in-job helper drops ``SLURM_CONF`` before its inner ``srun``, so the default
 path must lead to this cluster's config (a symlink, removed and the old file put back at the end).
-The node has 2 CPUs and one fake GPU (a character device, as SLURM's gres plugin requires).
+The node is described with 4 CPUs (the jobs each take 2, the machine's count) and two fake GPUs
+(character devices, as SLURM's gres plugin requires), so that two GPU jobs can run at once.
 """
 
 import contextlib
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ACCOUNT",
     "CPUS",
+    "GPUS",
     "CPU_PARTITION",
     "GPU_PARTITION",
     "SlurmCluster",
@@ -41,7 +43,9 @@ PACKAGES = ("munge", "slurmctld", "slurmd", "slurm-client", "slurmdbd", "mariadb
 PROGRAMS = ("munged", "mungekey", "mariadb-install-db", "mariadbd", "slurmdbd", "slurmctld", "slurmd")
 PROGRAMS += ("sbatch", "sacct", "sacctmgr", "sinfo", "srun")
 CLUSTER = "d2retrain"
-CPUS = 2
+CPUS = 2  # threads of each job (--max-threads), as many as the machine has
+NODE_CPUS = 4  # the node as described: two jobs of CPUS threads at once
+GPUS = 2
 ACCOUNT = "ci"  # root's account
 CPU_PARTITION = "cpu"  # the default partition
 GPU_PARTITION = "gpu"  # the same node, for the config's cluster.gpu_partition
@@ -176,6 +180,11 @@ class SlurmCluster:
         CPUs/Task, CpusPerTres, TresPerJob, MinMemoryNode, ...), finished jobs included."""
         return dict(re.findall(r"(\S+?)=(\S*)", self.run("scontrol", "--oneliner", "show", "job", job_id)))
 
+    def gpu_indices(self, job_id: str) -> list[int]:
+        """The GPUs (gres indices) the controller gave a job (``scontrol -d show job``)."""
+        detail = self.run("scontrol", "--details", "--oneliner", "show", "job", job_id)
+        return sorted(int(index) for index in re.findall(r"gpu(?::\w+)?:\d+\(IDX:(\d+)\)", detail))
+
 
 def _write(path: Path, text: str, mode: int = 0o644) -> Path:
     path.write_text(text)
@@ -184,10 +193,11 @@ def _write(path: Path, text: str, mode: int = 0o644) -> Path:
 
 
 def _write_configs(folder: Path, ports: dict[str, int]) -> None:
-    """slurm.conf, gres.conf and slurmdbd.conf of a 2-CPU node with one GPU and accounting."""
+    """slurm.conf, gres.conf and slurmdbd.conf of a node with NODE_CPUS CPUs, GPUS GPUs and accounting."""
     munge_socket = folder / "munge" / "munge.socket"
-    gpu_device = folder / "gpu0"
-    os.mknod(gpu_device, 0o666 | 0o020000, os.makedev(1, 3))  # a character device, like /dev/null
+    gpu_devices = [folder / f"gpu{index}" for index in range(GPUS)]
+    for device in gpu_devices:
+        os.mknod(device, 0o666 | 0o020000, os.makedev(1, 3))  # a character device, like /dev/null
     _write(
         folder / "slurm.conf",
         f"""\
@@ -229,14 +239,15 @@ AccountingStorageTRES=gres/gpu
 AccountingStoreFlags=job_comment
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-# The node is described, not probed: 2 CPUs, memory for the profile's largest request, one GPU.
+# The node is described, not probed: CPUs and memory for two GPU jobs at once, and two GPUs.
 SlurmdParameters=config_overrides
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={CPUS} RealMemory=65536 Gres=gpu:1 State=UNKNOWN
+NodeName=localhost NodeAddr=127.0.0.1 CPUs={NODE_CPUS} RealMemory=65536 Gres=gpu:{GPUS} State=UNKNOWN
 PartitionName={CPU_PARTITION} Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 PartitionName={GPU_PARTITION} Nodes=localhost MaxTime=INFINITE State=UP
 """,
     )
-    _write(folder / "gres.conf", f"AutoDetect=off\nNodeName=localhost Name=gpu File={gpu_device}\n")
+    devices = "".join(f"NodeName=localhost Name=gpu File={device}\n" for device in gpu_devices)
+    _write(folder / "gres.conf", f"AutoDetect=off\n{devices}")
     _write(
         folder / "slurmdbd.conf",
         f"""\

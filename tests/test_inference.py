@@ -20,7 +20,7 @@ from d2retrain.core.errors import D2RetrainError
 from d2retrain.data.demo import write_demo_dataset
 from d2retrain.data.filtering import FilterOptions
 from d2retrain.data.prepare import filter_file
-from d2retrain.infer.inputs import InputFile, discover, shard_of, shards
+from d2retrain.infer.inputs import InputFile, discover, shard_count, shard_of, shards
 from d2retrain.infer.pipeline import inference_options, load_image, run_inference
 from d2retrain.infer.summary import write_summary
 from d2retrain.train.run import train_from_config
@@ -307,7 +307,8 @@ def test_discover_lists_folders_by_type_takes_globs_and_files_as_given(tmp_path)
     assert [f.name for f in discover([str(tmp_path / "*.txt")], "image")] == ["readme"]
     assert [f.name for f in discover([str(tmp_path / "c.mp4"), str(tmp_path)], "video")] == ["c"]
     planned = discover(["later/val"], "image", {"later/val/": ["x.jpg", "y.jpg"]})
-    assert [(f.path, f.pending) for f in planned] == [("later/val/x.jpg", True), ("later/val/y.jpg", True)]
+    assert [(f.path, f.planned) for f in planned] == [("later/val/x.jpg", True), ("later/val/y.jpg", True)]
+    assert not any(f.planned for f in discover([str(tmp_path)], "image", {str(tmp_path): ["z.jpg"]}))
 
 
 @pytest.mark.parametrize(
@@ -333,6 +334,24 @@ def test_shards_are_stable_when_files_are_added():
     assert min(len(group) for group in after.values()) > 30  # a hash spreads the files
     # the shard follows the output name, not the folder: moving the inputs moves no output
     assert shard_of(InputFile("elsewhere/new.png", "image", "new"), 4) == shard_of(after_new(after), 4)
+
+
+@pytest.mark.parametrize(
+    ("files", "count"), [(0, 1), (25, 1), (1000, 1), (1001, 2), (2500, 4), (4001, 8), (100_000, 128)]
+)
+def test_auto_shards_are_one_per_1000_files_rounded_up_to_a_power_of_two(files, count):
+    assert shard_count(files, "auto") == count
+    assert shard_count(files, 3) == 3  # a number is taken as it is
+
+
+def test_auto_shards_keep_every_file_in_place_until_the_files_double():
+    files = [InputFile(f"in/img_{i:05d}.jpg", "image", f"img_{i:05d}") for i in range(3000)]
+    before = {item.name: shard for shard, group in shards(files, "auto").items() for item in group}
+    assert sorted(before.values()) == sorted(shard_of(item, 4) for item in files)
+    grown = shards([*files, *[InputFile(f"in/x{i}.jpg", "image", f"x{i}") for i in range(900)]], "auto")
+    assert all(
+        before[item.name] == shard for shard, group in grown.items() for item in group if item.name in before
+    )
 
 
 def after_new(groups: dict) -> InputFile:

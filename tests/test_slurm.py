@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from slurm_cluster import (
     CPU_PARTITION,
     CPUS,
     GPU_PARTITION,
+    GPUS,
     SlurmCluster,
     install_packages,
     running_cluster,
@@ -128,7 +130,7 @@ def rules_run(workdir: Path) -> dict[str, str]:
 def jobs_of(cluster: SlurmCluster, workdir: Path) -> list[dict[str, str]]:
     """The SLURM jobs (not their steps) submitted from ``workdir``, oldest first, with the rule
     name taken from the plugin's job comment ``rule_<name>_wildcards_<values>``."""
-    fields = ("JobID", "WorkDir", "Comment", "State", "Partition", "Account", "AllocTRES")
+    fields = ("JobID", "WorkDir", "Comment", "State", "Partition", "Account", "AllocTRES", "Start", "End")
     jobs = [job for job in cluster.accounting(*fields) if job["WorkDir"] == str(workdir)]
     jobs = [job for job in jobs if "." not in job["JobID"]]
     for job in jobs:
@@ -252,6 +254,8 @@ def test_every_job_ran_as_a_slurm_job_with_the_profiles_resources(cluster, slurm
     for job in jobs:
         settings = cluster.settings(job["JobID"])  # what sbatch asked for
         expected = profile["default-resources"] | profile["set-resources"].get(job["rule"], {})
+        if job["rule"].startswith("infer_"):  # the shard rules' own resources (workflow/rules/infer.smk)
+            expected |= {"mem_mb": 16000, "runtime": 120}
         hours, minutes = divmod(expected["runtime"], 60)
         assert settings["TimeLimit"] == f"{hours:02d}:{minutes:02d}:00", job
         assert settings["MinMemoryNode"] == f"{expected['mem_mb']}M", job
@@ -267,6 +271,20 @@ def test_every_job_ran_as_a_slurm_job_with_the_profiles_resources(cluster, slurm
                 assert settings["CpusPerTres"] == f"gres:gpu:{CPUS}", job
         else:
             assert job["Partition"] == CPU_PARTITION and "gpu" not in job["AllocTRES"], job
+
+
+def test_inference_shards_run_as_separate_slurm_jobs_at_once_on_their_own_gpus(cluster, slurm_run, tmp_path):
+    """Each shard asks one GPU: on the 2-GPU node the two shards of a rerun start together."""
+    workdir = tmp_path / "rerun"
+    shutil.copytree(slurm_run, workdir, symlinks=True)
+    config = CONFIG | {"inference": CONFIG["inference"] | {"max_detections": 99}}  # inference only
+    succeeded(through_slurm(cluster, workdir, config))
+    jobs = jobs_of(cluster, workdir)
+    assert sorted(job["rule"] for job in jobs) == ["infer_00", "infer_01", "inference_summary"]
+    first, second = [job for job in jobs if job["rule"].startswith("infer_")]
+    assert {first["State"], second["State"]} == {"COMPLETED"}
+    assert first["Start"] < second["End"] and second["Start"] < first["End"], (first, second)  # at once
+    assert sorted(cluster.gpu_indices(job["JobID"])[0] for job in (first, second)) == list(range(GPUS))
 
 
 def test_a_training_killed_at_its_time_limit_resumes_on_the_next_run(cluster, tmp_path):

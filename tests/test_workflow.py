@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import pandas as pd
 import pytest
 import yaml
@@ -132,13 +133,13 @@ def test_coco_mini_workflow_matches_pycocotools(tmp_path):
             assert kept == counts_by_pycocotools(path, names)
 
 
-def test_the_default_main_job_trains_a_model_reaching_segm_ap_050(tmp_path):
+def test_the_default_main_job_trains_a_model_reaching_segm_ap_060(tmp_path):
     """The embedded default, as the README runs it: data, training on the CPU, evaluation."""
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     snakemake(tmp_path, config, "--resources", "gpu=1")
     metrics = json.loads((tmp_path / "results/person_ball/eval/metrics.json").read_text())["retrained"]
-    assert metrics["segm"]["AP"] >= 0.50, metrics["segm"]
-    assert metrics["bbox"]["AP"] >= 0.50, metrics["bbox"]
+    assert metrics["segm"]["AP"] >= 0.60, metrics["segm"]  # 0.670 on 2 cores (README)
+    assert metrics["bbox"]["AP"] >= 0.60, metrics["bbox"]
     model = tmp_path / "results/person_ball/model"
     assert json.loads((model / "classes.json").read_text())["classes"] == ["person", "sports ball"]
     records = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
@@ -178,15 +179,23 @@ def check_report(workdir: Path, config: dict) -> None:
         f"{base}/eval/predictions.png",
     }
     inference = set(categories["4. Inference"]["person_ball"])
-    drawn = {f"{base}/inference/images/demo_val_{index:04d}.png" for index in range(24)}
-    assert inference == drawn | {f"{base}/inference/videos/demo.mp4", f"{base}/inference/summary.csv"}
+    drawn = {f"{base}/inference/drawn/image/demo_val_{index:04d}.png" for index in range(24)}
+    video = f"{base}/inference/drawn/video/demo.mp4"
+    assert inference == drawn | {video, f"{base}/inference/summary.csv"}
     for path in (f"{base}/stats/counts.png", f"{base}/model/loss.png", f"{base}/eval/predictions.png"):
         assert embedded(results[path]) == (workdir / path).read_bytes(), path
+    for path in (f"{base}/inference/drawn/image/demo_val_0003.png", video):  # the inference outputs
+        kind_folder = path.replace("/drawn/image/", "/images/").replace("/drawn/video/", "/videos/")
+        assert embedded(results[path]) == (workdir / kind_folder).read_bytes(), path
+    assert results[f"{base}/inference/drawn/image/demo_val_0003.png"]["labels"] == {
+        "file": "demo_val_0003",
+        "kind": "image",
+    }
     table = embedded(results[f"{base}/eval/ap_table.html"]).decode()
     retrained = json.loads((workdir / base / "eval/metrics.json").read_text())["retrained"]
     assert f"<td>{100 * retrained['segm']['AP']:.1f}</td>" in table and "sports ball" in table
-    assert results[f"{base}/inference/videos/demo.mp4"]["mime_type"] == "video/mp4"
-    assert results[f"{base}/inference/videos/demo.mp4"]["labels"] == {"file": "demo", "kind": "video"}
+    assert results[video]["mime_type"] == "video/mp4"
+    assert results[video]["labels"] == {"file": "demo", "kind": "video"}
     assert "Instances and images per category" in results[f"{base}/stats/counts.png"]["caption"]
 
 
@@ -216,6 +225,13 @@ def test_adding_an_image_reruns_only_its_shard_and_retraining_reruns_all_inferen
     assert json.loads((inferred / "images" / "added one.json").read_text())["status"] == "ok"
     summary = pd.read_csv(inferred / "summary.csv")
     assert len(summary) == 201 and set(summary.status) == {"ok"}
+
+    (inferred / "images" / "demo_val_0011.png").unlink()  # a lost output: its shard alone reruns
+    lost = shard_of(InputFile.of(pictures / "demo_val_0011.jpg", "image"), 4)
+    assert planned_jobs(tmp_path, config) == {f"infer_{lost:02d}": 1, "inference_summary": 1, "all": 1}
+    snakemake(tmp_path, config, "--resources", "gpu=1")
+    assert cv2.imread(str(inferred / "images" / "demo_val_0011.png")) is not None
+    assert planned_jobs(tmp_path, config) == {}
 
     config["train"]["iterations"] = 5  # a retrained model replans every inference job
     jobs = planned_jobs(tmp_path, config)

@@ -24,4 +24,6 @@ snakefmt --check Snakefile workflow
 snakemake --lint
 lint-imports  # the layers contract of pyproject.toml
 mypy          # src/, as configured in pyproject.toml
-pytest "$@"
+# Tests side by side, one worker per core (at most 4: each training takes 2 threads); the tests
+# sharing a module-scoped fixture stay in one worker (tests/conftest.py marks them).
+pytest --numprocesses auto --maxprocesses 4 --dist loadgroup "$@"

@@ -4,7 +4,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from d2retrain.core.codehash import code_hash
-from d2retrain.infer.inputs import check_pattern_safe, discover, output_files, shards
+from d2retrain.infer.inputs import (
+    check_pattern_safe,
+    discover,
+    first_missing_output,
+    shards,
+)
 from d2retrain.core.layout import DemoLayout
 
 SPLITS = ["train", "val"]
@@ -148,28 +153,18 @@ INFERENCE_SHARDS = shards(inference_files(), config["inference"]["shards"])
 
 
 def shard_outputs(shard):
-    """The shard's per-file outputs, as patterns with the {subset} wildcard; drawn pictures and
-    videos are marked for the report."""
-    return [
-        in_report(path, item)
-        for item in INFERENCE_SHARDS[shard]
-        for path in output_files(item, "results/{subset}/inference")
-    ]
-
-
-def in_report(path, item):
-    if not path.endswith((".png", ".mp4")):
-        return path
-    return report(
-        path,
-        caption="../report/inference_file.rst",
-        category="4. Inference",
-        subcategory="{subset}",
-        labels={
-            "file": item.name.replace("{", "{{").replace("}", "}}"),
-            "kind": item.kind,
-        },
-    )
+    """The shard's declared outputs: its status file, written last (the list of the files it
+    inferred), and, when a finished shard has lost a file's outputs since, the first such
+    output, so that the shard runs again. The per-file outputs are not declared one by one:
+    Snakemake's planning costs inputs x outputs per job (README, "Planning at scale")."""
+    status = f"results/{{subset}}/inference/status/shard_{shard:02d}.json"
+    for subset in config["subsets"]:
+        folder = f"results/{subset}/inference"
+        if Path(folder, "status", f"shard_{shard:02d}.json").exists():
+            missing = first_missing_output(INFERENCE_SHARDS[shard], folder)
+            if missing is not None:
+                return {"status": status, "missing": f"results/{{subset}}/inference/{missing}"}
+    return {"status": status}
 
 
 def shard_inputs(shard):
@@ -178,7 +173,7 @@ def shard_inputs(shard):
     files = INFERENCE_SHARDS[shard]
 
     def lookup(wildcards):
-        if any(item.pending for item in files):
+        if any(item.planned for item in files):
             checkpoints.demo_data.get()
         return {
             "weights": f"results/{wildcards.subset}/model/model_final.pth",

@@ -1,5 +1,6 @@
 # Inference: each subset's model on the configured images and videos. Files are split into
-# stable shards (a hash of their names); one job per shard loads the model once.
+# stable shards (a hash of their names); one job per shard loads the model once and declares
+# one status file, not an output per file (planning stays linear in the files).
 
 
 for shard in INFERENCE_SHARDS:
@@ -10,8 +11,7 @@ for shard in INFERENCE_SHARDS:
         input:
             unpack(shard_inputs(shard)),
         output:
-            shard_outputs(shard),
-            status=f"results/{{subset}}/inference/status/shard_{shard:02d}.json",
+            **shard_outputs(shard),
         log:
             f"logs/{{subset}}/infer_{shard:02d}.log",
         conda:
@@ -20,6 +20,10 @@ for shard in INFERENCE_SHARDS:
         resources:
             **GPU_JOB,
             gpu=1,
+            # sized for shards of ~1,000 COCO-sized images (inference.shards: auto); a profile's
+            # set-resources may override them per shard rule
+            mem_mb=16000,
+            runtime=120,
         params:
             categories=subset_value("categories"),
             options=inference_params(),
@@ -35,11 +39,19 @@ rule inference_summary:
             shard=INFERENCE_SHARDS,
         ),
     output:
-        report(
+        csv=report(
             "results/{subset}/inference/summary.csv",
             caption="../report/inference_summary.rst",
             category="4. Inference",
             subcategory="{subset}",
+        ),
+        drawn=report(
+            directory("results/{subset}/inference/drawn"),
+            patterns=["{kind}/{file}.{ext}"],
+            caption="../report/inference_file.rst",
+            category="4. Inference",
+            subcategory="{subset}",
+            labels={"file": "{file}", "kind": "{kind}"},
         ),
     log:
         "logs/{subset}/inference_summary.log",
@@ -48,6 +60,7 @@ rule inference_summary:
     resources:
         **CPU_JOB,
     params:
+        inference_dir="results/{subset}/inference",
         code=script_code("inference_summary"),
     script:
         "../scripts/inference_summary.py"

@@ -1,7 +1,14 @@
-"""Snakemake job: one row per inferred file, problems first."""
+"""Snakemake job: one row per inferred file, problems first; the drawn files gathered for the report."""
 
 from d2retrain.core.logutil import run_job
-from d2retrain.infer.summary import write_summary
+from d2retrain.infer.summary import gather_drawn, write_summary
 
 snakemake = globals()["snakemake"]
-run_job(snakemake.log[0], write_summary, list(snakemake.input), snakemake.output[0])
+
+
+def summarise(status_paths: list[str]) -> None:
+    write_summary(status_paths, snakemake.output.csv)
+    gather_drawn(status_paths, snakemake.params.inference_dir, snakemake.output.drawn)
+
+
+run_job(snakemake.log[0], summarise, list(snakemake.input))

@@ -5,6 +5,7 @@ import errno
 import logging
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "NoSpaceError",
     "atomic_open",
+    "link_or_copy",
     "remove_leftovers",
     "temporary_beside",
     "write_bytes_atomic",
@@ -116,6 +118,25 @@ def remove_leftovers(folder: str | os.PathLike[str], of: Callable[[str], bool]) 
     if removed:
         logger.info("removed %d temporary file(s) of writes cut short in %s", removed, folder)
     return removed
+
+
+def link_or_copy(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Make ``target`` the file ``source``: a hard link where the file system allows, else a copy;
+    either appears at once (through a temporary beside ``target``), never half written."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_beside(target)
+    try:
+        temporary.unlink()
+        try:
+            os.link(source, temporary)
+        except OSError:
+            shutil.copy2(source, temporary)
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+        raise
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:

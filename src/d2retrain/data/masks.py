@@ -2,7 +2,6 @@
 
 import logging
 import os
-import shutil
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +12,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from d2retrain.core.errors import AnnotationError, InputFileError, UnsafePathError
-from d2retrain.core.fileio import write_bytes_atomic
+from d2retrain.core.fileio import link_or_copy, write_bytes_atomic
 from d2retrain.data.fields import check_file_name, check_image_size
 from d2retrain.data.geometry import usable_segmentation
 from d2retrain.data.instances import ImageEntry, InstanceEntry, InstancesDocument, read_instances
@@ -209,14 +208,7 @@ def _copy(images: list[ImageEntry], source: str, image_dir: str, out_dir: str, t
 
     def link(pair: tuple[Path, str]) -> None:
         source, file_name = pair
-        target = Path(out_dir) / file_name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.tmp")
-        try:
-            os.link(source, temporary)
-        except OSError:
-            shutil.copy2(source, temporary)
-        os.replace(temporary, target)
+        link_or_copy(source, Path(out_dir) / file_name)
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         pairs = zip(sources, (image.file_name for image in images), strict=True)

@@ -19,11 +19,11 @@ import torch
 from tqdm import tqdm
 
 from d2retrain.core.config import section_defaults
-from d2retrain.core.errors import InputFileError
+from d2retrain.core.errors import D2RetrainError, InputFileError
 from d2retrain.core.fileio import atomic_open, remove_leftovers, write_bytes_atomic, write_text_atomic
 from d2retrain.data.images import read_image
 from d2retrain.infer.draw import draw_instances, error_card
-from d2retrain.infer.inputs import IMAGE_SUFFIXES, VIDEO_SUFFIXES, InputFile
+from d2retrain.infer.inputs import IMAGE_SUFFIXES, VIDEO_SUFFIXES, InputFile, first_missing_output
 from d2retrain.infer.summary import FileStatus
 from d2retrain.infer.videoio import VideoInfo, VideoWriter, ahead, probe, read_frames, yield_to_the_model
 from d2retrain.model.evaluation import to_coco_results
@@ -376,8 +376,8 @@ def run_inference(
         if image_files
         else []
     )
-    for video in videos:
-        item = video if isinstance(video, InputFile) else InputFile.of(video, "video")
+    video_files = [f if isinstance(f, InputFile) else InputFile.of(f, "video") for f in videos]
+    for item in video_files:
         statuses.append(infer_video(predictor, labels, item, output / "videos", options))
     bad = [s for s in statuses if s.status != "ok"]
     logger.info(
@@ -389,5 +389,10 @@ def run_inference(
         "".join(f"\n  {s.status}: {s.error}" for s in bad),
     )
     if status_path is not None:
+        # The status file is the job's declared output: written last, and only when every file's
+        # outputs are there (the workflow does not declare them one by one).
+        missing = first_missing_output([*image_files, *video_files], output)
+        if missing is not None:
+            raise D2RetrainError(f"inference wrote no {output / missing}; the shard is not complete")
         write_text_atomic(status_path, json.dumps([dataclasses.asdict(s) for s in statuses], indent=1) + "\n")
     return statuses

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from d2retrain.core.fileio import write_text_atomic
+from d2retrain.core.fileio import link_or_copy, write_text_atomic
+from d2retrain.infer.inputs import InputFile, output_files
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FileStatus", "write_summary"]
+__all__ = ["FileStatus", "gather_drawn", "write_summary"]
 
 
 @dataclasses.dataclass
@@ -60,3 +61,21 @@ def write_summary(status_paths: Sequence[str | Path], csv_path: str | Path) -> p
             logger.warning("%s %s: %s", row.kind, row.status, row.error)
     logger.info("%d files inferred, %d with problems", len(table), int((table.status != "ok").sum()))
     return table
+
+
+def gather_drawn(status_paths: Sequence[str | Path], inference_dir: str | Path, gallery_dir: str | Path) -> int:
+    """Hard-link (else copy) every drawn file the jobs' status files list into one folder, as
+    ``<kind>/<name>.<png|mp4>``: the report shows that folder, because the inference jobs declare
+    their status files only (per-file outputs would make Snakemake's planning quadratic).
+
+    Returns:
+        Files gathered.
+    """
+    count = 0
+    for path in status_paths:
+        for row in json.loads(Path(path).read_text()):
+            drawn = output_files(InputFile(row["path"], row["kind"], row["name"]))[0]
+            link_or_copy(Path(inference_dir, drawn), Path(gallery_dir, row["kind"], Path(drawn).name))
+            count += 1
+    logger.info("%d drawn files gathered in %s for the report", count, gallery_dir)
+    return count
