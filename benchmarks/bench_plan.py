@@ -81,12 +81,25 @@ def plan_seconds(workdir: Path, *args: str, snakefile: Path = REPO / "Snakefile"
     return seconds, int(totals[-1][1])
 
 
+LINKS_PER_INODE = 50_000  # ext4 allows 65,000 links to one inode
+
+
+def link_all(source: Path, targets: list[Path]) -> None:
+    """Hard-link ``targets`` to ``source``, or to a fresh copy of it every LINKS_PER_INODE links."""
+    for start in range(0, len(targets), LINKS_PER_INODE):
+        origin = source
+        if start:
+            origin = source.with_name(f"{source.stem}.{start}{source.suffix}")
+            shutil.copy2(source, origin)
+        for target in targets[start : start + LINKS_PER_INODE]:
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.link(origin, target)
+
+
 def fill(folder: Path, count: int, source: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for index in range(count):
-        target = folder / f"img_{index:06d}.jpg"
-        if not target.exists():
-            os.link(source, target)
+    link_all(source, [folder / f"img_{index:06d}.jpg" for index in range(count)])
 
 
 def workflow_setup(workdir: Path, pictures: Path) -> Path:
@@ -114,12 +127,9 @@ def fake_inference(workdir: Path, config: Path, pictures: Path) -> None:
         shutil.copy(REPO / "benchmarks" / "bench_plan.py", record)  # any small file will do
         shutil.copy(record, png)
     files = [InputFile.of(path, "image") for path in sorted(pictures.iterdir())]
+    link_all(png, [Path(output_files(item, str(folder))[0]) for item in files])
+    link_all(record, [Path(output_files(item, str(folder))[1]) for item in files])
     for shard, items in shards(files, SHARDS).items():
-        for item in items:
-            for path, source in zip(output_files(item, str(folder)), (png, record), strict=True):
-                if not Path(path).exists():
-                    Path(path).parent.mkdir(parents=True, exist_ok=True)
-                    os.link(source, path)
         statuses = [FileStatus(item.path, item.kind, item.name, frames=1).__dict__ for item in items]
         status = folder / "status" / f"shard_{shard:02d}.json"
         status.parent.mkdir(parents=True, exist_ok=True)
@@ -132,14 +142,12 @@ def fake_inference(workdir: Path, config: Path, pictures: Path) -> None:
 def bare_outputs(workdir: Path, pictures: Path) -> None:
     out = workdir / "out"
     out.mkdir(exist_ok=True)
-    sample = workdir / "sample"
+    sample = workdir / "sample.out"
     sample.touch()
-    for path in pictures.iterdir():
-        for suffix in (".png", ".json"):
-            target = out / f"{path.stem}{suffix}"
-            if not target.exists():
-                os.link(sample, target)
-    os.utime(sample)  # hard links: one inode, newer than the pictures
+    stems = [path.stem for path in pictures.iterdir()]
+    link_all(sample, [out / f"{stem}{suffix}" for stem in stems for suffix in (".png", ".json")])
+    for path in out.iterdir():
+        os.utime(path)  # newer than the pictures
 
 
 def touch_all(pictures: Path) -> None:

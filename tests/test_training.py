@@ -699,3 +699,140 @@ def test_detectron2_head_surgery_finds_coco_rows_by_name_with_background_last(tm
     assert torch.equal(state[scores][1], coco[scores][ball])
     assert torch.equal(state[scores][2], coco[scores][80])  # background, last in detectron2
     assert torch.equal(state[masks][1], coco[masks][ball])
+
+
+def write_negatives_case(folder) -> str:
+    """Four 64x48 images: 1 and 4 with a person, 2 without any annotation (a negative), 3 with a
+    crowd annotation only (objects are there: not a negative)."""
+    import cv2
+    import numpy as np
+
+    images = []
+    for index in range(1, 5):
+        cv2.imwrite(str(folder / f"{index}.png"), np.full((48, 64, 3), 40 * index, np.uint8))
+        images.append({"id": index, "file_name": f"{index}.png", "height": 48, "width": 64})
+    person = {"category_id": 1, "iscrowd": 0, "area": 400.0, "bbox": [10.0, 10.0, 20.0, 20.0]}
+    person["segmentation"] = [[10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]]
+    crowd = person | {"iscrowd": 1, "segmentation": {"size": [48, 64], "counts": [500, 20, 2552]}}
+    annotations = [person | {"id": 1, "image_id": 1}, crowd | {"id": 2, "image_id": 3}]
+    annotations.append(person | {"id": 3, "image_id": 4})
+    document = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "person"}]}
+    path = folder / "train.json"
+    path.write_text(json.dumps(document))
+    return str(path)
+
+
+def test_negatives_train_and_crowd_only_images_do_not(tmp_path, caplog):
+    from d2retrain.data.records import load_records
+    from d2retrain.train.samples import TrainSamples
+
+    records = load_records(write_negatives_case(tmp_path), str(tmp_path))
+    with caplog.at_level(logging.INFO):
+        samples = TrainSamples(records, seed=0, flip=True)
+    assert sorted(record.image_id for record in samples.records) == [1, 2, 4]
+    assert "1 images without annotations (negatives)" in caplog.text
+    assert "1 with only crowd or unusable annotations left out" in caplog.text
+    served = {samples.records[samples.index_at(p)].image_id: samples[p] for p in range(3)}
+    image, target = served[2]
+    assert image.shape == (3, 48, 64)
+    assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
+    assert target["masks"].shape == (0, 48, 64) and target["masks"].dtype == torch.uint8
+    assert served[1][1]["masks"].sum() == 400  # an image with an instance keeps its mask
+
+
+def test_a_batch_of_only_negatives_gives_a_finite_loss_and_gradients():
+    torch.manual_seed(0)
+    spec = model_spec({"architecture": "maskrcnn_resnet18_fpn"}, "torchvision")
+    model = tv_engine.build_model(spec, 2, solver_spec(TINY))
+    model.train()
+    empty = {
+        "boxes": torch.zeros((0, 4)),
+        "labels": torch.zeros((0,), dtype=torch.int64),
+        "masks": torch.zeros((0, 96, 128), dtype=torch.uint8),
+    }
+    losses = model([torch.rand(3, 96, 128), torch.rand(3, 96, 128)], [empty, empty])
+    assert all(torch.isfinite(value) for value in losses.values()), losses
+    assert losses["loss_objectness"] > 0 and losses["loss_classifier"] > 0  # background is learnt
+    sum(losses.values()).backward()
+    gradients = [p.grad for p in model.parameters() if p.grad is not None]
+    assert gradients and all(torch.isfinite(g).all() for g in gradients)
+
+
+def test_keep_empty_images_trains_on_the_negatives_of_coco_mini(tmp_path, caplog):
+    """The filter's keep_empty_images writes the images without a chosen category; training
+    counts and uses them (and without the option, there are none)."""
+    from d2retrain.data.instances import read_instances
+
+    paths = {}
+    for split in ("train", "val"):
+        source = COCO_MINI / "annotations" / f"instances_{split}2017.json"
+        paths[split] = str(tmp_path / f"{split}.json")
+        filter_file(
+            str(source), paths[split], ["sports ball"], FilterOptions(keep_empty_images=split == "train")
+        )
+    document = read_instances(paths["train"])
+    negatives = len({i.id for i in document.images} - {a.image_id for a in document.annotations})
+    assert negatives > 0
+    inputs = mini_inputs(paths, tmp_path / "model", classes=["sports ball"])
+    model = {"engine": "torchvision", "architecture": "maskrcnn_resnet18_fpn"}
+    with caplog.at_level(logging.INFO):
+        train_from_config(model=model, train=TINY | {"iterations": 2}, **inputs)
+    assert f"{negatives} images without annotations (negatives)" in caplog.text
+    assert (tmp_path / "model" / "model_final.pth").is_file()
+
+
+@pytest.mark.detectron2
+def test_detectron2_trains_on_the_same_images_negatives_included(tmp_path, caplog):
+    from detectron2.data import DatasetCatalog
+    from detectron2.modeling import build_model as build_detectron2_model
+
+    from d2retrain.model.d2 import build_config
+
+    train_json = write_negatives_case(tmp_path)
+    model = {
+        "engine": "detectron2",
+        "architecture": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
+        "rpn_post_nms_topk_train": 100,
+        "roi_batch_size_per_image": 32,
+    }
+    train = TINY | {
+        "iterations": 2,
+        "base_lr": 1e-5,
+        "max_loss": 1e5,
+        "min_size_train": [48],
+        "min_size_test": 48,
+    }
+    inputs = {
+        "classes": ["person"],
+        "train_json": train_json,
+        "train_images": str(tmp_path),
+        "val_json": train_json,
+        "val_images": str(tmp_path),
+        "output_dir": str(tmp_path / "model"),
+        "threads": 2,
+    }
+    with caplog.at_level(logging.INFO):
+        train_from_config(model=model, train=train, **inputs)
+    assert "1 images without annotations (negatives)" in caplog.text
+    (name,) = [n for n in DatasetCatalog.list() if n.startswith("d2retrain_") and n.endswith("_train")]
+    trained = {d["image_id"]: d["annotations"] for d in DatasetCatalog.get(name)}
+    assert sorted(trained) == [1, 2, 4] and trained[2] == []  # as the torchvision engine trains
+    DatasetCatalog.remove(name)
+
+    cfg = build_config(model_spec(model, "detectron2"), solver_spec(train), 1, "cpu")
+    network = build_detectron2_model(cfg)
+    network.train()
+    from detectron2.structures import Boxes, Instances
+
+    batch = [
+        {
+            "image": torch.randint(0, 255, (3, 64, 96), dtype=torch.uint8).float(),
+            "instances": Instances((64, 96)),
+        }
+        for _ in range(2)
+    ]
+    for item in batch:
+        item["instances"].gt_boxes = Boxes(torch.zeros((0, 4)))
+        item["instances"].gt_classes = torch.zeros((0,), dtype=torch.int64)
+    losses = network(batch)
+    assert all(torch.isfinite(value) for value in losses.values()), losses

@@ -156,14 +156,18 @@ def shard_outputs(shard):
     """The shard's declared outputs: its status file, written last (the list of the files it
     inferred), and, when a finished shard has lost a file's outputs since, the first such
     output, so that the shard runs again. The per-file outputs are not declared one by one:
-    Snakemake's planning costs inputs x outputs per job (README, "Planning at scale")."""
+    Snakemake's planning costs inputs x outputs per job (README, "Planning at scale").
+    """
     status = f"results/{{subset}}/inference/status/shard_{shard:02d}.json"
     for subset in config["subsets"]:
         folder = f"results/{subset}/inference"
         if Path(folder, "status", f"shard_{shard:02d}.json").exists():
             missing = first_missing_output(INFERENCE_SHARDS[shard], folder)
             if missing is not None:
-                return {"status": status, "missing": f"results/{{subset}}/inference/{missing}"}
+                return {
+                    "status": status,
+                    "missing": f"results/{{subset}}/inference/{missing}",
+                }
     return {"status": status}
 
 

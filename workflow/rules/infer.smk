@@ -60,7 +60,6 @@ rule inference_summary:
     resources:
         **CPU_JOB,
     params:
-        inference_dir="results/{subset}/inference",
         code=script_code("inference_summary"),
     script:
         "../scripts/inference_summary.py"

@@ -17,13 +17,24 @@ __all__ = ["ImageRecord", "load_records"]
 
 @dataclasses.dataclass(frozen=True)
 class ImageRecord:
-    """One image and its non-crowd instances (class ids 1..N as in the filtered file)."""
+    """One image and its non-crowd instances (class ids 1..N as in the filtered file).
+
+    ``negative``: the file holds no annotation at all for the image (``keep_empty_images``
+    writes such images): it trains as background. An image whose annotations are all crowd or
+    unusable is not negative, since objects are there: it does not train.
+    """
 
     image_id: int
     path: Path
     height: int
     width: int
     annotations: tuple[InstanceEntry, ...]
+    negative: bool = False
+
+    @property
+    def trains(self) -> bool:
+        """Whether training uses the image: it has instances, or it is a negative."""
+        return bool(self.annotations) or self.negative
 
 
 def load_records(
@@ -50,6 +61,7 @@ def load_records(
     if require_annotations and not document.annotations:
         raise D2RetrainError(f"{annotations_json}: the training split is empty; check the filter's output")
     by_image = _usable_instances(document, annotations_json)
+    annotated = {annotation.image_id for annotation in document.annotations}
     records = [
         ImageRecord(
             image.id,
@@ -57,6 +69,7 @@ def load_records(
             image.height,
             image.width,
             tuple(by_image.get(image.id, ())),
+            negative=image.id not in annotated,
         )
         for image in document.images
     ]

@@ -63,7 +63,9 @@ def write_summary(status_paths: Sequence[str | Path], csv_path: str | Path) -> p
     return table
 
 
-def gather_drawn(status_paths: Sequence[str | Path], inference_dir: str | Path, gallery_dir: str | Path) -> int:
+def gather_drawn(
+    status_paths: Sequence[str | Path], inference_dir: str | Path, gallery_dir: str | Path
+) -> int:
     """Hard-link (else copy) every drawn file the jobs' status files list into one folder, as
     ``<kind>/<name>.<png|mp4>``: the report shows that folder, because the inference jobs declare
     their status files only (per-file outputs would make Snakemake's planning quadratic).

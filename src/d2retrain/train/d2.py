@@ -20,19 +20,31 @@ from d2retrain.train.loop import (
     check_losses,
     loader_workers,
 )
+from d2retrain.train.samples import training_images
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["register_split", "train"]
 
 
-def register_split(name: str, annotations_json: str, image_dir: str, classes: Sequence[str]) -> str:
-    """Register a COCO split once under ``name`` (unique per subset, split and content)."""
+def register_split(
+    name: str,
+    annotations_json: str,
+    image_dir: str,
+    classes: Sequence[str],
+    image_ids: frozenset[int] | None = None,
+) -> str:
+    """Register a COCO split once under ``name`` (unique per subset, split and content), with
+    only the images ``image_ids`` when given."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import load_coco_json
 
+    def load() -> list[dict]:
+        dicts = load_coco_json(annotations_json, image_dir, name)
+        return dicts if image_ids is None else [d for d in dicts if d["image_id"] in image_ids]
+
     if name not in DatasetCatalog.list():
-        DatasetCatalog.register(name, lambda: load_coco_json(annotations_json, image_dir, name))
+        DatasetCatalog.register(name, load)
         MetadataCatalog.get(name).set(
             thing_classes=list(classes),
             json_file=annotations_json,
@@ -118,10 +130,13 @@ def train(job: TrainJob, fingerprint: str) -> Path:
         D2RetrainError: Missing images, bad weights or config, a diverged loss, or several
             processes asked for without GPUs.
     """
-    load_records(job.train_json, job.train_images)  # fail before training on missing images
+    # fails before training on missing images; the images that train are those of the torchvision
+    # engine (negatives included: detectron2's FILTER_EMPTY_ANNOTATIONS is off, the set is given)
+    images = training_images(load_records(job.train_json, job.train_images))
+    image_ids = frozenset(record.image_id for record in images)
     spec = job.distributed
     if spec.world_size == 1:
-        _train_process(job, fingerprint)
+        _train_process(job, fingerprint, image_ids)
     elif not torch.cuda.is_available():
         raise D2RetrainError(
             f"train.num_gpus x num_machines is {spec.world_size}, but the detectron2 engine runs "
@@ -138,15 +153,17 @@ def train(job: TrainJob, fingerprint: str) -> Path:
                 spec.num_machines,
                 spec.machine_rank,
                 distributed.rendezvous_url(spec),
-                args=(job, fingerprint, distributed.log_file()),
+                args=(job, fingerprint, image_ids, distributed.log_file()),
             )
     return CheckpointStore(job.checkpoint_dir, fingerprint).latest()
 
 
-def _launched_process(job: TrainJob, fingerprint: str, log_file: str | None) -> None:
+def _launched_process(
+    job: TrainJob, fingerprint: str, image_ids: frozenset[int], log_file: str | None
+) -> None:
     from detectron2.utils import comm
 
-    distributed.process_main(comm.get_local_rank(), _train_process, log_file, (job, fingerprint))
+    distributed.process_main(comm.get_local_rank(), _train_process, log_file, (job, fingerprint, image_ids))
 
 
 def _load_start(trainer, job: TrainJob, resume: tuple[Path, int] | None) -> torch.nn.Module:
@@ -166,13 +183,14 @@ def _load_start(trainer, job: TrainJob, resume: tuple[Path, int] | None) -> torc
     return model
 
 
-def _train_process(job: TrainJob, fingerprint: str) -> None:
+def _train_process(job: TrainJob, fingerprint: str, image_ids: frozenset[int]) -> None:
     torch.set_num_threads(job.threads_per_process)
     train_name = register_split(
-        f"d2retrain_{fingerprint}_train", job.train_json, job.train_images, job.classes
+        f"d2retrain_{fingerprint}_train", job.train_json, job.train_images, job.classes, image_ids
     )
     cfg = build_config(job.model, job.solver, len(job.classes), job.device, str(job.checkpoint_dir))
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train_name,), ()
+    cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False  # negatives train; image_ids says which images
     cfg.DATALOADER.NUM_WORKERS = loader_workers(job.threads)
     store = CheckpointStore(job.checkpoint_dir, fingerprint)
     resume = store.resumable()

@@ -5,13 +5,37 @@ import logging
 import numpy as np
 import torch
 
+from d2retrain.core.errors import D2RetrainError
 from d2retrain.data.images import read_image
 from d2retrain.data.masks import rasterize
 from d2retrain.data.records import ImageRecord
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainSamples"]
+__all__ = ["TrainSamples", "training_images"]
+
+
+def training_images(records: list[ImageRecord]) -> list[ImageRecord]:
+    """The images both engines train on: those with instances and the negatives (images the file
+    gives without any annotation, kept by ``keep_empty_images``: background only), counted in the log.
+
+    Raises:
+        D2RetrainError: None has an instance.
+    """
+    kept = [record for record in records if record.trains]
+    negatives = sum(1 for record in kept if not record.annotations)
+    if negatives == len(kept):
+        raise D2RetrainError("no training image has an instance; check the filter's output")
+    logger.info(
+        "training on %d images: %d with instances, %d images without annotations (negatives)%s",
+        len(kept),
+        len(kept) - negatives,
+        negatives,
+        f"; {len(records) - len(kept)} with only crowd or unusable annotations left out"
+        if len(kept) < len(records)
+        else "",
+    )
+    return kept
 
 
 class TrainSamples(torch.utils.data.Dataset):
@@ -23,11 +47,11 @@ class TrainSamples(torch.utils.data.Dataset):
 
     def __init__(self, records: list[ImageRecord], seed: int, flip: bool) -> None:
         """Args:
-        records: Images with at least one instance.
+        records: The training file's images (:func:`training_images` picks those that train).
         seed: Seed of the order and the flips.
         flip: Random horizontal flips.
         """
-        self.records = [record for record in records if record.annotations]
+        self.records = training_images(records)
         self.seed = seed
         self.flip = flip
 
@@ -41,11 +65,14 @@ class TrainSamples(torch.utils.data.Dataset):
         return int(np.random.default_rng([self.seed, epoch]).permutation(len(self.records))[offset])
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Image (RGB float CHW in 0..1) and target (boxes xyxy, labels, uint8 masks)."""
+        """Image (RGB float CHW in 0..1) and target (boxes xyxy, labels, uint8 masks; none for a
+        negative)."""
         record = self.records[self.index_at(position)]
         image = read_image(record.path)[:, :, ::-1]
-        masks = np.stack([rasterize(a.segmentation, record.height, record.width) for a in record.annotations])
-        boxes = np.array([_xyxy(a.bbox) for a in record.annotations], np.float32)
+        masks = np.zeros((len(record.annotations), record.height, record.width), np.uint8)
+        for index, annotation in enumerate(record.annotations):
+            masks[index] = rasterize(annotation.segmentation, record.height, record.width)
+        boxes = np.array([_xyxy(a.bbox) for a in record.annotations], np.float32).reshape(-1, 4)
         if self.flip and np.random.default_rng([self.seed, position, 1]).random() < 0.5:
             image, masks = image[:, ::-1], masks[:, :, ::-1]
             boxes = np.stack(
