@@ -31,6 +31,7 @@ def _detectron2_importable() -> bool:
     return True
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests marked ``detectron2`` skip, with the reason, where it is not importable.
 

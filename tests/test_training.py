@@ -34,6 +34,15 @@ TINY = {
 }
 
 
+# detectron2's R50-FPN with few proposals and regions: a few CPU seconds per iteration
+D2_SMALL = {
+    "engine": "detectron2",
+    "architecture": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
+    "rpn_post_nms_topk_train": 100,
+    "roi_batch_size_per_image": 32,
+}
+
+
 @pytest.mark.parametrize(
     ("iteration", "expected"),
     [(0, 0.001), (50, 0.5005), (100, 1.0), (299, 1.0), (300, 0.1), (370, 0.01), (399, 0.01)],
@@ -237,12 +246,7 @@ def test_missing_images_are_listed_before_training(mini_split, tmp_path):
 def test_detectron2_engine_trains_resumes_and_evaluates_on_coco_mini(mini_split, tmp_path, caplog):
     _, paths = mini_split
     common = mini_inputs(paths, tmp_path / "model")
-    model = {
-        "engine": "detectron2",
-        "architecture": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
-        "rpn_post_nms_topk_train": 100,
-        "roi_batch_size_per_image": 32,
-    }
+    model = D2_SMALL
     train = TINY | {"base_lr": 1e-5, "max_loss": 1e5, "eval_period": 2}
     train_from_config(model=model, train=train, **common)
     info = read_classes(tmp_path / "model", ["person", "sports ball"])
@@ -789,12 +793,7 @@ def test_detectron2_trains_on_the_same_images_negatives_included(tmp_path, caplo
     from d2retrain.model.d2 import build_config
 
     train_json = write_negatives_case(tmp_path)
-    model = {
-        "engine": "detectron2",
-        "architecture": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
-        "rpn_post_nms_topk_train": 100,
-        "roi_batch_size_per_image": 32,
-    }
+    model = D2_SMALL
     train = TINY | {
         "iterations": 2,
         "base_lr": 1e-5,
@@ -808,6 +807,7 @@ def test_detectron2_trains_on_the_same_images_negatives_included(tmp_path, caplo
         "train_images": str(tmp_path),
         "val_json": train_json,
         "val_images": str(tmp_path),
+        "source_json": train_json,
         "output_dir": str(tmp_path / "model"),
         "threads": 2,
     }
@@ -834,5 +834,137 @@ def test_detectron2_trains_on_the_same_images_negatives_included(tmp_path, caplo
     for item in batch:
         item["instances"].gt_boxes = Boxes(torch.zeros((0, 4)))
         item["instances"].gt_classes = torch.zeros((0,), dtype=torch.int64)
-    losses = network(batch)
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage(0):  # detectron2's training forward logs into one
+        losses = network(batch)
     assert all(torch.isfinite(value) for value in losses.values()), losses
+
+
+def scripted_evaluations(monkeypatch, values: dict[int, float]) -> dict[int, dict]:
+    """The torchvision engine's evaluations during training give ``values[iteration]`` as segm AP
+    (the real evaluation's reproduction is checked on the main job, tests/test_workflow.py); the
+    weights each was given are returned by iteration."""
+    seen: dict[int, dict] = {}
+
+    def evaluate_now(job, run, iteration):
+        seen[iteration] = {k: v.clone() for k, v in run.model.state_dict().items()}
+        return {"iteration": iteration, "segm_AP": values[iteration], "bbox_AP": 0.0}
+
+    monkeypatch.setattr(tv_train, "_evaluate_now", evaluate_now)
+    return seen
+
+
+def same_weights(path, state: dict) -> bool:
+    saved = torch.load(path, weights_only=True)["model"]
+    return saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
+
+
+def test_the_best_evaluation_is_kept_served_and_survives_a_kill(mini_split, tmp_path, monkeypatch):
+    folder, paths = mini_split
+    values = {1: 0.1, 3: 0.3, 5: 0.2, 7: 0.25}
+    seen = scripted_evaluations(monkeypatch, values)
+    train = {"iterations": 8, "eval_period": 2, "checkpoint_period": 2, "steps": []}
+    _train_mini(folder, paths, tmp_path / "whole", **train)
+    whole = tmp_path / "whole"
+    best = json.loads((whole / "best.json").read_text())
+    assert best == {
+        "iteration": 3,
+        "metric": "segm_AP",
+        "value": 0.3,
+        "final_iteration": 7,
+        "kept": "model_best.pth",
+    }
+    assert same_weights(whole / "model_best.pth", seen[3])  # the evaluated weights, not later ones
+    assert same_weights(whole / "model_final.pth", {k: v for k, v in seen[7].items()})
+    assert read_classes(whole).model_file == "model_best.pth"
+    assert [p.name for p in (whole / "checkpoints").glob("best_*.pth")] == ["best_0000003.pth"]
+
+    real_step, calls = tv_train._step, {"n": 0}
+
+    def dying_step(*args):
+        calls["n"] += 1
+        if calls["n"] == 6:  # killed during iteration 5: the checkpoint at 4 holds best = 3
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(tv_train, "_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        _train_mini(folder, paths, tmp_path / "killed", **train)
+    monkeypatch.setattr(tv_train, "_step", real_step)
+    _train_mini(folder, paths, tmp_path / "killed", **train)
+    killed = tmp_path / "killed"
+    assert json.loads((killed / "best.json").read_text()) == best
+    assert (killed / "model_best.pth").read_bytes() == (whole / "model_best.pth").read_bytes()
+
+
+def test_patience_stops_training_after_evaluations_without_improvement(
+    mini_split, tmp_path, monkeypatch, caplog
+):
+    folder, paths = mini_split
+    scripted_evaluations(monkeypatch, {1: 0.1, 3: 0.3, 5: 0.2, 7: 0.25, 9: 0.9, 11: 0.95})
+    train = {"iterations": 12, "eval_period": 2, "checkpoint_period": 4, "steps": [], "patience": 2}
+    with caplog.at_level(logging.INFO):
+        _train_mini(folder, paths, tmp_path / "model", **train)
+    assert (
+        "stopping early after iteration 8: 2 evaluations without a better segm_AP than 0.3000" in caplog.text
+    )
+    lines = [json.loads(line) for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["iteration"] for line in lines if "total_loss" in line] == list(range(8))
+    state = json.loads((tmp_path / "model" / "checkpoints" / "state.json").read_text())
+    assert state["finished"] and state["iteration"] == 8
+    assert json.loads((tmp_path / "model" / "best.json").read_text())["final_iteration"] == 7
+
+
+def test_keep_final_or_no_evaluation_serves_the_last_weights(mini_split, tmp_path, monkeypatch):
+    folder, paths = mini_split
+    scripted_evaluations(monkeypatch, {1: 0.5, 3: 0.1})
+    _train_mini(folder, paths, tmp_path / "final", eval_period=2, keep="final")
+    assert read_classes(tmp_path / "final").model_file == "model_final.pth"
+    best = json.loads((tmp_path / "final" / "best.json").read_text())
+    assert (best["iteration"], best["kept"]) == (1, "model_final.pth")  # described, not served
+    _train_mini(folder, paths, tmp_path / "none")  # TINY: eval_period 0
+    assert read_classes(tmp_path / "none").model_file == "model_final.pth"
+    assert json.loads((tmp_path / "none" / "best.json").read_text())["iteration"] is None
+    assert not (tmp_path / "none" / "model_best.pth").exists()
+
+
+@pytest.mark.detectron2
+def test_detectron2_keeps_the_best_evaluation_and_stops_with_patience(
+    mini_split, tmp_path, monkeypatch, caplog
+):
+    from d2retrain.train import d2 as d2_train
+
+    _, paths = mini_split
+    seen: dict[int, dict] = {}
+
+    def evaluate_now(trainer):
+        weights = d2_train._bare(trainer.model).state_dict()
+        seen[trainer.iter] = {k: v.clone() for k, v in weights.items()}
+        return {
+            "iteration": trainer.iter,
+            "segm_AP": {1: 0.2, 3: 0.1, 5: 0.05, 7: 0.9}[trainer.iter],
+            "bbox_AP": 0,
+        }
+
+    monkeypatch.setattr(d2_train, "_evaluate_now", evaluate_now)
+    model = D2_SMALL
+    train = TINY | {
+        "iterations": 8,
+        "base_lr": 1e-5,
+        "max_loss": 1e5,
+        "eval_period": 2,
+        "patience": 2,
+        "steps": [],
+    }
+    with caplog.at_level(logging.INFO):
+        train_from_config(model=model, train=train, **mini_inputs(paths, tmp_path / "model"))
+    output = tmp_path / "model"
+    assert "stopping early after iteration 6" in caplog.text
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [line["iteration"] for line in lines if "total_loss" in line] == list(range(6))
+    best = json.loads((output / "best.json").read_text())
+    assert (best["iteration"], best["value"], best["final_iteration"]) == (1, 0.2, 5)
+    assert read_classes(output).model_file == "model_best.pth"
+    assert same_weights(output / "model_best.pth", seen[1])
+    assert same_weights(output / "model_final.pth", seen[5])

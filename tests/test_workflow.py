@@ -145,6 +145,13 @@ def test_the_default_main_job_trains_a_model_reaching_segm_ap_060(tmp_path):
     records = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in records if "total_loss" in r]) == config.get("train", {}).get("iterations", 400)
     assert [r["iteration"] for r in records if "segm_AP" in r] == [199, 399]  # train.eval_period 200
+    # the served weights are the best evaluation's, and evaluating them reproduces its AP
+    best = json.loads((model / "best.json").read_text())
+    logged = max((r for r in records if "segm_AP" in r), key=lambda r: r["segm_AP"])
+    assert (best["iteration"], best["value"]) == (logged["iteration"], logged["segm_AP"])
+    assert json.loads((model / "classes.json").read_text())["model_file"] == best["kept"] == "model_best.pth"
+    assert abs(metrics["segm"]["AP"] - best["value"]) <= 1e-6
+    assert metrics["weights"] == {"file": "model_best.pth", "iteration": best["iteration"], "best": True}
     summary = pd.read_csv(tmp_path / "results/person_ball/inference/summary.csv")
     assert len(summary) == 24 + 1 and set(summary.status) == {"ok"}  # demo val images + demo video
     assert summary[summary.kind == "video"].frames.item() == 40

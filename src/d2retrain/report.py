@@ -56,6 +56,29 @@ def ap_table(metrics: dict[str, dict], per_class: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def ap_notes(metrics: dict[str, dict]) -> list[str]:
+    """What the AP table's columns are: which weights were evaluated, and why there is no
+    baseline or what it covers."""
+    retrained = metrics["retrained"]
+    notes = []
+    weights = retrained.get("weights")
+    if weights and weights.get("iteration") is not None:
+        which = "the best val segm AP of the evaluations during training" if weights["best"] else "the last"
+        notes.append(
+            f"Retrained: {weights['file']}, the weights of iteration {weights['iteration']} ({which})."
+        )
+    if "no_baseline" in retrained:
+        notes.append(f"No baseline: {retrained['no_baseline']}.")
+    elif "baseline" in metrics:
+        covered = sorted(metrics["baseline"].get("per_class", {}).get("segm", {}))
+        named = f" ({', '.join(covered)})" if covered else ""
+        notes.append(
+            "Baseline: the COCO base weights before training, on the classes named as COCO categories"
+            f"{named}; its 'all classes' row covers those only."
+        )
+    return notes
+
+
 def write_ap_table(metrics_path: str, per_class_path: str, html_path: str, title: str) -> None:
     """Write the AP table (see :func:`ap_table`) as a small HTML page for the report.
 
@@ -65,11 +88,13 @@ def write_ap_table(metrics_path: str, per_class_path: str, html_path: str, title
         html_path: The page to write.
         title: Heading of the page.
     """
-    table = ap_table(json.loads(Path(metrics_path).read_text()), pd.read_csv(per_class_path))
+    metrics = json.loads(Path(metrics_path).read_text())
+    table = ap_table(metrics, pd.read_csv(per_class_path))
     body = table.to_html(float_format="{:.1f}".format, na_rep="-", classes="ap")
     title = html.escape(title)
+    notes = "".join(f"<p>{html.escape(note)}</p>" for note in ap_notes(metrics))
     page = f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>{_STYLE}</head>"
-    page += f"<body><h3>{title}</h3><p>COCO AP (%) on the val split.</p>{body}</body></html>\n"
+    page += f"<body><h3>{title}</h3><p>COCO AP (%) on the val split.</p>{notes}{body}</body></html>\n"
     write_text_atomic(html_path, page)
     logger.info("AP table: %d rows -> %s", len(table), html_path)
 

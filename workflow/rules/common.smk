@@ -152,23 +152,32 @@ def inference_files():
 INFERENCE_SHARDS = shards(inference_files(), config["inference"]["shards"])
 
 
-def shard_outputs(shard):
-    """The shard's declared outputs: its status file, written last (the list of the files it
-    inferred), and, when a finished shard has lost a file's outputs since, the first such
-    output, so that the shard runs again. The per-file outputs are not declared one by one:
-    Snakemake's planning costs inputs x outputs per job (README, "Planning at scale").
+def lost_output(shard):
+    """The first output a finished shard has lost since it ran (in any subset), as a path
+    relative to the inference folder, or None. One folder listing per kind, not a lookup per file.
     """
-    status = f"results/{{subset}}/inference/status/shard_{shard:02d}.json"
     for subset in config["subsets"]:
         folder = f"results/{subset}/inference"
         if Path(folder, "status", f"shard_{shard:02d}.json").exists():
             missing = first_missing_output(INFERENCE_SHARDS[shard], folder)
             if missing is not None:
-                return {
-                    "status": status,
-                    "missing": f"results/{{subset}}/inference/{missing}",
-                }
-    return {"status": status}
+                return missing
+    return None
+
+
+LOST_OUTPUTS = {shard: lost_output(shard) for shard in INFERENCE_SHARDS}
+
+
+def shard_outputs(shard):
+    """The shard's declared outputs: its status file, written last (the list of the files it
+    inferred), and the output it has lost since it ran, if any (inference_summary asks for it
+    too, so the shard runs again). The per-file outputs are not declared one by one:
+    Snakemake's planning costs inputs x outputs per job (README, "Planning at scale").
+    """
+    outputs = {"status": f"results/{{subset}}/inference/status/shard_{shard:02d}.json"}
+    if LOST_OUTPUTS[shard] is not None:
+        outputs["lost"] = f"results/{{subset}}/inference/{LOST_OUTPUTS[shard]}"
+    return outputs
 
 
 def shard_inputs(shard):

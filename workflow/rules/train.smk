@@ -13,6 +13,7 @@ rule train:
         classes="results/{subset}/model/classes.json",
         config="results/{subset}/model/config.yaml",
         metrics="results/{subset}/model/metrics.jsonl",
+        best="results/{subset}/model/best.json",
         loss=report(
             "results/{subset}/model/loss.png",
             caption="../report/loss.rst",

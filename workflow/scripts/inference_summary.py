@@ -13,4 +13,4 @@ def summarise(status_paths: list[str]) -> None:
     gather_drawn(status_paths, Path(snakemake.output.csv).parent, snakemake.output.drawn)
 
 
-run_job(snakemake.log[0], summarise, list(snakemake.input))
+run_job(snakemake.log[0], summarise, list(snakemake.input.status))

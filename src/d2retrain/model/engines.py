@@ -6,7 +6,9 @@ one line: :data:`MODEL_ENGINES` here, ``d2retrain.train.engines.TRAIN_ENGINES`` 
 """
 
 import importlib.util
+import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -32,6 +34,7 @@ __all__ = [
     "resolve_engine",
     "load_predictor",
     "evaluate_model",
+    "served_weights",
     "read_model_config",
 ]
 
@@ -146,7 +149,7 @@ def load_predictor(
     spec, solver = read_model_config(model_dir)
     resolve_engine(spec.engine)
     predictor = model_engine(spec.engine).make_predictor(
-        Path(model_dir) / "model_final.pth",
+        Path(model_dir) / info.model_file,
         spec,
         solver,
         len(info.classes),
@@ -175,28 +178,46 @@ def evaluate_model(
     torch.set_num_threads(max(1, threads))
     predictor, info = load_predictor(model_dir, classes, device=device)
     reports = {"retrained": evaluate(predictor, val_json, val_images, info.classes)}
+    reports["retrained"]["weights"] = served_weights(model_dir, info)
     baseline = _baseline_predictor(model_dir, info, device)
-    if baseline is not None:
+    if isinstance(baseline, str):
+        reports["retrained"]["no_baseline"] = baseline
+        logger.info("no baseline: %s", baseline)
+    else:
         predictor, covered = baseline
         reports["baseline"] = evaluate(predictor, val_json, val_images, info.classes, only=covered)
     write_evaluation(reports, metrics_path, per_class_path)
     return reports
 
 
+def served_weights(model_dir: str | os.PathLike[str], info: ClassInfo) -> dict:
+    """Which weights a model folder serves: ``{"file", "iteration", "best"}`` (iteration: the last
+    completed one, as in ``metrics.jsonl``; best: whether it is the best evaluation's)."""
+    path = Path(model_dir) / "best.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    best = info.model_file == "model_best.pth"
+    iteration = record.get("iteration") if best else record.get("final_iteration")
+    return {"file": info.model_file, "iteration": iteration, "best": best}
+
+
 def _baseline_predictor(
     model_dir: str | Path, info: ClassInfo, device: str
-) -> tuple[Predictor, list[str]] | None:
+) -> tuple[Predictor, list[str]] | str:
     """The COCO base model restricted to the classes (head surgery at iteration 0) and the classes
-    it covers (those named as COCO categories), or None when the base weights are not a COCO
-    model or no class is a COCO category."""
+    it covers (those named as COCO categories), or why there is none."""
     spec, solver = read_model_config(model_dir)
-    if not spec.pretrained or not spec.head_surgery:
-        return None
+    if not spec.pretrained:
+        return "trained from scratch (model.weights: none): there are no base weights to compare with"
+    if not spec.head_surgery:
+        return "model.head_surgery is off: the base weights have no rows for these classes"
     engine = model_engine(spec.engine)
     predictor = engine.make_predictor(None, spec, solver, len(info.classes), device=device)
     state, surgery = engine.initial_state(spec, info.classes, predictor.model)
     if state is None or not surgery:
-        return None
+        return (
+            f"the base weights are not a COCO model, or none of {', '.join(info.classes)} is one of COCO's "
+            "categories (model.coco_names maps other names): they have no rows for these classes"
+        )
     predictor.model.load_state_dict(state, strict=False)
     coco_ids = coco_category_ids(info.classes, spec.coco_names)
     covered = [name for name, coco_id in zip(info.classes, coco_ids, strict=True) if coco_id is not None]

@@ -109,6 +109,8 @@ class SolverSpec:
         seed: Seed of weights init and data order.
         clip_gradients: Per-parameter gradient L2-norm cap (0: off).
         max_loss: A loss above this (or NaN) stops training.
+        keep: ``best`` or ``final``: the weights evaluation, inference and export use (see :attr:`kept`).
+        patience: Evaluations without a better val segm AP after which training stops (0: never).
     """
 
     iterations: int
@@ -130,6 +132,14 @@ class SolverSpec:
     seed: int
     clip_gradients: float
     max_loss: float
+    keep: str = "best"
+    patience: int = 0
+
+    @property
+    def kept(self) -> str:
+        """The weights a trained model folder serves: ``best`` (the best evaluation during
+        training) or ``final``; without evaluations during training there is no best."""
+        return "best" if self.keep == "best" and self.eval_period > 0 else "final"
 
 
 LAUNCH_KEYS = ("num_gpus", "num_machines", "machine_rank", "dist_url")
@@ -240,6 +250,7 @@ class ClassInfo:
     architecture: str
     weights: str
     fingerprint: str
+    model_file: str = "model_final.pth"  # the trained weights the folder serves (train.keep)
 
 
 def _file_digest(path: str) -> str:

@@ -1,5 +1,6 @@
 """The detectron2 engine's training half: DefaultTrainer with the workflow's checkpoints and metrics."""
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from d2retrain.train.loop import (
     TrainingDivergedError,
     check_losses,
     loader_workers,
+    log_early_stop,
 )
 from d2retrain.train.samples import training_images
 
@@ -64,6 +66,7 @@ def _trainer_class():
         metrics: MetricsLog
         max_loss: float
         job: TrainJob
+        stopped_at: int | None = None  # iterations done when train.patience stopped training
 
         def build_hooks(self):
             kept = [
@@ -73,30 +76,53 @@ def _trainer_class():
             ]
             return [*kept, hooks.CallbackHook(after_step=_after_step)]
 
+        def train(self):
+            # _StopEarly is a BaseException: detectron2's loop logs no traceback, runs after_train
+            with contextlib.suppress(_StopEarly):
+                super().train()
+
     def _after_step(trainer) -> None:
-        if not distributed.is_main():  # detectron2 gathers the metrics on rank 0 only
-            return
-        storage = trainer.storage
-        latest = {name: value for name, (value, _) in storage.latest().items()}
-        losses = {k: float(v) for k, v in latest.items() if k.startswith("loss_")}
-        check_losses(losses, trainer.iter, trainer.max_loss)
-        trainer.metrics.write(
-            {
-                "iteration": trainer.iter,
-                "total_loss": sum(losses.values()),
-                **losses,
-                "lr": float(latest.get("lr", 0.0)),
-                "data_time": float(latest.get("data_time", 0.0)),
-                "time": float(latest.get("time", 0.0)),
-            }
-        )
+        main = distributed.is_main()  # detectron2 gathers the metrics on rank 0 only
         done = trainer.iter + 1
-        if done % trainer.cfg.SOLVER.CHECKPOINT_PERIOD == 0 and done < trainer.max_iter:
-            trainer.store.save(_payload(trainer), done)
+        if main:
+            _log_step(trainer)
+        # evaluation before the checkpoint of the same iteration (see the torchvision engine)
         if trainer.cfg.TEST.EVAL_PERIOD and done % trainer.cfg.TEST.EVAL_PERIOD == 0:
-            trainer.metrics.write(_evaluate_now(trainer))
+            stop = False
+            if main:
+                record = _evaluate_now(trainer)
+                trainer.metrics.write(record)
+                weights = _bare(trainer.model).state_dict()
+                stop = trainer.store.record_evaluation(record, weights, trainer.job.solver.patience)
+            if distributed.agree(stop, torch.device(trainer.cfg.MODEL.DEVICE)):
+                if main:
+                    log_early_stop(trainer.store, done)
+                trainer.stopped_at = done
+                raise _StopEarly
+        if main and done % trainer.cfg.SOLVER.CHECKPOINT_PERIOD == 0 and done < trainer.max_iter:
+            trainer.store.save(_payload(trainer), done)
 
     return Trainer
+
+
+class _StopEarly(BaseException):
+    """Ends detectron2's training loop after an evaluation when ``train.patience`` says so."""
+
+
+def _log_step(trainer) -> None:
+    latest = {name: value for name, (value, _) in trainer.storage.latest().items()}
+    losses = {k: float(v) for k, v in latest.items() if k.startswith("loss_")}
+    check_losses(losses, trainer.iter, trainer.max_loss)
+    trainer.metrics.write(
+        {
+            "iteration": trainer.iter,
+            "total_loss": sum(losses.values()),
+            **losses,
+            "lr": float(latest.get("lr", 0.0)),
+            "data_time": float(latest.get("data_time", 0.0)),
+            "time": float(latest.get("time", 0.0)),
+        }
+    )
 
 
 def _evaluate_now(trainer) -> dict:
@@ -213,7 +239,8 @@ def _train_process(job: TrainJob, fingerprint: str, image_ids: frozenset[int]) -
         if main:
             trainer.metrics.close()
     distributed.check_in_step(model, next(model.parameters()).device)
+    done = trainer.stopped_at or job.solver.iterations
     if main:
-        store.save(_payload(trainer), job.solver.iterations)
-        store.mark_finished(job.solver.iterations)
+        store.save(_payload(trainer), done)
+        store.mark_finished(done)
     distributed.barrier()

@@ -31,6 +31,7 @@ __all__ = [
     "is_main",
     "barrier",
     "mean_over_ranks",
+    "agree",
     "check_in_step",
 ]
 
@@ -178,6 +179,15 @@ def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
     tensor = torch.tensor([values[name] for name in names], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return dict(zip(names, (tensor / world_size()).tolist(), strict=True))
+
+
+def agree(flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every process (a decision only rank 0 can make, such as stopping)."""
+    if world_size() == 1:
+        return flag
+    tensor = torch.tensor([int(flag)], device=device)
+    dist.broadcast(tensor, src=0)
+    return bool(tensor.item())
 
 
 def check_in_step(model: torch.nn.Module, device: torch.device) -> None:

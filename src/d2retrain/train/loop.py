@@ -1,5 +1,6 @@
 """Engine-neutral training plumbing: resumable checkpoints, metrics log, divergence guard, plots."""
 
+import contextlib
 import json
 import logging
 import math
@@ -15,11 +16,13 @@ from d2retrain.core.fileio import atomic_open, remove_leftovers, write_figure
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "BEST_METRIC",
     "TrainingDivergedError",
     "CheckpointStore",
     "MetricsLog",
     "check_losses",
     "loader_workers",
+    "log_early_stop",
     "plot_metrics",
 ]
 
@@ -28,12 +31,20 @@ class TrainingDivergedError(D2RetrainError):
     """The loss became NaN, infinite or exploded."""
 
 
+BEST_METRIC = "segm_AP"  # what "best" means: val mask AP, as detectron2 users pick models
+
+
 class CheckpointStore:
     """Checkpoints of one training run, resumed only by a run with the same fingerprint.
 
     ``state.json`` records the fingerprint, the last checkpoint and whether the run
     finished. A finished run's checkpoints are not resumed: rerunning a finished
     training (``--forcerun``) starts fresh, a killed one continues.
+
+    The best evaluation so far (:data:`BEST_METRIC`) keeps its weights in ``best_<iteration>.pth``
+    and its record in :attr:`best`; each checkpoint writes that record into ``state.json``, so a
+    resumed run goes on from the best of its checkpoint's past (a better evaluation after the
+    last checkpoint is made again by the resumed run, which repeats those iterations).
     """
 
     def __init__(self, folder: str | Path, fingerprint: str, keep: int = 2) -> None:
@@ -45,6 +56,7 @@ class CheckpointStore:
         self.folder = Path(folder)
         self.fingerprint = fingerprint
         self.keep = keep
+        self.best: dict[str, Any] | None = None  # {"iteration", "metric", "value", "file", "stale"}
 
     def _state(self) -> dict[str, Any]:
         try:
@@ -71,6 +83,8 @@ class CheckpointStore:
         path = self.folder / state["checkpoint"]
         if not path.is_file():
             return None
+        self.best = state.get("best")
+        self._prune_best()
         return path, int(state["iteration"])
 
     def latest(self) -> Path:
@@ -86,6 +100,7 @@ class CheckpointStore:
 
     def start_fresh(self) -> None:
         """Remove old checkpoints and state."""
+        self.best = None
         if self.folder.exists():
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)
@@ -103,16 +118,59 @@ class CheckpointStore:
         path = self.folder / f"model_{iteration:07d}.pth"
         with atomic_open(path, durable=True) as handle:
             torch.save(payload, handle)
-        self._write_state({"checkpoint": path.name, "iteration": iteration, "finished": False})
+        self._write_state(
+            {"checkpoint": path.name, "iteration": iteration, "finished": False, "best": self.best}
+        )
         for old in sorted(self.folder.glob("model_*.pth"))[: -self.keep]:
             old.unlink()
+        self._prune_best()
         logger.info("checkpoint at iteration %d: %s", iteration, path)
         return path
 
     def mark_finished(self, iteration: int) -> None:
         """Record that the run completed, so a rerun starts fresh."""
         state = self._state()
-        self._write_state({**state, "iteration": iteration, "finished": True})
+        self._write_state({**state, "iteration": iteration, "finished": True, "best": self.best})
+
+    def record_evaluation(
+        self, record: dict[str, Any], weights: dict[str, torch.Tensor], patience: int
+    ) -> bool:
+        """Keep ``weights`` as the best when ``record`` (an evaluation during training) is better
+        than every one before, and say whether training should stop.
+
+        Args:
+            record: ``{"iteration", BEST_METRIC, ...}`` as written to ``metrics.jsonl``.
+            weights: The network's state dict at that iteration.
+            patience: Evaluations without improvement after which to stop (0: never).
+
+        Returns:
+            Whether ``patience`` evaluations in a row have not improved on the best.
+        """
+        value = float(record[BEST_METRIC])
+        iteration = int(record["iteration"])
+        if self.best is None or value > self.best["value"]:
+            path = self.folder / f"best_{iteration:07d}.pth"
+            with atomic_open(path, durable=True) as handle:
+                torch.save({"model": weights}, handle)
+            self.best = {"iteration": iteration, "metric": BEST_METRIC, "value": value, "file": path.name}
+            self.best["stale"] = 0
+            logger.info("best so far: %s %.4f at iteration %d", BEST_METRIC, value, iteration)
+        else:
+            self.best["stale"] += 1
+        self._prune_best()
+        return patience > 0 and self.best["stale"] >= patience
+
+    def best_weights(self) -> Path | None:
+        """The best evaluation's weights, or None when there was no evaluation."""
+        return None if self.best is None else self.folder / self.best["file"]
+
+    def _prune_best(self) -> None:
+        """Remove best weights that neither the run nor ``state.json`` refers to."""
+        wanted = {(self.best or {}).get("file"), (self._state().get("best") or {}).get("file")}
+        for path in self.folder.glob("best_*.pth"):
+            if path.name not in wanted:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
     def _write_state(self, state: dict[str, Any]) -> None:
         text = json.dumps({"fingerprint": self.fingerprint, **state}, indent=2)
@@ -149,6 +207,19 @@ class MetricsLog:
     def close(self) -> None:
         """Close the log."""
         self._handle.close()
+
+
+def log_early_stop(store: CheckpointStore, iteration: int) -> None:
+    """Say why training stops before its configured length (``train.patience``)."""
+    best = store.best or {}
+    logger.info(
+        "stopping early after iteration %d: %d evaluations without a better %s than %.4f at iteration %s",
+        iteration,
+        best.get("stale", 0),
+        BEST_METRIC,
+        best.get("value", float("nan")),
+        best.get("iteration"),
+    )
 
 
 def loader_workers(threads: int) -> int:

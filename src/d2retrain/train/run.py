@@ -1,6 +1,7 @@
 """Train a model folder: a job from the config sections, its engine's training half, the folder's files."""
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from d2retrain.model.specs import (
     write_classes,
 )
 from d2retrain.train.engines import train_engine
-from d2retrain.train.loop import plot_metrics
+from d2retrain.train.loop import BEST_METRIC, CheckpointStore, plot_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +34,10 @@ __all__ = ["train_model", "train_from_config"]
 def train_model(job: TrainJob) -> None:
     """Train (resuming a killed run of the same job) and write the model folder.
 
-    Writes ``model_final.pth``, ``classes.json``, ``config.yaml``, ``metrics.jsonl`` and
-    ``loss.png`` into ``job.output_dir``; checkpoints stay in ``checkpoints/`` beside them.
+    Writes ``model_final.pth`` (the last iteration's weights), ``best.json`` and, when there was
+    an evaluation during training, ``model_best.pth`` (the best one's), ``classes.json`` (naming the
+    file ``train.keep`` serves), ``config.yaml``, ``metrics.jsonl`` and ``loss.png`` into
+    ``job.output_dir``; checkpoints stay in ``checkpoints/`` beside them.
 
     Raises:
         D2RetrainError: Bad input, unusable weights or a diverged loss.
@@ -47,6 +50,7 @@ def train_model(job: TrainJob) -> None:
     output = Path(job.output_dir)
     with atomic_open(output / "model_final.pth", durable=True) as handle:
         torch.save({"model": load_checkpoint(final)["model"]}, handle)
+    model_file = _write_best(job, key, output)
     write_text_atomic(output / "config.yaml", yaml.safe_dump(_config_record(job), sort_keys=False))
     live_metrics = job.checkpoint_dir / "metrics.jsonl"
     write_bytes_atomic(output / "metrics.jsonl", live_metrics.read_bytes())
@@ -60,8 +64,36 @@ def train_model(job: TrainJob) -> None:
         job.model.architecture,
         job.model.weights,
         key,
+        model_file,
     )
     write_classes(output / "classes.json", info)
+
+
+def _write_best(job: TrainJob, key: str, output: Path) -> str:
+    """``model_best.pth`` and ``best.json`` from the checkpoint store; returns the weights file the
+    folder serves (``train.keep``)."""
+    store = CheckpointStore(job.checkpoint_dir, key)
+    state = json.loads((job.checkpoint_dir / "state.json").read_text())
+    store.best = state.get("best")
+    best = store.best_weights()
+    record: dict = {"iteration": None, "metric": BEST_METRIC, "value": None}
+    if best is not None and store.best is not None:
+        write_bytes_atomic(output / "model_best.pth", best.read_bytes())
+        record = {field: store.best[field] for field in ("iteration", "metric", "value")}
+    else:
+        (output / "model_best.pth").unlink(missing_ok=True)
+    kept = "best" if job.solver.kept == "best" and best is not None else "final"
+    record["final_iteration"] = int(state["iteration"]) - 1  # the last one, as in metrics.jsonl
+    record["kept"] = f"model_{kept}.pth"
+    write_text_atomic(output / "best.json", json.dumps(record, indent=2) + "\n")
+    if kept == "best":
+        logger.info(
+            "the model serves the best evaluation: %s %.4f at iteration %d",
+            BEST_METRIC,
+            record["value"],
+            record["iteration"],
+        )
+    return record["kept"]
 
 
 def train_from_config(

@@ -18,7 +18,7 @@ from d2retrain.model.headsurgery import load_checkpoint
 from d2retrain.model.specs import SolverSpec, TrainJob, lr_factor
 from d2retrain.model.tv import TorchvisionPredictor, build_model, initial_state, resolve_device
 from d2retrain.train import distributed
-from d2retrain.train.loop import CheckpointStore, MetricsLog, check_losses, loader_workers
+from d2retrain.train.loop import CheckpointStore, MetricsLog, check_losses, loader_workers, log_early_stop
 from d2retrain.train.samples import TrainSamples
 
 logger = logging.getLogger(__name__)
@@ -183,11 +183,21 @@ def _train_process(job: TrainJob, fingerprint: str) -> None:
             run.scheduler.step()
             iteration += 1
             bar.update(1)
-            if metrics is not None:
-                if iteration % job.solver.checkpoint_period == 0 and iteration < job.solver.iterations:
-                    store.save(_payload(run), iteration)
-                if job.solver.eval_period and iteration % job.solver.eval_period == 0:
-                    metrics.write(_evaluate_now(job, run, iteration - 1))
+            # evaluation before the checkpoint of the same iteration, so that the checkpoint
+            # records its best weights (a resume never skips an evaluation it does not know of)
+            if job.solver.eval_period and iteration % job.solver.eval_period == 0:
+                stop = False
+                if metrics is not None:
+                    record = _evaluate_now(job, run, iteration - 1)
+                    metrics.write(record)
+                    stop = store.record_evaluation(record, run.model.state_dict(), job.solver.patience)
+                if distributed.agree(stop, run.device):  # every rank stops at the same iteration
+                    if main:
+                        log_early_stop(store, iteration)
+                    break
+            checkpoint = iteration % job.solver.checkpoint_period == 0 and iteration < job.solver.iterations
+            if metrics is not None and checkpoint:
+                store.save(_payload(run), iteration)
             clock = time.perf_counter()
     finally:
         bar.close()
