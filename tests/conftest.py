@@ -50,6 +50,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             if name in item.fixturenames and chain
         ):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    # the longest first, so that no worker starts one of them while the other is nearly done
+    items.sort(
+        key=lambda item: next((i for i, name in enumerate(LONGEST) if name in item.nodeid), len(LONGEST))
+    )
+
+
+# The longest tests and modules (`--durations`), in the order they should start.
+LONGEST = ("test_the_default_main_job", "test_slurm.py", "test_codehash.py", "test_adding_an_image_reruns")
 
 
 @pytest.fixture

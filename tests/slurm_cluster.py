@@ -180,11 +180,6 @@ class SlurmCluster:
         CPUs/Task, CpusPerTres, TresPerJob, MinMemoryNode, ...), finished jobs included."""
         return dict(re.findall(r"(\S+?)=(\S*)", self.run("scontrol", "--oneliner", "show", "job", job_id)))
 
-    def gpu_indices(self, job_id: str) -> list[int]:
-        """The GPUs (gres indices) the controller gave a job (``scontrol -d show job``)."""
-        detail = self.run("scontrol", "--details", "--oneliner", "show", "job", job_id)
-        return sorted(int(index) for index in re.findall(r"gpu(?::\w+)?:\d+\(IDX:(\d+)\)", detail))
-
 
 def _write(path: Path, text: str, mode: int = 0o644) -> Path:
     path.write_text(text)

@@ -284,7 +284,9 @@ def test_inference_shards_run_as_separate_slurm_jobs_at_once_on_their_own_gpus(c
     first, second = [job for job in jobs if job["rule"].startswith("infer_")]
     assert {first["State"], second["State"]} == {"COMPLETED"}
     assert first["Start"] < second["End"] and second["Start"] < first["End"], (first, second)  # at once
-    assert sorted(cluster.gpu_indices(job["JobID"])[0] for job in (first, second)) == list(range(GPUS))
+    logs = [(workdir / "logs" / SUBSET / f"{job['rule']}.log").read_text() for job in (first, second)]
+    visible = sorted(re.search(r"CUDA_VISIBLE_DEVICES=(\S+)\)", log).group(1) for log in logs)
+    assert visible == [str(index) for index in range(GPUS)]  # each shard has its own GPU
 
 
 def test_a_training_killed_at_its_time_limit_resumes_on_the_next_run(cluster, tmp_path):

@@ -344,8 +344,15 @@ def test_two_gloo_processes_train_in_step_and_write_one_checkpoint(mini_split, t
     assert [line["iteration"] for line in lines if "total_loss" in line] == [0, 1, 2, 3]
     assert [line["iteration"] for line in lines if "segm_AP" in line] == [1, 3]
     checkpoints = sorted(path.name for path in (model / "checkpoints").iterdir())
-    assert checkpoints == ["metrics.jsonl", "model_0000002.pth", "model_0000004.pth", "state.json"]
-    assert log.count("checkpoint at iteration 2:") == 1
+    best = json.loads((model / "best.json").read_text())["iteration"]
+    assert checkpoints == [
+        f"best_{best:07d}.pth",
+        "metrics.jsonl",
+        "model_0000002.pth",
+        "model_0000004.pth",
+        "state.json",
+    ]
+    assert log.count("checkpoint at iteration 2:") == 1 and log.count("best so far:") in (1, 2)
     state = torch.load(model / "model_final.pth", weights_only=True)["model"]
     assert not any(key.startswith("module.") for key in state)  # the bare network, loadable alone
     assert read_classes(model).engine == "torchvision"

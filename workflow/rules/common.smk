@@ -170,8 +170,8 @@ LOST_OUTPUTS = {shard: lost_output(shard) for shard in INFERENCE_SHARDS}
 
 def shard_outputs(shard):
     """The shard's declared outputs: its status file, written last (the list of the files it
-    inferred), and the output it has lost since it ran, if any (inference_summary asks for it
-    too, so the shard runs again). The per-file outputs are not declared one by one:
+    inferred), and the output it has lost since it ran, if any (`all` asks for it too, so the
+    shard runs again). The per-file outputs are not declared one by one:
     Snakemake's planning costs inputs x outputs per job (README, "Planning at scale").
     """
     outputs = {"status": f"results/{{subset}}/inference/status/shard_{shard:02d}.json"}
@@ -199,9 +199,17 @@ def shard_inputs(shard):
 
 
 def inference_outputs(subset):
+    """The run summary, and the outputs shards have lost since they ran: asked for here, so that
+    Snakemake reruns those shards (it checks only the outputs that something asks for). `all`
+    keeps no record of its inputs, so asking changes nothing once the files are back."""
     if not INFERENCE_SHARDS:
         return []
-    return [f"results/{subset}/inference/summary.csv"]
+    lost = [
+        f"results/{subset}/inference/{path}"
+        for path in LOST_OUTPUTS.values()
+        if path is not None and not Path(f"results/{subset}/inference/{path}").exists()
+    ]
+    return [f"results/{subset}/inference/summary.csv", *lost]
 
 
 def all_outputs():

@@ -38,13 +38,6 @@ rule inference_summary:
             "results/{{subset}}/inference/status/shard_{shard:02d}.json",
             shard=INFERENCE_SHARDS,
         ),
-        # asked for, so that Snakemake reruns the shards that lost them (it checks only the
-        # outputs a job's dependents ask for)
-        lost=[
-            f"results/{{subset}}/inference/{path}"
-            for path in LOST_OUTPUTS.values()
-            if path is not None
-        ],
     output:
         csv=report(
             "results/{subset}/inference/summary.csv",

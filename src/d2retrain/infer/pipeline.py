@@ -5,6 +5,7 @@ import dataclasses
 import glob
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -369,6 +370,14 @@ def run_inference(
         max_detections=options.max_detections,
     )
     labels = Labels(tuple(info.classes), tuple(info.source_ids))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # set by SLURM for a job given GPUs
+    logger.info(
+        "%s model from %s on %s%s",
+        info.engine,
+        model_dir,
+        options.device,
+        f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "",
+    )
     output = Path(output_dir)
     image_files = [f if isinstance(f, InputFile) else InputFile.of(f, "image") for f in images]
     statuses = (
