@@ -9,8 +9,8 @@ snakemake = globals()["snakemake"]
 
 
 def summarise(status_paths: list[str]) -> None:
-    write_summary(status_paths, snakemake.output.csv)
-    gather_drawn(status_paths, Path(snakemake.output.csv).parent, snakemake.output.drawn)
+    table = write_summary(status_paths, snakemake.output.csv)
+    gather_drawn(table, Path(snakemake.output.csv).parent, snakemake.output.drawn)
 
 
 run_job(snakemake.log[0], summarise, list(snakemake.input.status))

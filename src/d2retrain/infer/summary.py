@@ -63,21 +63,18 @@ def write_summary(status_paths: Sequence[str | Path], csv_path: str | Path) -> p
     return table
 
 
-def gather_drawn(
-    status_paths: Sequence[str | Path], inference_dir: str | Path, gallery_dir: str | Path
-) -> int:
-    """Hard-link (else copy) every drawn file the jobs' status files list into one folder, as
-    ``<kind>/<name>.<png|mp4>``: the report shows that folder, because the inference jobs declare
-    their status files only (per-file outputs would make Snakemake's planning quadratic).
+def gather_drawn(table: pd.DataFrame, inference_dir: str | Path, gallery_dir: str | Path) -> int:
+    """Hard-link (else copy) the drawn file of every row of the run summary (see
+    :func:`write_summary`) into one folder, as ``<kind>/<name>.<png|mp4>``: the report shows that
+    folder, because the inference jobs declare their status files only (per-file outputs would make
+    Snakemake's planning quadratic).
 
     Returns:
         Files gathered.
     """
-    count = 0
-    for path in status_paths:
-        for row in json.loads(Path(path).read_text()):
-            drawn = output_files(InputFile(row["path"], row["kind"], row["name"]))[0]
-            link_or_copy(Path(inference_dir, drawn), Path(gallery_dir, row["kind"], Path(drawn).name))
-            count += 1
-    logger.info("%d drawn files gathered in %s for the report", count, gallery_dir)
-    return count
+    columns = (table[column].tolist() for column in ("path", "kind", "name"))
+    for path, kind, name in zip(*columns, strict=True):
+        drawn = output_files(InputFile(str(path), str(kind), str(name)))[0]
+        link_or_copy(Path(inference_dir, drawn), Path(gallery_dir, str(kind), Path(drawn).name))
+    logger.info("%d drawn files gathered in %s for the report", len(table), gallery_dir)
+    return len(table)

@@ -152,13 +152,25 @@ class CheckpointStore:
             path = self.folder / f"best_{iteration:07d}.pth"
             with atomic_open(path, durable=True) as handle:
                 torch.save({"model": weights}, handle)
-            self.best = {"iteration": iteration, "metric": BEST_METRIC, "value": value, "file": path.name}
-            self.best["stale"] = 0
+            self.best = {
+                "iteration": iteration,
+                "metric": BEST_METRIC,
+                "value": value,
+                "file": path.name,
+                "stale": 0,
+            }
             logger.info("best so far: %s %.4f at iteration %d", BEST_METRIC, value, iteration)
         else:
             self.best["stale"] += 1
         self._prune_best()
         return patience > 0 and self.best["stale"] >= patience
+
+    def finished_run(self) -> int:
+        """Load the best record ``state.json`` holds into :attr:`best` (after a finished run) and
+        return the iterations done."""
+        state = self._state()
+        self.best = state.get("best")
+        return int(state["iteration"])
 
     def best_weights(self) -> Path | None:
         """The best evaluation's weights, or None when there was no evaluation."""

@@ -73,8 +73,7 @@ def _write_best(job: TrainJob, key: str, output: Path) -> str:
     """``model_best.pth`` and ``best.json`` from the checkpoint store; returns the weights file the
     folder serves (``train.keep``)."""
     store = CheckpointStore(job.checkpoint_dir, key)
-    state = json.loads((job.checkpoint_dir / "state.json").read_text())
-    store.best = state.get("best")
+    iterations = store.finished_run()
     best = store.best_weights()
     record: dict = {"iteration": None, "metric": BEST_METRIC, "value": None}
     if best is not None and store.best is not None:
@@ -83,7 +82,7 @@ def _write_best(job: TrainJob, key: str, output: Path) -> str:
     else:
         (output / "model_best.pth").unlink(missing_ok=True)
     kept = "best" if job.solver.kept == "best" and best is not None else "final"
-    record["final_iteration"] = int(state["iteration"]) - 1  # the last one, as in metrics.jsonl
+    record["final_iteration"] = iterations - 1  # the last one, as in metrics.jsonl
     record["kept"] = f"model_{kept}.pth"
     write_text_atomic(output / "best.json", json.dumps(record, indent=2) + "\n")
     if kept == "best":
