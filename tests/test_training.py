@@ -2,6 +2,7 @@
 
 import json
 import logging
+from collections import defaultdict
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from d2retrain.model import tv as tv_engine
 from d2retrain.model.engines import evaluate_model, resolve_engine
 from d2retrain.model.specs import distributed_spec, lr_factor, model_spec, read_classes, solver_spec
 from d2retrain.train import tv as tv_train
-from d2retrain.train.loop import CheckpointStore, TrainingDivergedError, check_losses
+from d2retrain.train.loop import CheckpointStore, TrainingDivergedError, check_losses, scalar_tag
 from d2retrain.train.run import train_from_config
 
 TINY = {
@@ -169,6 +170,24 @@ def evaluate_mini(model_dir, paths: dict, folder, classes: list[str], metrics: s
     )
 
 
+def assert_tensorboard_shows_the_metrics(model_dir) -> dict[str, list]:
+    """The event files under ``model_dir/tensorboard`` hold exactly the scalars of ``metrics.jsonl``
+    (each iteration once, even after a resume); returns them by tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(model_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    shown = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    expected = defaultdict(list)
+    for line in (model_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        for key, value in record.items():
+            if key != "iteration":
+                expected[scalar_tag(key)].append((record["iteration"], pytest.approx(value, rel=1e-6)))
+    assert shown == expected
+    return shown
+
+
 def _train_mini(folder, paths, output, **train) -> None:
     model = {"engine": "torchvision", "architecture": "maskrcnn_resnet18_fpn"}
     train_from_config(model=model, train=TINY | train, **mini_inputs(paths, output))
@@ -189,6 +208,8 @@ def test_torchvision_engine_trains_and_evaluates_on_coco_mini_from_scratch(mini_
     evals = [line for line in lines if "segm_AP" in line]  # train.eval_period = 2
     assert [line["iteration"] for line in evals] == [1, 3]
     assert all(0 <= line["bbox_AP"] <= 1 and 0 <= line["segm_AP50"] <= 1 for line in evals)
+    scalars = assert_tensorboard_shows_the_metrics(model)
+    assert {"loss/total_loss", "loss/loss_mask", "lr", "val/segm_AP", "time/iteration"} <= set(scalars)
     reports = evaluate_mini(model, paths, tmp_path, info.classes, "m.json", "c.csv")
     assert set(reports["retrained"]["segm"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert "sports ball" in (tmp_path / "c.csv").read_text()
@@ -223,6 +244,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(mini_split, tmp_path, mon
         (3, False),
         (3, True),
     ]
+    assert_tensorboard_shows_the_metrics(tmp_path / "model")  # iterations 2 and 3 once each
     caplog.clear()
     with caplog.at_level(logging.INFO):  # a finished run is not resumed: a forced rerun starts fresh
         _train_mini(folder, paths, tmp_path / "model", eval_period=2)
@@ -255,6 +277,7 @@ def test_detectron2_engine_trains_resumes_and_evaluates_on_coco_mini(mini_split,
     assert [line["iteration"] for line in lines if "total_loss" in line] == [0, 1, 2, 3]
     assert [line["iteration"] for line in lines if "segm_AP" in line] == [1, 3]
     assert lines[0]["lr"] == pytest.approx(1e-5 * 0.001)
+    assert {"loss/loss_mask", "val/segm_AP"} <= set(assert_tensorboard_shows_the_metrics(tmp_path / "model"))
     reports = evaluate_mini(tmp_path / "model", paths, tmp_path, info.classes, "m.json", "c.csv")
     assert set(reports["retrained"]["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     state = json.loads((tmp_path / "model" / "checkpoints" / "state.json").read_text())

@@ -239,6 +239,11 @@ class TrainJob:
         """Checkpoints and live metrics: beside the outputs, not Snakemake outputs."""
         return Path(self.output_dir) / "checkpoints"
 
+    @property
+    def tensorboard_dir(self) -> Path:
+        """TensorBoard event files of the run (the scalars of ``metrics.jsonl``)."""
+        return Path(self.output_dir) / "tensorboard"
+
 
 @dataclasses.dataclass(frozen=True)
 class ClassInfo:

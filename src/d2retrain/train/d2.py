@@ -229,7 +229,9 @@ def _train_process(job: TrainJob, fingerprint: str, image_ids: frozenset[int]) -
     distributed.barrier()
     main = distributed.is_main()
     trainer.metrics = (
-        MetricsLog(store.folder / "metrics.jsonl", resume_from=trainer.start_iter) if main else None
+        MetricsLog(store.folder / "metrics.jsonl", trainer.start_iter, tensorboard=job.tensorboard_dir)
+        if main
+        else None
     )
     try:
         trainer.train()

@@ -24,6 +24,7 @@ __all__ = [
     "loader_workers",
     "log_early_stop",
     "plot_metrics",
+    "scalar_tag",
 ]
 
 
@@ -191,12 +192,18 @@ class CheckpointStore:
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one line per logged iteration, kept consistent across resumes."""
+    """``metrics.jsonl``: one line per logged iteration, kept consistent across resumes, and the same
+    scalars as TensorBoard event files (``tensorboard --logdir results``).
 
-    def __init__(self, path: str | Path, resume_from: int) -> None:
+    The event folder is rewritten from the kept lines when a log opens, so that it always shows
+    exactly ``metrics.jsonl``: a resumed run's repeated iterations appear once.
+    """
+
+    def __init__(self, path: str | Path, resume_from: int, tensorboard: str | Path | None = None) -> None:
         """Args:
         path: The live log (in the checkpoint folder).
         resume_from: Keep only the lines of iterations before this one.
+        tensorboard: Folder of the event files (emptied first); None: no event files.
         """
         self.path = Path(path)
         kept = []
@@ -210,15 +217,44 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("".join(f"{line}\n" for line in kept))
         self._handle = self.path.open("a")
+        self._events = None
+        if tensorboard is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            shutil.rmtree(tensorboard, ignore_errors=True)
+            self._events = SummaryWriter(str(tensorboard), flush_secs=10)
+            for line in kept:
+                self._add_scalars(json.loads(line))
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record and flush it."""
         self._handle.write(json.dumps(record) + "\n")
         self._handle.flush()
+        self._add_scalars(record)
+
+    def _add_scalars(self, record: dict[str, Any]) -> None:
+        if self._events is None:
+            return
+        for key, value in record.items():
+            if key != "iteration" and isinstance(value, int | float):
+                self._events.add_scalar(scalar_tag(key), value, record["iteration"])
 
     def close(self) -> None:
-        """Close the log."""
+        """Close the log and the event files."""
         self._handle.close()
+        if self._events is not None:
+            self._events.close()
+
+
+def scalar_tag(key: str) -> str:
+    """TensorBoard tag of a ``metrics.jsonl`` key: losses, val AP and times in their own sections."""
+    if key.startswith("loss") or key == "total_loss":
+        return f"loss/{key}"
+    if "AP" in key:
+        return f"val/{key}"
+    if key == "time":
+        return "time/iteration"
+    return f"time/{key}" if key.endswith("time") else key
 
 
 def log_early_stop(store: CheckpointStore, iteration: int) -> None:

@@ -168,7 +168,9 @@ def _train_process(job: TrainJob, fingerprint: str) -> None:
     store = CheckpointStore(job.checkpoint_dir, fingerprint)
     run, start = _prepare(job, store)
     main = distributed.is_main()
-    metrics = MetricsLog(store.folder / "metrics.jsonl", resume_from=start) if main else None
+    metrics = (
+        MetricsLog(store.folder / "metrics.jsonl", start, tensorboard=job.tensorboard_dir) if main else None
+    )
     iteration = start
     clock = time.perf_counter()
     quiet = None if main else True  # None: a bar on a terminal only
