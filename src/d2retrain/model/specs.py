@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ModelSpec",
     "SolverSpec",
+    "AugmentSpec",
     "DistributedSpec",
     "LAUNCH_KEYS",
     "TrainJob",
@@ -84,6 +85,35 @@ class ModelSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class AugmentSpec:
+    """Training augmentations beyond flips and shortest-edge sizes (``train.augment``), the same for
+    both engines: detectron2's ``T.*`` and torchvision's ``transforms.v2`` (see
+    :mod:`d2retrain.train.augment`). All off by default.
+
+    Attributes:
+        brightness: Pixel values times a factor drawn in [1 - b, 1 + b] (0: off).
+        contrast: Blend with the image mean by a factor drawn in [1 - c, 1 + c] (0: off).
+        saturation: Blend with the grey image by a factor drawn in [1 - s, 1 + s] (0: off).
+        crop: A random crop whose height and width are each drawn in [crop, 1] of the image's
+            (detectron2's ``relative_range``); None: off.
+        scale_jitter: Large-scale jitter ``(low, high)``: the image is resized to fit a square of
+            side ``max(min_size_train)`` times a factor drawn in [low, high], then cropped or padded
+            to that square; it replaces the shortest-edge resize in training. None: off.
+    """
+
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    crop: float | None = None
+    scale_jitter: tuple[float, float] | None = None
+
+    @property
+    def crops(self) -> bool:
+        """Whether instances can be cut, so boxes are recomputed from the cropped masks."""
+        return self.crop is not None or self.scale_jitter is not None
+
+
+@dataclasses.dataclass(frozen=True)
 class SolverSpec:
     """Solver and augmentation, with detectron2's semantics for both engines.
 
@@ -111,6 +141,7 @@ class SolverSpec:
         max_loss: A loss above this (or NaN) stops training.
         keep: ``best`` or ``final``: the weights evaluation, inference and export use (see :attr:`kept`).
         patience: Evaluations without a better val segm AP after which training stops (0: never).
+        augment: Colour jitter, random crop, large-scale jitter (:class:`AugmentSpec`).
     """
 
     iterations: int
@@ -134,6 +165,7 @@ class SolverSpec:
     max_loss: float
     keep: str = "best"
     patience: int = 0
+    augment: AugmentSpec = AugmentSpec()
 
     @property
     def kept(self) -> str:
@@ -350,8 +382,11 @@ def solver_spec(train: dict[str, Any]) -> SolverSpec:
     values = section_defaults("train") | train
     for key in ("device", *LAUNCH_KEYS):
         values.pop(key)
+    augment: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in values.pop("augment", {}).items()
+    }
     fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return SolverSpec(**fields)
+    return SolverSpec(**fields, augment=AugmentSpec(**augment))
 
 
 def distributed_spec(train: dict[str, Any]) -> DistributedSpec:

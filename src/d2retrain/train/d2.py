@@ -12,8 +12,9 @@ from d2retrain.data.records import load_records
 from d2retrain.model.d2 import Detectron2Predictor, build_config, initial_state
 from d2retrain.model.evaluation import progress_record
 from d2retrain.model.headsurgery import load_checkpoint
-from d2retrain.model.specs import TrainJob
+from d2retrain.model.specs import SolverSpec, TrainJob
 from d2retrain.train import distributed
+from d2retrain.train.augment import detectron2_augmentations
 from d2retrain.train.loop import (
     CheckpointStore,
     MetricsLog,
@@ -56,7 +57,8 @@ def register_split(
     return name
 
 
-def _trainer_class():
+def _trainer_class(solver: SolverSpec):
+    from detectron2.data import DatasetMapper, build_detection_train_loader
     from detectron2.engine import DefaultTrainer, hooks
 
     class Trainer(DefaultTrainer):
@@ -75,6 +77,14 @@ def _trainer_class():
                 if not isinstance(h, hooks.PeriodicCheckpointer | hooks.PeriodicWriter | hooks.EvalHook)
             ]
             return [*kept, hooks.CallbackHook(after_step=_after_step)]
+
+        @classmethod
+        def build_train_loader(cls, cfg):
+            augmentations, recompute_boxes = detectron2_augmentations(solver)
+            mapper = DatasetMapper(
+                cfg, is_train=True, augmentations=augmentations, recompute_boxes=recompute_boxes
+            )
+            return build_detection_train_loader(cfg, mapper=mapper)
 
         def train(self):
             # _StopEarly is a BaseException: detectron2's loop logs no traceback, runs after_train
@@ -223,7 +233,7 @@ def _train_process(job: TrainJob, fingerprint: str, image_ids: frozenset[int]) -
     distributed.barrier()  # every process has read the state before rank 0 may clear it
     if resume is None and distributed.is_main():
         store.start_fresh()
-    trainer = _trainer_class()(cfg)
+    trainer = _trainer_class(job.solver)(cfg)
     trainer.store, trainer.max_loss, trainer.job = store, job.solver.max_loss, job
     model = _load_start(trainer, job, resume)
     distributed.barrier()

@@ -149,9 +149,7 @@ def train_from_config(
 def _config_record(job: TrainJob) -> dict:
     return {
         "model": dataclasses.asdict(job.model),
-        "solver": {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(job.solver).items()
-        },
+        "solver": json.loads(json.dumps(dataclasses.asdict(job.solver))),  # tuples as lists
         "classes": list(job.classes),
         "train": {"annotations": job.train_json, "images": job.train_images},
         "val": {"annotations": job.val_json, "images": job.val_images},

@@ -9,6 +9,7 @@ from d2retrain.core.errors import D2RetrainError
 from d2retrain.data.images import read_image
 from d2retrain.data.masks import rasterize
 from d2retrain.data.records import ImageRecord
+from d2retrain.train.augment import TorchvisionAugment
 
 logger = logging.getLogger(__name__)
 
@@ -42,18 +43,23 @@ class TrainSamples(torch.utils.data.Dataset):
     """Training samples addressed by global sample position, for a deterministic, resumable order.
 
     Position ``p`` is image ``permutation(seed + epoch)[p % n]`` of epoch ``p // n``,
-    flipped when a generator seeded by ``(seed, p)`` says so.
+    flipped when a generator seeded by ``(seed, p)`` says so, then augmented (``train.augment``)
+    with draws seeded by ``(seed, p)`` too.
     """
 
-    def __init__(self, records: list[ImageRecord], seed: int, flip: bool) -> None:
+    def __init__(
+        self, records: list[ImageRecord], seed: int, flip: bool, augment: TorchvisionAugment | None = None
+    ) -> None:
         """Args:
         records: The training file's images (:func:`training_images` picks those that train).
-        seed: Seed of the order and the flips.
+        seed: Seed of the order, the flips and the augmentations.
         flip: Random horizontal flips.
+        augment: ``train.augment`` (None: none).
         """
         self.records = training_images(records)
         self.seed = seed
         self.flip = flip
+        self.augment = augment
 
     def __len__(self) -> int:
         """Samples per epoch."""
@@ -79,9 +85,15 @@ class TrainSamples(torch.utils.data.Dataset):
                 [record.width - boxes[:, 2], boxes[:, 1], record.width - boxes[:, 0], boxes[:, 3]], 1
             )
         keep = (boxes[:, 2] > boxes[:, 0] + 0.5) & (boxes[:, 3] > boxes[:, 1] + 0.5)
+        labels = torch.tensor([a.category_id for a in record.annotations], dtype=torch.int64)
+        if self.augment is not None and self.augment.pipeline is not None:
+            picture, target = self.augment(
+                image, boxes[keep], masks[keep], labels[keep], key=[self.seed, position, 2]
+            )
+            return picture.float().div_(255), target
         target = {
             "boxes": torch.from_numpy(np.ascontiguousarray(boxes[keep])),
-            "labels": torch.tensor([a.category_id for a in record.annotations], dtype=torch.int64)[keep],
+            "labels": labels[keep],
             "masks": torch.from_numpy(np.ascontiguousarray(masks[keep])).to(torch.uint8),
         }
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)

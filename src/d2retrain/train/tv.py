@@ -18,6 +18,7 @@ from d2retrain.model.headsurgery import load_checkpoint
 from d2retrain.model.specs import SolverSpec, TrainJob, lr_factor
 from d2retrain.model.tv import TorchvisionPredictor, build_model, initial_state, resolve_device
 from d2retrain.train import distributed
+from d2retrain.train.augment import TorchvisionAugment, torchvision_train_sizes
 from d2retrain.train.loop import CheckpointStore, MetricsLog, check_losses, loader_workers, log_early_stop
 from d2retrain.train.samples import TrainSamples
 
@@ -88,7 +89,7 @@ def _device(name: str) -> torch.device:
 
 def _prepare(job: TrainJob, store: CheckpointStore) -> tuple[_Run, int]:
     torch.manual_seed(job.solver.seed)
-    model = build_model(job.model, len(job.classes), job.solver)
+    model = build_model(job.model, len(job.classes), torchvision_train_sizes(job.solver))
     device = _device(job.device)
     amp = job.solver.amp and device.type == "cuda"
     resume = store.resumable()
@@ -164,7 +165,8 @@ def train(job: TrainJob, fingerprint: str) -> Path:
 
 def _train_process(job: TrainJob, fingerprint: str) -> None:
     torch.set_num_threads(job.threads_per_process)
-    samples = TrainSamples(load_records(job.train_json, job.train_images), job.solver.seed, job.solver.flip)
+    records = load_records(job.train_json, job.train_images)
+    samples = TrainSamples(records, job.solver.seed, job.solver.flip, TorchvisionAugment(job.solver))
     store = CheckpointStore(job.checkpoint_dir, fingerprint)
     run, start = _prepare(job, store)
     main = distributed.is_main()
