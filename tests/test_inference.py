@@ -6,6 +6,7 @@ import shutil
 import sys
 import threading
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import cv2
@@ -367,6 +368,48 @@ def test_infer_command_writes_outputs_and_exits_1_when_a_file_failed(demo_model,
     assert (tmp_path / "out" / "images" / f"{good.stem}.png").is_file()
     assert main([*arguments, "-i", str(good), str(tmp_path / "bad.jpg"), "-v", str(layout.video)]) == 1
     assert (tmp_path / "out" / "videos" / "demo.mp4").is_file()
+
+
+def test_infer_command_writes_the_images_predictions_as_a_coco_dataset(demo_model, tmp_path):
+    from pycocotools.coco import COCO
+
+    model, layout = demo_model
+    images = sorted(layout.images("val").glob("*.jpg"))
+    other = tmp_path / "other" / "deeper"  # a second folder: names relative to the common one
+    other.mkdir(parents=True)
+    shutil.copy(images[0], other / "copy.jpg")
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    out = tmp_path / "out"
+    inputs = [*map(str, images), str(other / "copy.jpg"), str(tmp_path / "bad.jpg")]
+    arguments = ["infer", "--model", str(model), "-o", str(out), "--score-threshold", "0.01"]
+    arguments += ["-i", *inputs, "-v", str(layout.video), "--coco-out", str(tmp_path / "p.json")]
+    assert main(arguments) == 1  # the bad file
+
+    coco = COCO(str(tmp_path / "p.json"))  # pycocotools loads it as a dataset
+    document = json.loads((tmp_path / "p.json").read_text())
+    assert document["categories"] == [
+        {"id": 1, "name": "person", "supercategory": "", "source_id": 1},
+        {"id": 2, "name": "sports ball", "supercategory": "", "source_id": 37},
+    ]
+    root = Path(document["info"]["image_root"])
+    assert root == Path(os.path.commonpath([layout.images("val"), other]))
+    listed = sorted(Path(root, image["file_name"]) for image in document["images"])
+    assert listed == sorted([*images, other / "copy.jpg"])  # the bad file and the video are left out
+    expected = 0
+    for image in document["images"]:
+        name = Path(image["file_name"]).stem
+        predicted = json.loads((out / "images" / f"{name}.json").read_text())["instances"]
+        expected += len(predicted)
+        annotations = coco.loadAnns(coco.getAnnIds(imgIds=image["id"]))
+        assert [a["score"] for a in annotations] == [p["score"] for p in predicted]
+        assert [coco.cats[a["category_id"]]["source_id"] for a in annotations] == [
+            p["category_id"] for p in predicted
+        ]
+        for annotation in annotations:
+            mask = coco.annToMask(annotation)
+            assert mask.shape == (image["height"], image["width"]) == (192, 256)
+            assert annotation["area"] == mask.sum() and annotation["iscrowd"] == 0
+    assert len(coco.anns) == expected > 0
 
 
 @pytest.mark.parametrize(

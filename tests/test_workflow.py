@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import COCO_MINI, DEMO_DATASET, REPO
+from pycocotools.coco import COCO
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +42,6 @@ def planned(workdir: Path, config: dict) -> set[str]:
 
 
 def counts_by_pycocotools(path: Path, names: list[str]) -> dict[str, tuple[int, int]]:
-    from pycocotools.coco import COCO
-
     coco = COCO(str(path))
     result = {}
     for name in names:
@@ -118,8 +117,6 @@ def test_coco_mini_workflow_matches_pycocotools(tmp_path):
     snakemake(tmp_path, config, "data")
     for split in ("train", "val"):
         path = COCO_MINI / "annotations" / f"instances_{split}2017.json"
-        from pycocotools.coco import COCO
-
         coco = COCO(str(path))
         both = coco.getImgIds(catIds=coco.getCatIds(catNms=names))
         output = tmp_path / "results" / "pb" / "data" / f"{split}.json"
@@ -157,6 +154,11 @@ def test_the_default_main_job_trains_a_model_reaching_segm_ap_060(tmp_path):
     assert len(summary) == 24 + 1 and set(summary.status) == {"ok"}  # demo val images + demo video
     assert summary[summary.kind == "video"].frames.item() == 40
     assert summary.instances.sum() > 24  # a trained model finds the demo's objects at score 0.5
+    predictions = COCO(str(tmp_path / "results/person_ball/inference/predictions_coco.json"))
+    assert len(predictions.imgs) == 24  # the images, not the video
+    assert len(predictions.anns) == summary[summary.kind == "image"].instances.sum()
+    categories = [(c["name"], c["source_id"]) for c in predictions.cats.values()]
+    assert categories == [("person", 1), ("sports ball", 37)]
     assert "Nothing to be done" in snakemake(tmp_path, config, "--dry-run")
     check_report(tmp_path, config)
 

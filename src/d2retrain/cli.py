@@ -129,6 +129,12 @@ def _infer(args: argparse.Namespace) -> int:
     statuses = run_inference(
         args.model, images, videos, args.output, options, args.classes, threads=args.threads
     )
+    if args.coco_out:
+        from d2retrain.infer.cocoout import write_predictions_coco
+        from d2retrain.model.specs import read_classes
+
+        info = read_classes(args.model)
+        write_predictions_coco(statuses, args.output, info.classes, info.source_ids, args.coco_out)
     return 1 if any(status.status != "ok" for status in statuses) else 0
 
 
@@ -156,6 +162,11 @@ def _add_infer(commands: argparse._SubParsersAction) -> None:
         "--max-frames", type=int, default=defaults["max_frames"], help="frames per video (0: all)"
     )
     infer.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="images per pass")
+    infer.add_argument(
+        "--coco-out",
+        metavar="FILE",
+        help="also write the images' predictions as one COCO dataset file (to correct in a labelling tool)",
+    )
     infer.add_argument("--threads", type=int, default=2)
     infer.set_defaults(handler=_infer)
 

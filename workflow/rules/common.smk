@@ -209,7 +209,11 @@ def inference_outputs(subset):
         for path in LOST_OUTPUTS.values()
         if path is not None and not Path(f"results/{subset}/inference/{path}").exists()
     ]
-    return [f"results/{subset}/inference/summary.csv", *lost]
+    return [
+        f"results/{subset}/inference/summary.csv",
+        f"results/{subset}/inference/predictions_coco.json",
+        *lost,
+    ]
 
 
 def all_outputs():

@@ -38,7 +38,9 @@ rule inference_summary:
             "results/{{subset}}/inference/status/shard_{shard:02d}.json",
             shard=INFERENCE_SHARDS,
         ),
+        classes="results/{subset}/model/classes.json",
     output:
+        coco="results/{subset}/inference/predictions_coco.json",
         csv=report(
             "results/{subset}/inference/summary.csv",
             caption="../report/inference_summary.rst",

@@ -1,16 +1,23 @@
-"""Snakemake job: one row per inferred file, problems first; the drawn files gathered for the report."""
+"""Snakemake job: one row per inferred file, problems first; the drawn files gathered for the report;
+the images' predictions as one COCO dataset file."""
 
 from pathlib import Path
 
 from d2retrain.core.logutil import run_job
-from d2retrain.infer.summary import gather_drawn, write_summary
+from d2retrain.infer.cocoout import write_predictions_coco
+from d2retrain.infer.summary import FileStatus, gather_drawn, write_summary
+from d2retrain.model.specs import read_classes
 
 snakemake = globals()["snakemake"]
 
 
 def summarise(status_paths: list[str]) -> None:
+    inference_dir = Path(snakemake.output.csv).parent
     table = write_summary(status_paths, snakemake.output.csv)
-    gather_drawn(table, Path(snakemake.output.csv).parent, snakemake.output.drawn)
+    gather_drawn(table, inference_dir, snakemake.output.drawn)
+    info = read_classes(Path(snakemake.input.classes).parent)
+    statuses = [FileStatus(**row) for row in table.to_dict("records")]
+    write_predictions_coco(statuses, inference_dir, info.classes, info.source_ids, snakemake.output.coco)
 
 
 run_job(snakemake.log[0], summarise, list(snakemake.input.status))
