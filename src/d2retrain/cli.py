@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from d2retrain import __version__
-from d2retrain.core.config import section_defaults, subset_defaults
+from d2retrain.core.config import section_defaults, subset_defaults, val_split_defaults
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.core.logutil import configure_logging
 from d2retrain.data.filtering import BALANCE_MODES, FilterOptions
@@ -38,6 +38,13 @@ def _balance(args: argparse.Namespace) -> None:
     from d2retrain.data.prepare import balance_file
 
     balance_file(args.input, args.output, args.mode, args.threads)
+
+
+def _split(args: argparse.Namespace) -> None:
+    from d2retrain.data.split import split_file
+
+    train, val = args.output
+    split_file(args.input, train, val, args.val_fraction, args.seed)
 
 
 def _images(args: argparse.Namespace) -> None:
@@ -244,6 +251,21 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     balance.add_argument("--mode", choices=BALANCE_MODES, default=subset_defaults()["balance"])
     _add_threads(balance)
     balance.set_defaults(handler=_balance)
+    split = commands.add_parser(
+        "split", help="split one COCO file into train and val (every category on both sides)"
+    )
+    split.add_argument("input", help="COCO JSON")
+    split.add_argument(
+        "-o", "--output", nargs=2, required=True, metavar=("TRAIN", "VAL"), help="output JSONs"
+    )
+    split_defaults = val_split_defaults()
+    split.add_argument(
+        "--val-fraction", type=float, default=split_defaults["fraction"], help="share of images"
+    )
+    split.add_argument(
+        "--seed", type=int, default=split_defaults["seed"], help="the same seed, the same split"
+    )
+    split.set_defaults(handler=_split)
     for name, handler, text in (
         ("images", _images, "hard-link or copy the images a COCO file names"),
         ("masks", _masks, "render semantic and instance mask PNGs"),

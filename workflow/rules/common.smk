@@ -10,6 +10,7 @@ from d2retrain.infer.inputs import (
     first_missing_output,
     shards,
 )
+from d2retrain.core.config import val_split_defaults
 from d2retrain.core.layout import DemoLayout
 
 SPLITS = ["train", "val"]
@@ -18,6 +19,7 @@ SPLITS = ["train", "val"]
 wildcard_constraints:
     subset="|".join(config["subsets"]),
     split="|".join(SPLITS),
+    dataset="|".join(config["datasets"]),
 
 
 def cluster_resources(gpu):
@@ -46,9 +48,21 @@ def subset_value(key):
     return lookup
 
 
+def dataset_files(name, split):
+    """{"images", "annotations"} of one split of a dataset: as the config gives it, or, for a
+    dataset given as one file (`all` + `val_split`), the workflow's split of that file.
+    """
+    dataset = config["datasets"][name]
+    if "all" in dataset:
+        return {
+            "images": dataset["all"]["images"],
+            "annotations": f"results/splits/{name}/{split}.json",
+        }
+    return dataset[split]
+
+
 def dataset_split(wildcards):
-    dataset = config["datasets"][subset_config(wildcards)["dataset"]]
-    return dataset[wildcards.split]
+    return dataset_files(subset_config(wildcards)["dataset"], wildcards.split)
 
 
 def split_annotations(wildcards):
@@ -60,17 +74,29 @@ def split_images(wildcards):
 
 
 def source_annotations(wildcards):
-    """The unfiltered training annotations: they give the classes' original ids."""
-    return config["datasets"][subset_config(wildcards)["dataset"]]["train"][
-        "annotations"
-    ]
+    """The unfiltered training annotations (the whole file of a dataset given as one): they
+    give the classes' original ids."""
+    dataset = config["datasets"][subset_config(wildcards)["dataset"]]
+    return dataset["all" if "all" in dataset else "train"]["annotations"]
 
 
 def images_of_split(split):
     """Input function: the image folder of one split of the subset's dataset."""
 
     def lookup(wildcards):
-        return config["datasets"][subset_config(wildcards)["dataset"]][split]["images"]
+        return dataset_files(subset_config(wildcards)["dataset"], split)["images"]
+
+    return lookup
+
+
+def val_split_setting(key):
+    """Params function: `fraction` or `seed` of the dataset's val_split (schema defaults)."""
+
+    def lookup(wildcards):
+        settings = (
+            val_split_defaults() | config["datasets"][wildcards.dataset]["val_split"]
+        )
+        return settings[key]
 
     return lookup
 
@@ -92,10 +118,10 @@ def script_code(script):
 
 def stats_inputs(wildcards):
     """Named inputs `<split>__<step>`, in display order."""
-    dataset = config["datasets"][subset_config(wildcards)["dataset"]]
+    name = subset_config(wildcards)["dataset"]
     steps = {}
     for split in SPLITS:
-        steps[f"{split}__input"] = dataset[split]["annotations"]
+        steps[f"{split}__input"] = dataset_files(name, split)["annotations"]
         steps[f"{split}__filtered"] = (
             f"results/{wildcards.subset}/data/{split}_filtered.json"
         )

@@ -1,4 +1,4 @@
-# Data preparation: demo data -> filter -> balance -> (images, masks) -> stats.
+# Data preparation: demo data -> (split) -> filter -> balance -> (images, masks) -> stats.
 
 
 checkpoint demo_data:
@@ -22,6 +22,26 @@ checkpoint demo_data:
         code=script_code("demo_data"),
     script:
         "../scripts/demo_data.py"
+
+
+rule split_dataset:
+    input:
+        lambda wildcards: config["datasets"][wildcards.dataset]["all"]["annotations"],
+    output:
+        train="results/splits/{dataset}/train.json",
+        val="results/splits/{dataset}/val.json",
+    log:
+        "logs/splits/{dataset}.log",
+    conda:
+        "../../envs/d2retrain.yaml"
+    resources:
+        **CPU_JOB,
+    params:
+        fraction=val_split_setting("fraction"),
+        seed=val_split_setting("seed"),
+        code=script_code("split"),
+    script:
+        "../scripts/split.py"
 
 
 rule filter:

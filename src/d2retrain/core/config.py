@@ -18,6 +18,7 @@ __all__ = [
     "load_schema",
     "section_defaults",
     "subset_defaults",
+    "val_split_defaults",
     "allowed_values",
     "load_config",
 ]
@@ -47,6 +48,12 @@ def section_defaults(section: str) -> dict[str, Any]:
 def subset_defaults() -> dict[str, Any]:
     """Defaults of the keys of each subset (``subsets.<name>.*``), from the schema."""
     properties = _schema()["properties"]["subsets"]["additionalProperties"]["properties"]
+    return {key: copy.deepcopy(value["default"]) for key, value in properties.items() if "default" in value}
+
+
+def val_split_defaults() -> dict[str, Any]:
+    """Defaults of a dataset's ``val_split`` (``fraction``, ``seed``), from the schema."""
+    properties = _schema()["$defs"]["val_split"]["properties"]
     return {key: copy.deepcopy(value["default"]) for key, value in properties.items() if "default" in value}
 
 

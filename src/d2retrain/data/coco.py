@@ -40,6 +40,7 @@ __all__ = [
     "encode_coco",
     "write_coco",
     "renumber_category",
+    "take_images",
 ]
 
 _REQUIRED_KEYS = ("images", "annotations", "categories")
@@ -135,6 +136,17 @@ class CocoDocument:
     annotations: list[msgspec.Raw]
     table: AnnotationTable
     categories: list[Category]
+
+
+def take_images(document: CocoDocument, index: np.ndarray) -> CocoDocument:
+    """The document with the images at ``index`` (positions, in that order); annotations as they were."""
+    return dataclasses.replace(
+        document,
+        images=[document.images[i] for i in index],
+        image_ids=document.image_ids[index],
+        file_names=[document.file_names[i] for i in index],
+        image_sizes=document.image_sizes[index],
+    )
 
 
 def read_coco(path: str | os.PathLike[str], processes: int = 1) -> CocoDocument:

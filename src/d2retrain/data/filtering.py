@@ -14,7 +14,7 @@ import numpy as np
 
 from d2retrain.core.config import allowed_values
 from d2retrain.core.errors import AnnotationError, CategoryError, EmptyResultError
-from d2retrain.data.coco import AnnotationTable, Category, CocoDocument, renumber_category
+from d2retrain.data.coco import AnnotationTable, Category, CocoDocument, renumber_category, take_images
 from d2retrain.data.geometry import apply_geometry_rule
 
 logger = logging.getLogger(__name__)
@@ -270,12 +270,5 @@ def _with_records(
     image_index = np.arange(len(document.images)) if image_mask is None else np.flatnonzero(image_mask)
     image_index = image_index[np.argsort(document.image_ids[image_index], kind="stable")]
     return dataclasses.replace(
-        document,
-        images=[document.images[i] for i in image_index],
-        image_ids=document.image_ids[image_index],
-        file_names=[document.file_names[i] for i in image_index],
-        image_sizes=document.image_sizes[image_index],
-        annotations=annotations,
-        table=table,
-        categories=categories,
+        take_images(document, image_index), annotations=annotations, table=table, categories=categories
     )
