@@ -369,7 +369,10 @@ def run_pipeline(data: bytes, folder: Path, image_dir: Path, choice: str, option
         check_masks(coco, work / "masks")
         records = load_records(str(balanced), str(image_dir))
         assert [record.image_id for record in records] == coco.getImgIds()
-        samples = TrainSamples(records, seed=0, flip=False)
+        try:
+            samples = TrainSamples(records, seed=0, flip=False)
+        except D2RetrainError as error:  # e.g. every kept annotation is box-only: nothing to train on
+            return outcome(error)
         for position in range(len(samples)):
             samples[position]  # rasterises every kept annotation, as training does
         assert source.read_bytes() == data, "the input was modified"

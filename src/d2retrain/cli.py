@@ -94,7 +94,14 @@ def _train(args: argparse.Namespace) -> None:
         source_json=args.source_json or args.train_json,
         output_dir=args.output,
         threads=args.threads,
+        repeat_factors=args.repeat_factors,
     )
+
+
+def _repeat_factors(args: argparse.Namespace) -> None:
+    from d2retrain.data.repeat import write_repeat_factors
+
+    write_repeat_factors(args.input, args.output, args.threshold)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -188,6 +195,7 @@ def _add_model_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("-c", "--categories", nargs="+", required=True, help="class names, in model order")
     train.add_argument("--config", help="YAML with `model` and `train` sections (schema defaults otherwise)")
     train.add_argument("--iterations", type=int, help="override train.iterations")
+    train.add_argument("--repeat-factors", metavar="FILE", help="sample by a factor file (balance: repeat)")
     train.add_argument("--num-gpus", type=int, help="override train.num_gpus (processes, one per GPU)")
     train.add_argument("-o", "--output", required=True, help="model folder")
     train.add_argument("--threads", type=int, default=2)
@@ -251,6 +259,13 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     balance.add_argument("--mode", choices=BALANCE_MODES, default=subset_defaults()["balance"])
     _add_threads(balance)
     balance.set_defaults(handler=_balance)
+    repeat = commands.add_parser(
+        "repeat-factors", help="LVIS repeat factors of a training file's images (balance: repeat)"
+    )
+    repeat.add_argument("-i", "--input", required=True, help="filtered training COCO JSON")
+    repeat.add_argument("-o", "--output", required=True, help="factor file (JSON)")
+    repeat.add_argument("--threshold", type=float, default=subset_defaults()["repeat_threshold"])
+    repeat.set_defaults(handler=_repeat_factors)
     split = commands.add_parser(
         "split", help="split one COCO file into train and val (every category on both sides)"
     )

@@ -129,11 +129,23 @@ def stats_inputs(wildcards):
             steps[f"{split}__balanced"] = (
                 f"results/{wildcards.subset}/data/{split}.json"
             )
+    steps.update(repeat_input(wildcards))
     return steps
+
+
+def repeat_input(wildcards):
+    """Named input `train__repeat`: the repeat-factor file of a subset with balance: repeat."""
+    if config["subsets"][wildcards.subset]["balance"] != "repeat":
+        return {}
+    return {
+        "train__repeat": f"results/{wildcards.subset}/data/train_repeat_factors.json"
+    }
 
 
 def data_outputs(subset):
     outputs = [f"results/{subset}/data/{split}.json" for split in SPLITS]
+    if config["subsets"][subset]["balance"] == "repeat":
+        outputs.append(f"results/{subset}/data/train_repeat_factors.json")
     outputs += [f"results/{subset}/stats/counts.{ext}" for ext in ("csv", "png")]
     if config["subsets"][subset]["masks"]:
         outputs += [

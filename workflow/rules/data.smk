@@ -105,6 +105,24 @@ rule images_and_masks:
         "../scripts/images_and_masks.py"
 
 
+rule repeat_factors:
+    input:
+        "results/{subset}/data/train.json",
+    output:
+        "results/{subset}/data/train_repeat_factors.json",
+    log:
+        "logs/{subset}/repeat_factors.log",
+    conda:
+        "../../envs/d2retrain.yaml"
+    resources:
+        **CPU_JOB,
+    params:
+        threshold=subset_value("repeat_threshold"),
+        code=script_code("repeat_factors"),
+    script:
+        "../scripts/repeat_factors.py"
+
+
 rule stats:
     input:
         unpack(stats_inputs),

@@ -3,6 +3,7 @@
 
 rule train:
     input:
+        unpack(repeat_input),
         train="results/{subset}/data/train.json",
         val="results/{subset}/data/val.json",
         source=source_annotations,

@@ -20,4 +20,5 @@ if __name__ == "__main__":  # training processes (train.num_gpus > 1) import thi
         source_json=snakemake.input.source,
         output_dir=str(Path(snakemake.output.weights).parent),
         threads=snakemake.threads,
+        repeat_factors=snakemake.input.get("train__repeat"),
     )

@@ -216,8 +216,9 @@ def balance_document(document: CocoDocument, mode: str) -> CocoDocument:
 
     Args:
         document: A filtered document.
-        mode: ``none`` returns the document unchanged; ``all`` keeps images holding at
-            least one instance of every category.
+        mode: ``none`` and ``repeat`` return the document unchanged (``repeat`` balances by
+            sampling: :mod:`d2retrain.data.repeat`); ``all`` keeps images holding at least one
+            instance of every category.
 
     Returns:
         The balanced document: images sorted by id, annotations in input order.
@@ -226,7 +227,7 @@ def balance_document(document: CocoDocument, mode: str) -> CocoDocument:
         ValueError: ``mode`` is not a balance mode (a bug: config validation stops it first).
         EmptyResultError: No image holds every category.
     """
-    if mode == "none":
+    if mode in ("none", "repeat"):
         return document
     if mode != "all":
         raise ValueError(f"unknown balance mode {mode!r}; expected one of {BALANCE_MODES}")

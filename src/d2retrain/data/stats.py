@@ -8,12 +8,14 @@ import pandas as pd
 from d2retrain.core.fileio import write_figure, write_text_atomic
 from d2retrain.data.coco import CocoDocument, read_coco
 from d2retrain.data.filtering import count_categories
+from d2retrain.data.repeat import expected_counts, read_repeat_factors
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["category_counts", "write_counts_csv", "plot_counts", "write_stats"]
 
 COLUMNS = ["split", "step", "category", "instances", "images"]
+REPEAT_STEP = "repeat"  # balance: repeat: expected per epoch
 
 
 def category_counts(document: CocoDocument, names: Sequence[str] | None = None) -> pd.DataFrame:
@@ -72,7 +74,9 @@ def write_stats(
     """Count instances and images per category at each step and write a CSV and a bar chart.
 
     Args:
-        steps: ``{split: {step name: COCO file}}``, in display order.
+        steps: ``{split: {step name: COCO file}}``, in display order; a step named
+            :data:`REPEAT_STEP` is a repeat-factor file instead, counted as the instances and
+            images an epoch is expected to show (fractional) of the step before it.
         names: The chosen category names.
         csv_path: CSV destination.
         png_path: PNG destination.
@@ -83,8 +87,20 @@ def write_stats(
     """
     frames = []
     for split, files in steps.items():
+        document = None
         for step, path in files.items():
-            counts = category_counts(read_coco(path), names)
+            if step == REPEAT_STEP:  # a factor file: the split's last file, each image r times
+                assert document is not None, "the repeat step follows a COCO file of its split"
+                expected = expected_counts(document, read_repeat_factors(path))
+                expected = expected[expected.category.isin(names)]
+                counts = (
+                    expected[["category", "expected_instances", "expected_images"]]
+                    .set_axis(["category", "instances", "images"], axis=1)
+                    .round(1)
+                )
+            else:
+                document = read_coco(path)
+                counts = category_counts(document, names)
             frames.append(counts.assign(split=split, step=step))
     table = pd.concat(frames, ignore_index=True)
     write_counts_csv(csv_path, table)

@@ -246,6 +246,7 @@ class TrainJob:
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         threads: CPU threads for the job (shared by its processes).
         distributed: Processes and machines.
+        repeat_factors: ``balance: repeat``'s factor file (:mod:`d2retrain.data.repeat`), or None.
     """
 
     train_json: str
@@ -260,6 +261,7 @@ class TrainJob:
     device: str = "cpu"
     threads: int = 1
     distributed: DistributedSpec = DistributedSpec()
+    repeat_factors: str | None = None
 
     @property
     def threads_per_process(self) -> int:
@@ -310,6 +312,8 @@ def fingerprint(job: TrainJob) -> str:
         "source_ids": list(job.source_ids),
         "train": _file_digest(job.train_json),
     }
+    if job.repeat_factors is not None:  # balance: repeat: the factors decide what trains
+        content["repeat_factors"] = _file_digest(job.repeat_factors)
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:20]
 
 

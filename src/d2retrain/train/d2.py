@@ -9,6 +9,7 @@ import torch
 
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.data.records import load_records
+from d2retrain.data.repeat import read_repeat_factors
 from d2retrain.model.d2 import Detectron2Predictor, build_config, initial_state
 from d2retrain.model.evaluation import progress_record
 from d2retrain.model.headsurgery import load_checkpoint
@@ -57,8 +58,9 @@ def register_split(
     return name
 
 
-def _trainer_class(solver: SolverSpec):
-    from detectron2.data import DatasetMapper, build_detection_train_loader
+def _trainer_class(solver: SolverSpec, repeat: dict[int, float] | None):
+    from detectron2.data import DatasetMapper, build_detection_train_loader, get_detection_dataset_dicts
+    from detectron2.data.samplers import RepeatFactorTrainingSampler
     from detectron2.engine import DefaultTrainer, hooks
 
     class Trainer(DefaultTrainer):
@@ -84,7 +86,16 @@ def _trainer_class(solver: SolverSpec):
             mapper = DatasetMapper(
                 cfg, is_train=True, augmentations=augmentations, recompute_boxes=recompute_boxes
             )
-            return build_detection_train_loader(cfg, mapper=mapper)
+            if repeat is None:
+                return build_detection_train_loader(cfg, mapper=mapper)
+            # balance: repeat: detectron2's sampler over the workflow's factors (the same numbers
+            # as the torchvision engine), in the order of the dataset the loader reads
+            dataset = get_detection_dataset_dicts(
+                cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+            )
+            factors = torch.tensor([repeat.get(d["image_id"], 1.0) for d in dataset], dtype=torch.float32)
+            sampler = RepeatFactorTrainingSampler(factors, seed=solver.seed)
+            return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset, sampler=sampler)
 
         def train(self):
             # _StopEarly is a BaseException: detectron2's loop logs no traceback, runs after_train
@@ -233,7 +244,8 @@ def _train_process(job: TrainJob, fingerprint: str, image_ids: frozenset[int]) -
     distributed.barrier()  # every process has read the state before rank 0 may clear it
     if resume is None and distributed.is_main():
         store.start_fresh()
-    trainer = _trainer_class(job.solver)(cfg)
+    repeat = read_repeat_factors(job.repeat_factors) if job.repeat_factors else None
+    trainer = _trainer_class(job.solver, repeat)(cfg)
     trainer.store, trainer.max_loss, trainer.job = store, job.solver.max_loss, job
     model = _load_start(trainer, job, resume)
     distributed.barrier()

@@ -106,6 +106,7 @@ def train_from_config(
     source_json: str,
     output_dir: str,
     threads: int = 1,
+    repeat_factors: str | None = None,
 ) -> None:
     """Build a :class:`TrainJob` from the ``model`` and ``train`` config sections and run it.
 
@@ -120,6 +121,7 @@ def train_from_config(
         source_json: The unfiltered training annotations (the classes' original ids).
         output_dir: The model folder.
         threads: CPU threads.
+        repeat_factors: ``balance: repeat``'s factor file (both engines sample by it), or None.
 
     Raises:
         D2RetrainError: Bad configuration or input, unusable weights, or a diverged loss.
@@ -141,6 +143,7 @@ def train_from_config(
         device=(section_defaults("train") | train)["device"],
         threads=threads,
         distributed=distributed_spec(train),
+        repeat_factors=repeat_factors,
     )
     logger.info("training %s with the %s engine (%s)", ", ".join(classes), engine, job.model.architecture)
     train_model(job)

@@ -1,5 +1,7 @@
 """Training samples: a filtered COCO file's records as tensors, in a deterministic, resumable order."""
 
+import bisect
+import functools
 import logging
 
 import numpy as np
@@ -42,33 +44,69 @@ def training_images(records: list[ImageRecord]) -> list[ImageRecord]:
 class TrainSamples(torch.utils.data.Dataset):
     """Training samples addressed by global sample position, for a deterministic, resumable order.
 
-    Position ``p`` is image ``permutation(seed + epoch)[p % n]`` of epoch ``p // n``,
-    flipped when a generator seeded by ``(seed, p)`` says so, then augmented (``train.augment``)
-    with draws seeded by ``(seed, p)`` too.
+    Epoch ``e`` is a permutation, drawn by a generator seeded by ``(seed, e)``, of the records, each
+    once, or, with repeat factors, each ``floor(r)`` times plus once more with probability
+    ``r - floor(r)`` (detectron2's stochastic rounding, drawn per epoch by the same generator).
+    Position ``p`` is the sample at that place in the epochs laid end to end; it is flipped when a
+    generator seeded by ``(seed, p)`` says so, then augmented (``train.augment``) with draws seeded
+    by ``(seed, p)`` too. So iteration ``i`` reads the same images whatever the process count and
+    after a resume.
     """
 
     def __init__(
-        self, records: list[ImageRecord], seed: int, flip: bool, augment: TorchvisionAugment | None = None
+        self,
+        records: list[ImageRecord],
+        seed: int,
+        flip: bool,
+        augment: TorchvisionAugment | None = None,
+        repeat: dict[int, float] | None = None,
     ) -> None:
         """Args:
         records: The training file's images (:func:`training_images` picks those that train).
         seed: Seed of the order, the flips and the augmentations.
         flip: Random horizontal flips.
         augment: ``train.augment`` (None: none).
+        repeat: Repeat factor by image id (``balance: repeat``); None: each image once per epoch.
         """
         self.records = training_images(records)
         self.seed = seed
         self.flip = flip
         self.augment = augment
+        self.repeat = None
+        if repeat is not None:
+            self.repeat = np.array([repeat.get(record.image_id, 1.0) for record in self.records])
+            logger.info(
+                "repeat factors: %.1f samples per epoch of %d images (largest factor %.2f)",
+                self.repeat.sum(),
+                len(self.records),
+                self.repeat.max(),
+            )
+        self._ends: list[int] = []  # cumulative epoch lengths, computed as far as needed
 
     def __len__(self) -> int:
-        """Samples per epoch."""
+        """Images of the training set."""
         return len(self.records)
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019  (a few epochs per dataset object, dropped with it)
+    def epoch(self, number: int) -> np.ndarray:
+        """Record indices of one epoch, in order."""
+        rng = np.random.default_rng([self.seed, number])
+        if self.repeat is None:
+            return rng.permutation(len(self.records))
+        whole = np.floor(self.repeat)
+        counts = (whole + (rng.random(len(self.repeat)) < self.repeat - whole)).astype(np.int64)
+        indices = np.repeat(np.arange(len(self.records)), counts)
+        return indices[rng.permutation(len(indices))]
 
     def index_at(self, position: int) -> int:
         """Record index served at a global position."""
-        epoch, offset = divmod(position, len(self.records))
-        return int(np.random.default_rng([self.seed, epoch]).permutation(len(self.records))[offset])
+        if self.repeat is None:
+            epoch, offset = divmod(position, len(self.records))
+            return int(self.epoch(epoch)[offset])
+        while not self._ends or self._ends[-1] <= position:
+            self._ends.append((self._ends[-1] if self._ends else 0) + len(self.epoch(len(self._ends))))
+        epoch = bisect.bisect_right(self._ends, position)
+        return int(self.epoch(epoch)[position - (self._ends[epoch - 1] if epoch else 0)])
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Image (RGB float CHW in 0..1) and target (boxes xyxy, labels, uint8 masks; none for a

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from d2retrain.data.records import load_records
+from d2retrain.data.repeat import read_repeat_factors
 from d2retrain.model.evaluation import progress_record
 from d2retrain.model.headsurgery import load_checkpoint
 from d2retrain.model.specs import SolverSpec, TrainJob, lr_factor
@@ -166,7 +167,8 @@ def train(job: TrainJob, fingerprint: str) -> Path:
 def _train_process(job: TrainJob, fingerprint: str) -> None:
     torch.set_num_threads(job.threads_per_process)
     records = load_records(job.train_json, job.train_images)
-    samples = TrainSamples(records, job.solver.seed, job.solver.flip, TorchvisionAugment(job.solver))
+    repeat = read_repeat_factors(job.repeat_factors) if job.repeat_factors else None
+    samples = TrainSamples(records, job.solver.seed, job.solver.flip, TorchvisionAugment(job.solver), repeat)
     store = CheckpointStore(job.checkpoint_dir, fingerprint)
     run, start = _prepare(job, store)
     main = distributed.is_main()
