@@ -40,6 +40,26 @@ def _balance(args: argparse.Namespace) -> None:
     balance_file(args.input, args.output, args.mode, args.threads)
 
 
+def _merge(args: argparse.Namespace) -> None:
+    from d2retrain.data.merge import MergeSource, merge_files
+
+    aliases: dict[str, dict[str, str]] = {}
+    for dataset, pair in args.alias or []:
+        original, equals, renamed = pair.partition("=")
+        if not equals or not original or not renamed:
+            raise D2RetrainError(f"--alias {dataset} {pair!r}: expected DATASET NAME=NEW_NAME")
+        aliases.setdefault(dataset, {})[original] = renamed
+    names = [name for name, _, _ in args.dataset]
+    unknown = sorted(set(aliases) - set(names))
+    if unknown:
+        raise D2RetrainError(f"--alias names no --dataset: {', '.join(unknown)}")
+    sources = [
+        MergeSource(name, annotations, images, aliases.get(name, {}))
+        for name, annotations, images in args.dataset
+    ]
+    merge_files(sources, args.output, args.images_out, args.threads)
+
+
 def _split(args: argparse.Namespace) -> None:
     from d2retrain.data.split import split_file
 
@@ -259,6 +279,17 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     balance.add_argument("--mode", choices=BALANCE_MODES, default=subset_defaults()["balance"])
     _add_threads(balance)
     balance.set_defaults(handler=_balance)
+    merge = commands.add_parser(
+        "merge", help="merge COCO datasets: categories by name after aliases, ids made unique"
+    )
+    merge.add_argument(
+        "--dataset", nargs=3, action="append", required=True, metavar=("NAME", "JSON", "IMAGES")
+    )
+    merge.add_argument("--alias", nargs=2, action="append", metavar=("DATASET", "NAME=NEW_NAME"))
+    merge.add_argument("-o", "--output", required=True, help="merged COCO JSON")
+    merge.add_argument("--images-out", help="folder of <dataset>/<file_name> hard links (else copies)")
+    merge.add_argument("--threads", type=int, default=4)
+    merge.set_defaults(handler=_merge)
     repeat = commands.add_parser(
         "repeat-factors", help="LVIS repeat factors of a training file's images (balance: repeat)"
     )

@@ -1,0 +1,128 @@
+"""Datasets merged with name aliases: coco-mini's train photos beside a second dataset whose ids
+collide with them and whose `sports ball` is called `ball`."""
+
+import json
+import os
+
+import pytest
+from conftest import COCO_MINI, write_json
+
+from d2retrain.cli import main
+from d2retrain.data.coco import read_coco
+from d2retrain.data.filtering import FilterOptions, count_categories
+from d2retrain.data.prepare import filter_file
+from d2retrain.data.records import load_records
+
+COCO_TRAIN = COCO_MINI / "annotations" / "instances_train2017.json"
+
+
+@pytest.fixture
+def rig(tmp_path):
+    """coco-mini's val file as another team labelled it: `ball` for `sports ball`, image and
+    annotation ids starting at 1 (coco-mini's train ids reused)."""
+    document = json.loads((COCO_MINI / "annotations" / "instances_val2017.json").read_text())
+    train = json.loads(COCO_TRAIN.read_text())
+    image_ids = {
+        image["id"]: new["id"] for image, new in zip(document["images"], train["images"], strict=False)
+    }
+    document["images"] = [
+        dict(image, id=image_ids[image["id"]]) for image in document["images"] if image["id"] in image_ids
+    ]
+    document["annotations"] = [
+        dict(a, id=number, image_id=image_ids[a["image_id"]])
+        for number, a in enumerate(document["annotations"], start=train["annotations"][0]["id"])
+        if a["image_id"] in image_ids
+    ]
+    for category in document["categories"]:
+        if category["name"] == "sports ball":
+            category["name"] = "ball"
+    return write_json(tmp_path / "rig.json", document)
+
+
+def merge_arguments(tmp_path, rig, *extra: str) -> list[str]:
+    return [
+        "merge",
+        "--dataset", "coco", str(COCO_TRAIN), str(COCO_MINI / "train2017"),
+        "--dataset", "rig", str(rig), str(COCO_MINI / "val2017"),
+        "--alias", "rig", "ball=sports ball",
+        "-o", str(tmp_path / "merged.json"),
+        *extra,
+    ]  # fmt: skip
+
+
+def test_merged_ids_are_unique_categories_meet_by_name_and_every_record_is_traceable(tmp_path, rig):
+    assert main(merge_arguments(tmp_path, rig, "--images-out", str(tmp_path / "images"))) == 0
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    originals = {"coco": json.loads(COCO_TRAIN.read_text()), "rig": json.loads(rig.read_text())}
+    assert any(  # the two datasets' ids collide: the merge has to renumber
+        image["id"] in {i["id"] for i in originals["coco"]["images"]} for image in originals["rig"]["images"]
+    )
+    assert [image["id"] for image in merged["images"]] == list(range(1, len(merged["images"]) + 1))
+    assert [a["id"] for a in merged["annotations"]] == list(range(1, len(merged["annotations"]) + 1))
+    names = [category["name"] for category in merged["categories"]]
+    assert len(names) == len(set(names)) == 80 and "ball" not in names  # one category per name
+    for name, original in originals.items():
+        assert sum(image["source"]["dataset"] == name for image in merged["images"]) == len(
+            original["images"]
+        )
+    images = {(name, image["id"]): image for name, doc in originals.items() for image in doc["images"]}
+    new_ids = {}
+    for image in merged["images"]:
+        source = image["source"]
+        original = images[(source["dataset"], source["id"])]
+        assert (
+            image["file_name"] == f"{source['dataset']}/{original['file_name']}"
+            and source["file_name"] == original["file_name"]
+        )
+        assert {k: v for k, v in image.items() if k not in ("id", "file_name", "source")} == {
+            k: v for k, v in original.items() if k not in ("id", "file_name")
+        }
+        new_ids[(source["dataset"], source["id"])] = image["id"]
+        folder = COCO_MINI / ("train2017" if source["dataset"] == "coco" else "val2017")
+        assert os.path.samefile(tmp_path / "images" / image["file_name"], folder / original["file_name"])
+    category_name = {c["id"]: c["name"] for c in merged["categories"]}
+    annotations = {(name, a["id"]): (a, doc) for name, doc in originals.items() for a in doc["annotations"]}
+    for annotation in merged["annotations"]:
+        original, document = annotations[(annotation["source"]["dataset"], annotation["source"]["id"])]
+        assert annotation["image_id"] == new_ids[(annotation["source"]["dataset"], original["image_id"])]
+        (name,) = [c["name"] for c in document["categories"] if c["id"] == original["category_id"]]
+        assert category_name[annotation["category_id"]] == {"ball": "sports ball"}.get(name, name)
+        assert (
+            annotation["segmentation"] == original["segmentation"] and annotation["bbox"] == original["bbox"]
+        )
+
+    # the merged file filters and trains like any other: counts add up, images are found
+    filter_file(
+        str(tmp_path / "merged.json"), str(tmp_path / "pb.json"), ["person", "sports ball"], FilterOptions()
+    )
+    counts = {row.category: row.instances for row in count_categories(read_coco(tmp_path / "pb.json"))}
+    separate = [
+        {row.category: row.instances for row in count_categories(read_coco(path), names)}
+        for path, names in ((COCO_TRAIN, ["person", "sports ball"]), (rig, ["person", "ball"]))
+    ]
+    assert counts == {
+        "person": separate[0]["person"] + separate[1]["person"],
+        "sports ball": separate[0]["sports ball"] + separate[1]["ball"],
+    }
+    assert len(load_records(str(tmp_path / "pb.json"), str(tmp_path / "images"))) > 0
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (
+            ["--alias", "rig", "football=sports ball"],
+            "aliases of dataset rig name no category of it: football",
+        ),
+        (["--alias", "rig", "person=sports ball"], "several of its categories are named sports ball"),
+        (["--alias", "other", "ball=sports ball"], "--alias names no --dataset: other"),
+        (["--alias", "rig", "ball"], "expected DATASET NAME=NEW_NAME"),
+        (["--dataset", "again", str(COCO_TRAIN), str(COCO_MINI / "train2017")], "both name the image file"),
+    ],
+)
+def test_merge_refuses_unknown_aliases_name_clashes_and_shared_image_files(
+    tmp_path, rig, capsys, change, words
+):
+    assert main(merge_arguments(tmp_path, rig, *change)) == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "merged.json").exists()
