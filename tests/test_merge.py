@@ -3,9 +3,13 @@ collide with them and whose `sports ball` is called `ball`."""
 
 import json
 import os
+import shutil
 
+import pandas as pd
 import pytest
-from conftest import COCO_MINI, write_json
+import yaml
+from conftest import COCO_MINI, REPO, write_json
+from test_workflow import planned_jobs, snakemake
 
 from d2retrain.cli import main
 from d2retrain.data.coco import read_coco
@@ -126,3 +130,85 @@ def test_merge_refuses_unknown_aliases_name_clashes_and_shared_image_files(
     assert main(merge_arguments(tmp_path, rig, *change)) == 2
     assert words in capsys.readouterr().err
     assert not (tmp_path / "merged.json").exists()
+
+
+@pytest.fixture
+def rig_folder(tmp_path):
+    """A second dataset as a user brings it: one annotation file (to split), its own folder of
+    photos (copies of coco-mini val photos, 3 with a `ball`), its own ids and names."""
+    document = json.loads((COCO_MINI / "annotations" / "instances_val2017.json").read_text())
+    ball = next(c["id"] for c in document["categories"] if c["name"] == "sports ball")
+    with_ball = {a["image_id"] for a in document["annotations"] if a["category_id"] == ball}
+    others = [i["id"] for i in document["images"] if i["id"] not in with_ball][:9]
+    kept = with_ball | set(others)
+    folder = tmp_path / "rig" / "photos"
+    folder.mkdir(parents=True)
+    document["images"] = [i for i in document["images"] if i["id"] in kept]
+    for image in document["images"]:
+        shutil.copy(COCO_MINI / "val2017" / image["file_name"], folder / image["file_name"])
+    document["annotations"] = [a for a in document["annotations"] if a["image_id"] in kept]
+    for category in document["categories"]:
+        if category["name"] == "sports ball":
+            category["name"] = "ball"
+    return write_json(tmp_path / "rig" / "labels.json", document), folder
+
+
+def test_the_workflow_merges_coco_mini_with_a_split_aliased_dataset(tmp_path, rig_folder):
+    labels, photos = rig_folder
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["datasets"] = {
+        "mini": {
+            split: {
+                "images": str(COCO_MINI / f"{split}2017"),
+                "annotations": str(COCO_MINI / f"annotations/instances_{split}2017.json"),
+            }
+            for split in ("train", "val")
+        },
+        "rig": {
+            "all": {"images": str(photos), "annotations": str(labels)},
+            "val_split": {"fraction": 0.3, "seed": 1},
+            "aliases": {"ball": "sports ball"},
+        },
+    }
+    config["subsets"] = {
+        "pb": {
+            "dataset": ["mini", "rig"],
+            "categories": ["person", "sports ball"],
+            "balance": "none",
+            "masks": True,
+        }
+    }
+    planned = planned_jobs(tmp_path, config)
+    assert (planned["split_dataset"], planned["merge"], planned["filter"]) == (1, 2, 2)
+    snakemake(tmp_path, config, "data")
+    data = tmp_path / "results" / "pb" / "data"
+    for split in ("train", "val"):
+        rig_split = json.loads((tmp_path / "results" / "splits" / "rig" / f"{split}.json").read_text())
+        mini = json.loads((COCO_MINI / f"annotations/instances_{split}2017.json").read_text())
+        merged = json.loads((data / f"{split}_merged.json").read_text())
+        assert len(merged["images"]) == len(mini["images"]) + len(rig_split["images"])
+        final = json.loads((data / f"{split}.json").read_text())
+        assert [c["name"] for c in final["categories"]] == ["person", "sports ball"]
+        assert {image["source"]["dataset"] for image in final["images"]} == {"mini", "rig"}
+        for image in final["images"]:  # every name resolves in the split's folder of links
+            dataset, original = image["file_name"].split("/", 1)
+            assert dataset == image["source"]["dataset"] and original == image["source"]["file_name"]
+            folder = photos if dataset == "rig" else COCO_MINI / f"{split}2017"
+            assert os.path.samefile(data / f"{split}_images" / image["file_name"], folder / original)
+        counts = pd.read_csv(tmp_path / "results" / "pb" / "stats" / "counts.csv")
+        rows = counts[counts.split == split].set_index(["step", "category"])
+        rig_ball = sum(
+            1
+            for a in rig_split["annotations"]
+            if a["category_id"] == next(c["id"] for c in rig_split["categories"] if c["name"] == "ball")
+        )
+        assert rig_ball > 0 and rows.loc[("input: rig", "sports ball"), "instances"] == rig_ball
+        assert rows.loc[("input: rig", "sports ball"), "dataset"] == "rig"
+        assert rows.loc[("filtered", "sports ball"), "instances"] == (
+            rows.loc[("input: rig", "sports ball"), "instances"]
+            + rows.loc[("input: mini", "sports ball"), "instances"]
+        )
+        assert rows.loc[("filtered", "person"), "dataset"] == "merged"
+        assert list((tmp_path / "results" / "pb" / "masks" / split).rglob("*.png"))
+    plan = snakemake(tmp_path, config, "--dry-run", "results/pb/model/model_final.pth")
+    assert "results/pb/data/train_images" in plan[plan.index("rule train:") :].split("output:")[0]

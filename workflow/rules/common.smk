@@ -61,8 +61,26 @@ def dataset_files(name, split):
     return dataset[split]
 
 
+def subset_datasets(subset):
+    """The names of the datasets a subset reads: one, or several that are merged."""
+    names = config["subsets"][subset]["dataset"]
+    return [names] if isinstance(names, str) else list(names)
+
+
+def subset_files(subset, split):
+    """{"images", "annotations"} of what the filter reads for a subset's split: the dataset's
+    split, or, for several datasets, their merge (rule merge)."""
+    names = subset_datasets(subset)
+    if len(names) == 1:
+        return dataset_files(names[0], split)
+    return {
+        "images": f"results/{subset}/data/{split}_images",
+        "annotations": f"results/{subset}/data/{split}_merged.json",
+    }
+
+
 def dataset_split(wildcards):
-    return dataset_files(subset_config(wildcards)["dataset"], wildcards.split)
+    return subset_files(wildcards.subset, wildcards.split)
 
 
 def split_annotations(wildcards):
@@ -74,19 +92,42 @@ def split_images(wildcards):
 
 
 def source_annotations(wildcards):
-    """The unfiltered training annotations (the whole file of a dataset given as one): they
-    give the classes' original ids."""
-    dataset = config["datasets"][subset_config(wildcards)["dataset"]]
+    """The unfiltered training annotations (the whole file of a dataset given as one, the merge
+    of several): they give the classes' original ids."""
+    name, *others = subset_datasets(wildcards.subset)
+    if others:
+        return subset_files(wildcards.subset, "train")["annotations"]
+    dataset = config["datasets"][name]
     return dataset["all" if "all" in dataset else "train"]["annotations"]
 
 
 def images_of_split(split):
-    """Input function: the image folder of one split of the subset's dataset."""
+    """Input function: the image folder of one split of the subset's data."""
 
     def lookup(wildcards):
-        return dataset_files(subset_config(wildcards)["dataset"], split)["images"]
+        return subset_files(wildcards.subset, split)["images"]
 
     return lookup
+
+
+def merge_inputs(wildcards):
+    """The split's annotation files of the datasets a subset merges, in order."""
+    return [
+        dataset_files(name, wildcards.split)["annotations"]
+        for name in subset_datasets(wildcards.subset)
+    ]
+
+
+def merge_sources(wildcards):
+    """Params function: (name, image folder, aliases) of each dataset a subset merges."""
+    return [
+        (
+            name,
+            dataset_files(name, wildcards.split)["images"],
+            config["datasets"][name].get("aliases", {}),
+        )
+        for name in subset_datasets(wildcards.subset)
+    ]
 
 
 def val_split_setting(key):
@@ -118,10 +159,15 @@ def script_code(script):
 
 def stats_inputs(wildcards):
     """Named inputs `<split>__<step>`, in display order."""
-    name = subset_config(wildcards)["dataset"]
+    names = subset_datasets(wildcards.subset)
     steps = {}
     for split in SPLITS:
-        steps[f"{split}__input"] = dataset_files(name, split)["annotations"]
+        if len(names) > 1:  # each dataset's own counts, then the merge's
+            for name in names:
+                steps[f"{split}__dataset_{name}"] = dataset_files(name, split)[
+                    "annotations"
+                ]
+        steps[f"{split}__input"] = subset_files(wildcards.subset, split)["annotations"]
         steps[f"{split}__filtered"] = (
             f"results/{wildcards.subset}/data/{split}_filtered.json"
         )

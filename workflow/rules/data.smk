@@ -1,4 +1,4 @@
-# Data preparation: demo data -> (split) -> filter -> balance -> (images, masks) -> stats.
+# Data preparation: demo data -> (split, merge) -> filter -> balance -> (images, masks) -> stats.
 
 
 checkpoint demo_data:
@@ -42,6 +42,26 @@ rule split_dataset:
         code=script_code("split"),
     script:
         "../scripts/split.py"
+
+
+rule merge:
+    input:
+        merge_inputs,
+    output:
+        json="results/{subset}/data/{split}_merged.json",
+        images=directory("results/{subset}/data/{split}_images"),
+    log:
+        "logs/{subset}/merge_{split}.log",
+    conda:
+        "../../envs/d2retrain.yaml"
+    threads: 4
+    resources:
+        **CPU_JOB,
+    params:
+        sources=merge_sources,
+        code=script_code("merge"),
+    script:
+        "../scripts/merge.py"
 
 
 rule filter:
@@ -142,6 +162,10 @@ rule stats:
         **CPU_JOB,
     params:
         categories=subset_value("categories"),
+        aliases=lambda wildcards: {
+            name: config["datasets"][name].get("aliases", {})
+            for name in subset_datasets(wildcards.subset)
+        },
         code=script_code("stats"),
     script:
         "../scripts/stats.py"

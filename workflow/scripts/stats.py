@@ -16,4 +16,5 @@ run_job(
     snakemake.output.csv,
     snakemake.output.png,
     title=f"{snakemake.wildcards.subset}: {', '.join(snakemake.params.categories)}",
+    aliases={name: dict(aliases) for name, aliases in snakemake.params.aliases.items()},
 )

@@ -14,8 +14,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["category_counts", "write_counts_csv", "plot_counts", "write_stats"]
 
-COLUMNS = ["split", "step", "category", "instances", "images"]
+COLUMNS = ["split", "dataset", "step", "category", "instances", "images"]
 REPEAT_STEP = "repeat"  # balance: repeat: expected per epoch
+DATASET_STEP = "dataset_"  # one of several merged datasets' own file
 
 
 def category_counts(document: CocoDocument, names: Sequence[str] | None = None) -> pd.DataFrame:
@@ -32,7 +33,7 @@ def category_counts(document: CocoDocument, names: Sequence[str] | None = None) 
 
 
 def write_counts_csv(path: str, counts: pd.DataFrame) -> None:
-    """Write a counts table (columns ``split, step, category, instances, images``) atomically."""
+    """Write a counts table (columns ``split, dataset, step, category, instances, images``) atomically."""
     write_text_atomic(path, counts[COLUMNS].to_csv(index=False))
 
 
@@ -69,14 +70,23 @@ def plot_counts(path: str, counts: pd.DataFrame, title: str) -> None:
 
 
 def write_stats(
-    steps: dict[str, dict[str, str]], names: Sequence[str], csv_path: str, png_path: str, title: str
+    steps: dict[str, dict[str, str]],
+    names: Sequence[str],
+    csv_path: str,
+    png_path: str,
+    title: str,
+    aliases: dict[str, dict[str, str]] | None = None,
 ) -> pd.DataFrame:
     """Count instances and images per category at each step and write a CSV and a bar chart.
 
     Args:
         steps: ``{split: {step name: COCO file}}``, in display order; a step named
             :data:`REPEAT_STEP` is a repeat-factor file instead, counted as the instances and
-            images an epoch is expected to show (fractional) of the step before it.
+            images an epoch is expected to show (fractional) of the step before it; a step named
+            ``dataset_<name>`` is one of several merged datasets' own file, counted under its
+            aliases and shown as ``input: <name>``.
+        aliases: The subset's datasets, in order, with their aliases (``{name: {theirs: ours}}``);
+            they fill the ``dataset`` column (``merged`` for the steps after a merge).
         names: The chosen category names.
         csv_path: CSV destination.
         png_path: PNG destination.
@@ -85,10 +95,19 @@ def write_stats(
     Returns:
         The counts table.
     """
+    aliases = aliases or {}
+    label = "merged" if len(aliases) > 1 else next(iter(aliases), "")
     frames = []
     for split, files in steps.items():
         document = None
         for step, path in files.items():
+            if step.startswith(DATASET_STEP):
+                dataset = step.removeprefix(DATASET_STEP)
+                theirs = {ours: their for their, ours in aliases.get(dataset, {}).items()}
+                counts = category_counts(read_coco(path), [theirs.get(name, name) for name in names])
+                counts["category"] = list(names)
+                frames.append(counts.assign(split=split, step=f"input: {dataset}", dataset=dataset))
+                continue
             if step == REPEAT_STEP:  # a factor file: the split's last file, each image r times
                 assert document is not None, "the repeat step follows a COCO file of its split"
                 expected = expected_counts(document, read_repeat_factors(path))
@@ -101,7 +120,7 @@ def write_stats(
             else:
                 document = read_coco(path)
                 counts = category_counts(document, names)
-            frames.append(counts.assign(split=split, step=step))
+            frames.append(counts.assign(split=split, step=step, dataset=label))
     table = pd.concat(frames, ignore_index=True)
     write_counts_csv(csv_path, table)
     plot_counts(png_path, table, title)
