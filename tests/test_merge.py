@@ -212,3 +212,16 @@ def test_the_workflow_merges_coco_mini_with_a_split_aliased_dataset(tmp_path, ri
         assert list((tmp_path / "results" / "pb" / "masks" / split).rglob("*.png"))
     plan = snakemake(tmp_path, config, "--dry-run", "results/pb/model/model_final.pth")
     assert "results/pb/data/train_images" in plan[plan.index("rule train:") :].split("output:")[0]
+
+
+def test_a_link_out_of_a_merged_datasets_image_folder_is_refused(tmp_path, rig_folder, capsys):
+    labels, photos = rig_folder
+    document = json.loads(labels.read_text())
+    first = document["images"][0]["file_name"]
+    (photos / first).unlink()
+    (photos / first).symlink_to(COCO_MINI / "val2017" / first)  # a link leaving the folder
+    arguments = ["merge", "--dataset", "coco", str(COCO_TRAIN), str(COCO_MINI / "train2017")]
+    arguments += ["--dataset", "rig", str(labels), str(photos), "-o", str(tmp_path / "m.json")]
+    assert main([*arguments, "--images-out", str(tmp_path / "images")]) == 2
+    assert "is a link pointing out of the image folder" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
