@@ -64,11 +64,12 @@ def split_document(
         if category_id in members:
             categories_of.setdefault(position, []).append(category_id)
     target = min(count - 1, max(1, round(val_fraction * count)))  # train keeps one image at least
-    side = _first_sides(members, rank, target)
-    _separate(side, members, categories_of, rank, rng)
-    _top_up_val(side, members, categories_of, rank, target)
+    sides = _Sides(_first_sides(members, rank, target), members, categories_of)
+    sides.separate(rank, rng)
+    sides.top_up_val(rank, target)
+    side = sides.side
     names = {category.id: category.name for category in document.categories}
-    lacking = sorted({names[key] for key, _ in _lacking(side, members)})
+    lacking = sorted({names[key] for key, _ in sides.lacking()})
     if lacking:
         raise D2RetrainError(
             f"{document.source}: cannot put an image of each of {', '.join(lacking)} on both sides "
@@ -102,56 +103,67 @@ def _first_sides(members: dict[int, np.ndarray], rank: np.ndarray, target: int) 
     return side
 
 
-def _lacking(side: np.ndarray, members: dict[int, np.ndarray]) -> list[tuple[int, int]]:
-    """(category, side) pairs where a category has no image on that side."""
-    pairs = ((key, wanted) for key in members for wanted in (1, 0))
-    return [(key, wanted) for key, wanted in pairs if not (side[members[key]] == wanted).any()]
+class _Sides:
+    """Which side each image is on (0 train, 1 val), with each category's image count per side kept
+    up to date, so that a move costs the image's categories, not a scan (files of 100,000 images)."""
 
+    def __init__(
+        self, side: np.ndarray, members: dict[int, np.ndarray], categories_of: dict[int, list[int]]
+    ) -> None:
+        self.side = side
+        self.categories_of = categories_of
+        self.members = members
+        self.count = {
+            key: [int((side[images] == 0).sum()), int((side[images] == 1).sum())]
+            for key, images in members.items()
+        }
 
-def _breaks(image: int, side: np.ndarray, members: dict[int, np.ndarray], categories_of: dict) -> int:
-    """Categories that moving ``image`` to the other side would leave without an image on its side."""
-    return sum(1 for key in categories_of.get(image, ()) if (side[members[key]] == side[image]).sum() == 1)
+    def lacking(self) -> list[tuple[int, int]]:
+        """(category, side) pairs where a category has no image on that side."""
+        return [
+            (key, wanted) for key, counts in self.count.items() for wanted in (1, 0) if counts[wanted] == 0
+        ]
 
+    def breaks(self, image: int) -> int:
+        """Categories that moving ``image`` would leave without an image on its side."""
+        here = self.side[image]
+        return sum(1 for key in self.categories_of.get(image, ()) if self.count[key][here] == 1)
 
-def _separate(
-    side: np.ndarray,
-    members: dict[int, np.ndarray],
-    categories_of: dict[int, list[int]],
-    rank: np.ndarray,
-    rng: np.random.Generator,
-) -> None:
-    """Local search (WalkSAT) until every category has an image on each side: the first pass can
-    leave a category whose images rarer categories all took to one side, which only a chain of
-    moves fixes. Each step moves one image of a lacking category: the one that breaks the fewest
-    other categories, or, one step in four, a random one (so that it cannot cycle)."""
-    for _ in range(20 * len(side) + 1000):
-        lacking = _lacking(side, members)
-        if not lacking:
-            return
-        key, _ = lacking[int(rng.integers(len(lacking)))]
-        candidates = members[key][:256]
-        if rng.random() < 0.25:
-            image = int(candidates[int(rng.integers(len(candidates)))])
-        else:
-            costs = [(_breaks(int(i), side, members, categories_of), rank[i], int(i)) for i in candidates]
-            image = min(costs)[2]
-        side[image] = 1 - side[image]
+    def move(self, image: int) -> None:
+        """Put ``image`` on the other side."""
+        here = self.side[image]
+        self.side[image] = 1 - here
+        for key in self.categories_of.get(image, ()):
+            self.count[key][here] -= 1
+            self.count[key][1 - here] += 1
 
+    def separate(self, rank: np.ndarray, rng: np.random.Generator) -> None:
+        """Local search (WalkSAT) until every category has an image on each side: the first pass
+        can leave a category whose images rarer categories all took to one side, which only a
+        chain of moves fixes. Each step moves one image of a lacking category: the one that breaks
+        the fewest other categories, or, one step in four, a random one (so that it cannot cycle)."""
+        for _ in range(20 * len(self.side) + 1000):
+            lacking = self.lacking()
+            if not lacking:
+                return
+            key, _ = lacking[int(rng.integers(len(lacking)))]
+            candidates = self.members[key][:256]
+            if rng.random() < 0.25:
+                image = int(candidates[int(rng.integers(len(candidates)))])
+            else:
+                image = min((self.breaks(int(i)), rank[i], int(i)) for i in candidates)[2]
+            self.move(image)
 
-def _top_up_val(
-    side: np.ndarray,
-    members: dict[int, np.ndarray],
-    categories_of: dict[int, list[int]],
-    rank: np.ndarray,
-    target: int,
-) -> None:
-    """Move train images that break no category to val, in the shuffled order, until val holds
-    ``target`` images."""
-    for image in np.argsort(rank, kind="stable"):
-        if (side == 1).sum() >= target:
-            return
-        if side[image] == 0 and _breaks(int(image), side, members, categories_of) == 0:
-            side[image] = 1
+    def top_up_val(self, rank: np.ndarray, target: int) -> None:
+        """Move train images that break no category to val, in the shuffled order, until val holds
+        ``target`` images."""
+        in_val = int((self.side == 1).sum())
+        for image in np.argsort(rank, kind="stable").tolist():
+            if in_val >= target:
+                return
+            if self.side[image] == 0 and self.breaks(image) == 0:
+                self.move(image)
+                in_val += 1
 
 
 def split_file(input_path: str, train_path: str, val_path: str, val_fraction: float, seed: int) -> None:
