@@ -49,7 +49,8 @@ CONFIG = {
 GPU_RULES = {"train", "evaluate", "infer_00", "infer_01"}
 DATA_RULES = {"demo_data", "filter", "balance", "images_and_masks", "stats", "inference_summary"}
 # The result files that time the work (seconds per iteration, per inferred file), and those fields.
-TIMED = {"model/metrics.jsonl", "model/checkpoints/metrics.jsonl", "inference/summary.csv"}
+EVENTS = "model/tensorboard/events"  # TensorBoard names its file by wall time, host and process
+TIMED = {"model/metrics.jsonl", "model/checkpoints/metrics.jsonl", "inference/summary.csv", EVENTS}
 TIMED_PATTERN = "inference/status/shard_*.json"
 TIMINGS = {"time", "data_time", "seconds"}
 # Status checks from 1 s after a submission instead of the plugin's 40 s (it then waits 10 s
@@ -92,7 +93,14 @@ def through_slurm(
 
 
 def untimed(path: Path) -> object:
-    """A JSON, JSONL or CSV result's content without the fields that time the work."""
+    """A JSON, JSONL, CSV or TensorBoard event file's content without what times the work."""
+    if path.name.startswith("events.out.tfevents."):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        events.Reload()
+        tags = [tag for tag in events.Tags()["scalars"] if not tag.startswith("time/")]
+        return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in tags}
     if path.suffix == ".jsonl":
         return [untimed_record(json.loads(line)) for line in path.read_text().splitlines()]
     if path.suffix == ".json":
@@ -112,7 +120,12 @@ def untimed_record(record: object) -> object:
 
 def result_files(workdir: Path) -> dict[str, Path]:
     results = workdir / "results" / SUBSET
-    return {str(path.relative_to(results)): path for path in sorted(results.rglob("*")) if path.is_file()}
+    files = {}
+    for path in sorted(results.rglob("*")):
+        if path.is_file():
+            name = str(path.relative_to(results))
+            files[EVENTS if name.startswith(f"{EVENTS}.out.tfevents.") else name] = path
+    return files
 
 
 def metrics(workdir: Path) -> list[dict]:
