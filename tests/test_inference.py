@@ -429,3 +429,12 @@ def test_infer_command_refuses_a_model_without_or_with_other_classes(
     assert main([*arguments, "-i", str(next(layout.images("val").glob("*.jpg")))]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_coco_file_names_never_climb_out_of_their_root():
+    from d2retrain.infer.cocoout import _image_root
+
+    assert _image_root(["resources/demo/val/a.jpg", "resources/demo/val/b/c.jpg"]) == "resources/demo/val"
+    root = _image_root(["../photos/a.jpg", "resources/demo/val/b.jpg"])  # a folder beside the workdir
+    assert os.path.isabs(root)
+    assert not os.path.relpath(os.path.abspath("../photos/a.jpg"), root).startswith("..")

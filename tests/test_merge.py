@@ -12,8 +12,10 @@ from conftest import COCO_MINI, REPO, write_json
 from test_workflow import planned_jobs, snakemake
 
 from d2retrain.cli import main
+from d2retrain.core.errors import D2RetrainError
 from d2retrain.data.coco import read_coco
 from d2retrain.data.filtering import FilterOptions, count_categories
+from d2retrain.data.merge import MergeSource, merge_files
 from d2retrain.data.prepare import filter_file
 from d2retrain.data.records import load_records
 
@@ -225,3 +227,44 @@ def test_a_link_out_of_a_merged_datasets_image_folder_is_refused(tmp_path, rig_f
     assert main([*arguments, "--images-out", str(tmp_path / "images")]) == 2
     assert "is a link pointing out of the image folder" in capsys.readouterr().err
     assert not (tmp_path / "m.json").exists()
+
+
+def test_an_image_one_dataset_trains_on_and_another_validates_on_is_refused(tmp_path):
+    """The `rig` here labels coco-mini val photos (in their own folder), which coco's val split
+    already holds: merging the train splits must see the other split too."""
+    document = json.loads((COCO_MINI / "annotations" / "instances_val2017.json").read_text())
+    document["images"] = document["images"][:5]
+    kept = {image["id"] for image in document["images"]}
+    document["annotations"] = [a for a in document["annotations"] if a["image_id"] in kept]
+    rig = write_json(tmp_path / "rig_train.json", document)
+    train = [
+        MergeSource("coco", str(COCO_TRAIN), str(COCO_MINI / "train2017")),
+        MergeSource("rig", str(rig), str(COCO_MINI / "val2017")),
+    ]
+    coco_val = MergeSource(
+        "coco", str(COCO_MINI / "annotations/instances_val2017.json"), str(COCO_MINI / "val2017")
+    )
+    merge_files(train, str(tmp_path / "without_the_other_split.json"))  # each split alone is fine
+    with pytest.raises(D2RetrainError, match="would be in train and val"):
+        merge_files(train, str(tmp_path / "m.json"), other_split=[coco_val])
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_one_dataset_with_aliases_and_a_name_with_regex_characters(tmp_path, rig_folder):
+    labels, photos = rig_folder
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["datasets"] = {
+        "rig+v1": {
+            "all": {"images": str(photos), "annotations": str(labels)},
+            "val_split": {"fraction": 0.3},
+            "aliases": {"ball": "sports ball"},
+        }
+    }
+    config["subsets"] = {
+        "pb": {"dataset": "rig+v1", "categories": ["person", "sports ball"], "balance": "none"}
+    }
+    snakemake(tmp_path, config, "data")
+    train = json.loads((tmp_path / "results" / "pb" / "data" / "train.json").read_text())
+    ball = [c["id"] for c in train["categories"] if c["name"] == "sports ball"]
+    assert ball and any(a["category_id"] == ball[0] for a in train["annotations"])
+    assert (tmp_path / "results" / "splits" / "rig+v1" / "train.json").is_file()

@@ -1,4 +1,5 @@
 # Config lookups and path helpers; no logic beyond that.
+import re
 import sys
 from pathlib import Path
 
@@ -17,9 +18,9 @@ SPLITS = ["train", "val"]
 
 
 wildcard_constraints:
-    subset="|".join(config["subsets"]),
+    subset="|".join(map(re.escape, config["subsets"])),
     split="|".join(SPLITS),
-    dataset="|".join(config["datasets"]),
+    dataset="|".join(map(re.escape, config["datasets"])),
 
 
 def cluster_resources(gpu):
@@ -67,11 +68,18 @@ def subset_datasets(subset):
     return [names] if isinstance(names, str) else list(names)
 
 
+def merged(subset):
+    """Whether a subset reads its data through the merge rule: several datasets, or one whose
+    category names need its aliases."""
+    names = subset_datasets(subset)
+    return len(names) > 1 or bool(config["datasets"][names[0]].get("aliases"))
+
+
 def subset_files(subset, split):
     """{"images", "annotations"} of what the filter reads for a subset's split: the dataset's
     split, or, for several datasets, their merge (rule merge)."""
     names = subset_datasets(subset)
-    if len(names) == 1:
+    if not merged(subset):
         return dataset_files(names[0], split)
     return {
         "images": f"results/{subset}/data/{split}_images",
@@ -94,10 +102,9 @@ def split_images(wildcards):
 def source_annotations(wildcards):
     """The unfiltered training annotations (the whole file of a dataset given as one, the merge
     of several): they give the classes' original ids."""
-    name, *others = subset_datasets(wildcards.subset)
-    if others:
+    if merged(wildcards.subset):
         return subset_files(wildcards.subset, "train")["annotations"]
-    dataset = config["datasets"][name]
+    dataset = config["datasets"][subset_datasets(wildcards.subset)[0]]
     return dataset["all" if "all" in dataset else "train"]["annotations"]
 
 
@@ -114,6 +121,25 @@ def merge_inputs(wildcards):
     """The split's annotation files of the datasets a subset merges, in order."""
     return [
         dataset_files(name, wildcards.split)["annotations"]
+        for name in subset_datasets(wildcards.subset)
+    ]
+
+
+def merge_other_split(wildcards):
+    """The other split's annotation files of the merged datasets: an image of this split that
+    another dataset names in the other split would leak between train and val."""
+    other = "val" if wildcards.split == "train" else "train"
+    return [
+        dataset_files(name, other)["annotations"]
+        for name in subset_datasets(wildcards.subset)
+    ]
+
+
+def merge_other_sources(wildcards):
+    """Params function: (name, image folder) of each merged dataset's other split."""
+    other = "val" if wildcards.split == "train" else "train"
+    return [
+        (name, dataset_files(name, other)["images"])
         for name in subset_datasets(wildcards.subset)
     ]
 
@@ -162,7 +188,7 @@ def stats_inputs(wildcards):
     names = subset_datasets(wildcards.subset)
     steps = {}
     for split in SPLITS:
-        if len(names) > 1:  # each dataset's own counts, then the merge's
+        if merged(wildcards.subset):  # each dataset's own counts, then the merge's
             for name in names:
                 steps[f"{split}__dataset_{name}"] = dataset_files(name, split)[
                     "annotations"

@@ -46,7 +46,8 @@ rule split_dataset:
 
 rule merge:
     input:
-        merge_inputs,
+        annotations=merge_inputs,
+        other_split=merge_other_split,
     output:
         json="results/{subset}/data/{split}_merged.json",
         images=directory("results/{subset}/data/{split}_images"),
@@ -59,6 +60,7 @@ rule merge:
         **CPU_JOB,
     params:
         sources=merge_sources,
+        other_split=merge_other_sources,
         code=script_code("merge"),
     script:
         "../scripts/merge.py"

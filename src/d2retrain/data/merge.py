@@ -67,23 +67,40 @@ def _with_fields(raw: msgspec.Raw, fields: dict) -> msgspec.Raw:
     return msgspec.Raw(msgspec.json.encode(record))
 
 
-def _check_distinct_files(parts: Sequence[tuple[MergeSource, CocoDocument]]) -> None:
-    """Refuse two datasets naming the same image file (it would train twice, or leak into val)."""
+def _check_distinct_files(
+    parts: Sequence[tuple[MergeSource, CocoDocument]],
+    other_split: Sequence[tuple[MergeSource, CocoDocument]] = (),
+) -> None:
+    """Refuse two datasets naming the same image file: in one split it would train twice, across
+    the splits (``other_split``: the same datasets' other split) it would leak into val."""
     seen: dict[str, str] = {}
     for source, document in parts:
-        if source.images is None:
-            continue
-        for file_name in document.file_names:
-            path = os.path.realpath(resolve_image_path(source.images, file_name))
+        for path in _image_files(source, document):
             other = seen.setdefault(path, source.name)
             if other != source.name:
                 raise D2RetrainError(
                     f"datasets {other} and {source.name} both name the image file {path}; "
                     "an image may belong to one dataset only"
                 )
+    for source, document in other_split:
+        for path in _image_files(source, document):
+            if seen.get(path, source.name) != source.name:
+                raise D2RetrainError(
+                    f"dataset {seen[path]} names the image file {path}, which dataset {source.name} "
+                    f"puts in its other split ({source.annotations}): it would be in train and val"
+                )
 
 
-def merge_documents(parts: Sequence[tuple[MergeSource, CocoDocument]]) -> CocoDocument:
+def _image_files(source: MergeSource, document: CocoDocument) -> list[str]:
+    if source.images is None:
+        return []
+    return [os.path.realpath(resolve_image_path(source.images, name)) for name in document.file_names]
+
+
+def merge_documents(
+    parts: Sequence[tuple[MergeSource, CocoDocument]],
+    other_split: Sequence[tuple[MergeSource, CocoDocument]] = (),
+) -> CocoDocument:
     """Merge datasets in order.
 
     Categories are matched by name after each dataset's aliases and numbered 1..K in order of
@@ -93,14 +110,19 @@ def merge_documents(parts: Sequence[tuple[MergeSource, CocoDocument]]) -> CocoDo
     The top-level keys other than the records (``info``, ``licenses``, ...) are the first
     dataset's.
 
+    Args:
+        parts: The datasets, in order.
+        other_split: The same datasets' other split, to refuse an image that another dataset
+            would put on the other side.
+
     Raises:
-        D2RetrainError: Fewer than 2 datasets, names that are not unique, an alias to a name the
-            dataset does not have, or an image file named by two datasets.
+        D2RetrainError: No dataset, names that are not unique, an alias to a name the dataset
+            does not have, or an image file named by two datasets.
     """
     names = [source.name for source, _ in parts]
-    if len(parts) < 2 or len(set(names)) < len(names):
-        raise D2RetrainError(f"merging needs 2 datasets or more, each named once; got {', '.join(names)}")
-    _check_distinct_files(parts)
+    if not parts or len(set(names)) < len(names):
+        raise D2RetrainError(f"merging needs datasets named once each; got {', '.join(names) or 'none'}")
+    _check_distinct_files(parts, other_split)
     categories: dict[str, Category] = {}
     images: list[msgspec.Raw] = []
     annotations: list[msgspec.Raw] = []
@@ -159,17 +181,22 @@ def merge_documents(parts: Sequence[tuple[MergeSource, CocoDocument]]) -> CocoDo
 
 
 def merge_files(
-    sources: Sequence[MergeSource], output_json: str, images_out: str | None = None, threads: int = 1
+    sources: Sequence[MergeSource],
+    output_json: str,
+    images_out: str | None = None,
+    threads: int = 1,
+    other_split: Sequence[MergeSource] = (),
 ) -> CocoDocument:
     """Merge COCO files (see :func:`merge_documents`), write the result and, when ``images_out``
     is given, fill it with ``<dataset>/<file_name>`` hard links (else copies) of every image, so
-    that the merged file's names are relative to it.
+    that the merged file's names are relative to it. ``other_split``: the same datasets' other
+    split (see :func:`merge_documents`).
 
     Raises:
         D2RetrainError: Unusable inputs, or what :func:`merge_documents` refuses.
     """
     parts = [(source, read_coco(source.annotations)) for source in sources]
-    merged = merge_documents(parts)
+    merged = merge_documents(parts, [(source, read_coco(source.annotations)) for source in other_split])
     if images_out is not None:
         for source, _ in parts:
             if source.images is None:

@@ -20,10 +20,11 @@ __all__ = ["predictions_coco", "write_predictions_coco"]
 
 def _image_root(paths: Sequence[str]) -> str:
     """The folder the images' ``file_name`` values are relative to: the deepest folder holding
-    them all (relative when every path is, so that the file moves with the workflow folder)."""
-    folders = [os.path.dirname(path) or "." for path in paths]
-    if any(os.path.isabs(folder) for folder in folders):
-        folders = [os.path.abspath(folder) for folder in folders]
+    them all (relative when every path is and none climbs out with ``..``, so that the file moves
+    with the workflow folder; absolute otherwise)."""
+    folders = [os.path.normpath(os.path.dirname(path) or ".") for path in paths]
+    if any(os.path.isabs(folder) or folder.split(os.sep)[0] == os.pardir for folder in folders):
+        folders = [os.path.abspath(folder) for folder in folders]  # names never climb with ..
     return os.path.normpath(os.path.commonpath(folders))
 
 
