@@ -6,8 +6,12 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from d2retrain.core.layout import DemoLayout
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -156,3 +160,37 @@ def coco_file(tmp_path: Path):
         return write_json(tmp_path / name, make_coco(images, **kwargs))
 
     return _write
+
+
+def train_demo_model(
+    root: Path, sizes: dict, train: dict, classes: list[str]
+) -> tuple[Path, "DemoLayout", dict]:
+    """Write a demo dataset (``sizes``: train, val, video_frames) under ``root``, filter it to
+    ``classes`` and train the demo network on it with the ``train`` settings on the CPU.
+
+    Returns:
+        The model folder, the dataset's layout and the filtered files (``{"train", "val"}``).
+    """
+    from d2retrain.data.demo import write_demo_dataset
+    from d2retrain.data.filtering import FilterOptions
+    from d2retrain.data.prepare import filter_file
+    from d2retrain.train.run import train_from_config
+
+    layout = write_demo_dataset(root / "demo", **sizes)
+    files = {}
+    for split in ("train", "val"):
+        files[split] = str(root / f"{split}.json")
+        filter_file(str(layout.annotations(split)), files[split], classes, FilterOptions())
+    train_from_config(
+        model={"engine": "torchvision", "architecture": "maskrcnn_resnet18_fpn"},
+        train={"device": "cpu", **train},
+        classes=classes,
+        train_json=files["train"],
+        train_images=str(layout.images("train")),
+        val_json=files["val"],
+        val_images=str(layout.images("val")),
+        source_json=str(layout.annotations("train")),
+        output_dir=str(root / "model"),
+        threads=2,
+    )
+    return root / "model", layout, files

@@ -21,7 +21,7 @@ from conftest import COCO_MINI, REPO
 
 from d2retrain.infer.inputs import InputFile
 from d2retrain.infer.pipeline import InferenceOptions, Labels, infer_video
-from d2retrain.model.predictor import Instances
+from d2retrain.model.instances import Instances
 
 D2RETRAIN = [sys.executable, "-m", "d2retrain.cli"]
 

@@ -14,7 +14,7 @@ from d2retrain.data.records import load_records
 from d2retrain.infer.pipeline import load_image
 from d2retrain.model import evaluation
 from d2retrain.model.evaluation import predict_split
-from d2retrain.model.predictor import Instances
+from d2retrain.model.instances import Instances
 from d2retrain.train import samples
 from d2retrain.train.samples import TrainSamples
 

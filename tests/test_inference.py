@@ -13,18 +13,14 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import COCO_MINI, SHARED_DATA
+from conftest import COCO_MINI, SHARED_DATA, train_demo_model
 from pycocotools import mask as mask_utils
 
 from d2retrain.cli import main
 from d2retrain.core.errors import D2RetrainError
-from d2retrain.data.demo import write_demo_dataset
-from d2retrain.data.filtering import FilterOptions
-from d2retrain.data.prepare import filter_file
 from d2retrain.infer.inputs import InputFile, discover, shard_count, shard_of, shards
 from d2retrain.infer.pipeline import inference_options, load_image, run_inference
 from d2retrain.infer.summary import write_summary
-from d2retrain.train.run import train_from_config
 
 VIDEO = SHARED_DATA / "video" / "one-by-one-person-detection.mp4"
 CLASSES = ["person", "sports ball"]
@@ -36,23 +32,9 @@ OPTIONS = {"score_threshold": 0.01, "max_detections": 5, "device": "cpu"}
 def demo_model(tmp_path_factory):
     """A model folder trained for two iterations on a small demo dataset, and that dataset."""
     root = tmp_path_factory.mktemp("infer")
-    layout = write_demo_dataset(root / "demo", train=6, val=4, video_frames=12)
-    filtered = {}
-    for split in ("train", "val"):
-        filtered[split] = str(root / f"{split}.json")
-        filter_file(str(layout.annotations(split)), filtered[split], CLASSES, FilterOptions())
-    train_from_config(
-        model={"engine": "torchvision", "architecture": "maskrcnn_resnet18_fpn"},
-        train={"iterations": 2, "images_per_batch": 2, "warmup_iterations": 1, "steps": [], "device": "cpu"},
-        classes=CLASSES,
-        train_json=filtered["train"],
-        train_images=str(layout.images("train")),
-        val_json=filtered["val"],
-        val_images=str(layout.images("val")),
-        source_json=str(layout.annotations("train")),
-        output_dir=str(root / "model"),
-    )
-    return root / "model", layout
+    train = {"iterations": 2, "images_per_batch": 2, "warmup_iterations": 1, "steps": []}
+    model, layout, _ = train_demo_model(root, {"train": 6, "val": 4, "video_frames": 12}, train, CLASSES)
+    return model, layout
 
 
 def test_each_image_gets_a_drawn_png_and_coco_results_json(demo_model, tmp_path):

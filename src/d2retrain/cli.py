@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from d2retrain import __version__
-from d2retrain.core.config import section_defaults, subset_defaults, val_split_defaults
+from d2retrain.core.config import allowed_values, section_defaults, subset_defaults, val_split_defaults
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.core.logutil import configure_logging
 from d2retrain.data.filtering import BALANCE_MODES, FilterOptions
@@ -165,11 +165,44 @@ def _infer(args: argparse.Namespace) -> int:
     )
     if args.coco_out:
         from d2retrain.infer.cocoout import write_predictions_coco
-        from d2retrain.model.specs import read_classes
+        from d2retrain.model.exported import model_classes
 
-        info = read_classes(args.model)
-        write_predictions_coco(statuses, args.output, info.classes, info.source_ids, args.coco_out)
+        classes, source_ids = model_classes(args.model)
+        write_predictions_coco(statuses, args.output, classes, source_ids, args.coco_out)
     return 1 if any(status.status != "ok" for status in statuses) else 0
+
+
+def _export(args: argparse.Namespace) -> None:
+    from d2retrain.model.export import export_model
+
+    if (args.val_json is None) != (args.val_images is None):
+        raise D2RetrainError("give both --val-json and --val-images to verify the export, or neither")
+    export_model(
+        args.model,
+        args.format,
+        args.output,
+        args.val_json,
+        args.val_images,
+        reference_metrics=args.reference_metrics,
+        threads=args.threads,
+    )
+
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export",
+        help="export a model folder to ONNX or TorchScript with contract.json (verified on a val split)",
+    )
+    export.add_argument("--model", required=True, help="model folder (with classes.json)")
+    export.add_argument("--format", required=True, choices=allowed_values("export.formats"))
+    export.add_argument("-o", "--output", required=True, help="export folder")
+    export.add_argument("--val-json", help="filtered val annotations: verify AP and detections on them")
+    export.add_argument("--val-images")
+    export.add_argument(
+        "--reference-metrics", metavar="METRICS_JSON", help="eval/metrics.json: its AP is the reference"
+    )
+    export.add_argument("--threads", type=int, default=2)
+    export.set_defaults(handler=_export)
 
 
 def _add_infer(commands: argparse._SubParsersAction) -> None:
@@ -178,7 +211,9 @@ def _add_infer(commands: argparse._SubParsersAction) -> None:
         "infer",
         help="draw and save a model's predictions on images and videos (exit 1 if a file was not inferred)",
     )
-    infer.add_argument("--model", required=True, help="model folder (with classes.json)")
+    infer.add_argument(
+        "--model", required=True, help="model folder (classes.json) or export folder (contract.json)"
+    )
     infer.add_argument("-i", "--images", nargs="+", default=[], help="image files, folders or globs")
     infer.add_argument("-v", "--videos", nargs="+", default=[], help="video files, folders or globs")
     infer.add_argument("-o", "--output", required=True, help="folder for images/ and videos/")
@@ -229,6 +264,7 @@ def _add_model_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--threads", type=int, default=2)
     evaluate.set_defaults(handler=_evaluate)
     _add_infer(commands)
+    _add_export(commands)
 
 
 def _add_threads(parser: argparse.ArgumentParser) -> None:

@@ -59,11 +59,12 @@ def val_split_defaults() -> dict[str, Any]:
 
 def allowed_values(key: str) -> tuple[str, ...]:
     """The schema's enum of a key, named by its dotted path (``model.engine``; ``*`` for any subset:
-    ``subsets.*.balance``): the one list of balance modes and engines."""
+    ``subsets.*.balance``; of its items for a list: ``export.formats``): the one list of balance
+    modes, engines and export formats."""
     node = _schema()
     for part in key.split("."):
         node = node["additionalProperties"] if part == "*" else node["properties"][part]
-    return tuple(node["enum"])
+    return tuple(node["items"]["enum"] if node.get("type") == "array" else node["enum"])
 
 
 def load_config(path: str | Path) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from d2retrain.model.predictor import Instances
+from d2retrain.model.instances import Instances
 
 logger = logging.getLogger(__name__)
 

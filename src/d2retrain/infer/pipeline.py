@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 
 import cv2
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from d2retrain.core.config import section_defaults
@@ -28,7 +27,8 @@ from d2retrain.infer.inputs import IMAGE_SUFFIXES, VIDEO_SUFFIXES, InputFile, fi
 from d2retrain.infer.summary import FileStatus
 from d2retrain.infer.videoio import VideoInfo, VideoWriter, ahead, probe, read_frames, yield_to_the_model
 from d2retrain.model.evaluation import to_coco_results
-from d2retrain.model.predictor import Instances, Predictor
+from d2retrain.model.exported import is_export, load_exported
+from d2retrain.model.instances import Instances, Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -344,7 +344,8 @@ def run_inference(
     """Load a model folder once and infer every image and video into ``output_dir``.
 
     Args:
-        model_dir: A trained model folder (``classes.json`` names the classes).
+        model_dir: A trained model folder (``classes.json`` names the classes), or an export
+            folder (``contract.json``: ONNX runs through onnxruntime, and torch is not imported).
         images: Image files (``images/<name>.png`` and ``.json``).
         videos: Video files (``videos/<name>.mp4`` and ``.jsonl``).
         output_dir: The inference folder.
@@ -357,23 +358,14 @@ def run_inference(
         One status per file.
 
     Raises:
-        D2RetrainError: No ``classes.json``, other classes, or an engine not installed.
+        D2RetrainError: No ``classes.json`` or ``contract.json``, other classes, a corrupt
+            export, or an engine not installed.
     """
-    from d2retrain.model.engines import load_predictor
-
-    torch.set_num_threads(max(1, threads))
-    predictor, info = load_predictor(
-        model_dir,
-        list(expected_classes) if expected_classes is not None else None,
-        device=options.device,
-        score_threshold=options.score_threshold,
-        max_detections=options.max_detections,
-    )
-    labels = Labels(tuple(info.classes), tuple(info.source_ids))
+    predictor, labels, engine = _load(model_dir, expected_classes, options, threads)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # set by SLURM for a job given GPUs
     logger.info(
         "%s model from %s on %s%s",
-        info.engine,
+        engine,
         model_dir,
         options.device,
         f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "",
@@ -405,3 +397,22 @@ def run_inference(
             raise D2RetrainError(f"inference wrote no {output / missing}; the shard is not complete")
         write_text_atomic(status_path, json.dumps([dataclasses.asdict(s) for s in statuses], indent=1) + "\n")
     return statuses
+
+
+def _load(
+    model_dir: str | Path, expected_classes: Sequence[str] | None, options: InferenceOptions, threads: int
+) -> tuple[Predictor, Labels, str]:
+    """The predictor of a model or export folder, its labels, and what runs it (for the log)."""
+    expected = list(expected_classes) if expected_classes is not None else None
+    score, most = options.score_threshold, options.max_detections
+    if is_export(model_dir):
+        predictor, contract = load_exported(model_dir, expected, options.device, score, most, threads)
+        labels = Labels(tuple(contract.classes), tuple(contract.source_ids))
+        return predictor, labels, f"{contract.engine} exported to {contract.format}"
+    import torch
+
+    from d2retrain.model.engines import load_predictor
+
+    torch.set_num_threads(max(1, threads))
+    model, info = load_predictor(model_dir, expected, options.device, score, most)
+    return model, Labels(tuple(info.classes), tuple(info.source_ids)), info.engine

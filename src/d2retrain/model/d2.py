@@ -16,7 +16,8 @@ from d2retrain.model.headsurgery import (
     log_surgery,
     subset_class_rows,
 )
-from d2retrain.model.predictor import Instances, build_then_load
+from d2retrain.model.instances import Instances
+from d2retrain.model.predictor import build_then_load
 from d2retrain.model.specs import ModelSpec, SolverSpec
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from d2retrain.core.config import allowed_values
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.model.cococlasses import coco_category_ids
 from d2retrain.model.evaluation import evaluate, write_evaluation
-from d2retrain.model.predictor import Predictor
+from d2retrain.model.predictor import ModelPredictor
 from d2retrain.model.specs import ClassInfo, ModelSpec, SolverSpec, model_spec, read_classes, solver_spec
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class PredictorFactory(Protocol):
         device: str = "auto",
         score_threshold: float = 0.05,
         max_detections: int = 100,
-    ) -> Predictor:
+    ) -> ModelPredictor:
         """A predictor with ``weights`` loaded (None: built, weights left to the caller)."""
         ...
 
@@ -129,7 +129,7 @@ def load_predictor(
     device: str = "auto",
     score_threshold: float = 0.05,
     max_detections: int = 100,
-) -> tuple[Predictor, ClassInfo]:
+) -> tuple[ModelPredictor, ClassInfo]:
     """Load a model folder once for prediction.
 
     Args:
@@ -202,7 +202,7 @@ def served_weights(model_dir: str | os.PathLike[str], info: ClassInfo) -> dict:
 
 def _baseline_predictor(
     model_dir: str | Path, info: ClassInfo, device: str
-) -> tuple[Predictor, list[str]] | str:
+) -> tuple[ModelPredictor, list[str]] | str:
     """The COCO base model restricted to the classes (head surgery at iteration 0) and the classes
     it covers (those named as COCO categories), or why there is none."""
     spec, solver = read_model_config(model_dir)

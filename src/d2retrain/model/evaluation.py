@@ -18,7 +18,7 @@ from tqdm import tqdm
 from d2retrain.core.fileio import write_text_atomic
 from d2retrain.data.images import read_image
 from d2retrain.data.records import load_records
-from d2retrain.model.predictor import Instances, Predictor
+from d2retrain.model.instances import Instances, Predictor
 
 logger = logging.getLogger(__name__)
 

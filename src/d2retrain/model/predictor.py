@@ -1,59 +1,30 @@
-"""What every engine's predictor returns for one image, and how both build a model only to load it."""
+"""The engines' predictors: a network at hand, built without drawing weights when a checkpoint follows."""
 
 import contextlib
-import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol, TypeVar, cast
 
-import numpy as np
 import torch
 from torch import nn
 
 from d2retrain.model.headsurgery import load_checkpoint
+from d2retrain.model.instances import Predictor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Instances", "Predictor", "build_then_load"]
+__all__ = ["ModelPredictor", "build_then_load"]
 
 T = TypeVar("T")
 
 
-@dataclasses.dataclass(frozen=True)
-class Instances:
-    """Instances found in one image.
+class ModelPredictor(Predictor, Protocol):
+    """A predictor of one of the engines: its network is at hand (evaluation during training loads
+    the weights being trained into it; the baseline loads the base weights)."""
 
-    Attributes:
-        boxes: ``(K, 4)`` float boxes, x0 y0 x1 y1 in pixels.
-        scores: ``(K,)`` confidences.
-        classes: ``(K,)`` class indices 0..N-1 in model order.
-        masks: ``(K, H, W)`` booleans.
-    """
-
-    boxes: np.ndarray
-    scores: np.ndarray
-    classes: np.ndarray
-    masks: np.ndarray
-
-    def __len__(self) -> int:
-        """Number of instances."""
-        return len(self.scores)
-
-
-class Predictor(Protocol):
-    """A loaded model: call it on a BGR uint8 image, or on several at once."""
-
-    model: nn.Module  # the network, in eval mode (training evaluates through a copy of its weights)
-
-    def __call__(self, image_bgr: np.ndarray) -> Instances:
-        """Predict one image."""
-        ...
-
-    def predict_batch(self, images_bgr: Sequence[np.ndarray]) -> list[Instances]:
-        """Predict several images in one forward pass (faster on a GPU, and on a CPU too)."""
-        ...
+    model: nn.Module  # the network, in eval mode
 
 
 _INIT_FUNCTIONS = (

@@ -21,7 +21,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.model.cococlasses import coco_category_ids
 from d2retrain.model.headsurgery import load_state_dict_source, log_surgery, subset_class_rows
-from d2retrain.model.predictor import Instances, build_then_load
+from d2retrain.model.instances import Instances
+from d2retrain.model.predictor import build_then_load
 from d2retrain.model.specs import ModelSpec, SolverSpec
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,365 @@
+"""Export a trained model folder to ONNX or TorchScript, and verify the export on a val split.
+
+torchvision's Mask R-CNN goes whole into the graph (resize, normalisation, mask paste), exported by
+``torch.onnx.export(dynamo=False, opset_version=11)`` (the dynamo exporter fails in
+``torch.export`` on this model) or by ``torch.jit.script``. detectron2's goes through its
+``TracingAdapter``: the graph starts after the resize and ends before the mask paste, which
+:mod:`d2retrain.model.exported` does, as the contract says.
+"""
+
+import contextlib
+import copy
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from tqdm import tqdm
+
+from d2retrain import __version__
+from d2retrain.core.errors import D2RetrainError
+from d2retrain.core.fileio import temporary_beside, write_text_atomic
+from d2retrain.data.images import read_image
+from d2retrain.data.records import load_records
+from d2retrain.model.cococlasses import coco_category_ids
+from d2retrain.model.engines import load_predictor, read_model_config
+from d2retrain.model.evaluation import coco_ap, to_coco_results
+from d2retrain.model.exported import (
+    FORMATS,
+    Contract,
+    exported_predictor,
+    file_digest,
+    write_contract,
+)
+from d2retrain.model.instances import Instances, Predictor
+from d2retrain.model.predictor import ModelPredictor
+from d2retrain.model.specs import ClassInfo, ModelSpec, SolverSpec, read_classes
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ExportError", "AP_TOLERANCE", "MIN_SAME_SHARE", "VERIFY_SCORE", "export_model", "verify_export"]
+
+AP_TOLERANCE = 0.005  # exported segm and bbox AP within this of the PyTorch model's
+MIN_SAME_SHARE = 0.95  # share of val images with the same detections at VERIFY_SCORE
+VERIFY_SCORE = 0.5
+OPSET = 11
+_EXPORT_SCORE, _EXPORT_DETECTIONS = 0.05, 100  # what the evaluation keeps: AP is comparable
+
+
+class ExportError(D2RetrainError):
+    """An export failed, or its verification did."""
+
+
+def export_model(
+    model_dir: str | Path,
+    export_format: str,
+    output_dir: str | os.PathLike[str],
+    val_json: str | None = None,
+    val_images: str | None = None,
+    reference_metrics: str | None = None,
+    threads: int = 1,
+) -> dict | None:
+    """Export a model folder and, given a val split, verify the export before it is usable.
+
+    The folder gets ``model.<format>``, then ``verify.json`` (when verified), then
+    ``contract.json``, written only when the verification passed: a folder without it is refused.
+
+    Args:
+        model_dir: A folder written by training (``classes.json``, ``config.yaml``, the weights).
+        export_format: ``onnx`` or ``torchscript``.
+        output_dir: The export folder.
+        val_json: Filtered val annotations, to verify on (None: exported unverified).
+        val_images: Their images.
+        reference_metrics: The model's ``eval/metrics.json``: its AP is the reference (None: the
+            PyTorch model is evaluated here).
+        threads: CPU threads.
+
+    Returns:
+        The verification record, or None when not verified.
+
+    Raises:
+        ExportError: Unknown format, an export failure, or a failed verification.
+    """
+    if export_format not in FORMATS:
+        raise ExportError(f"export format {export_format!r} is unknown; use one of {', '.join(FORMATS)}")
+    torch.set_num_threads(max(1, threads))
+    info = read_classes(model_dir)
+    spec, solver = read_model_config(model_dir)
+    predictor, _ = load_predictor(
+        model_dir, device="cpu", score_threshold=_EXPORT_SCORE, max_detections=_EXPORT_DETECTIONS
+    )
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    example = _example_image(val_json, val_images, solver)
+    path = output / f"model.{export_format}"
+    exporter = _EXPORTERS[info.engine]
+    contract = exporter(predictor, export_format, path, example, spec, solver, info)
+    contract = dataclasses.replace(contract, source=_source(model_dir, info))
+    logger.info("exported %s to %s (%.1f MB)", model_dir, path, contract.bytes / 1e6)
+    record = None
+    if val_json is None or val_images is None:
+        logger.warning(
+            "exported without verification: give the val split (--val-json, --val-images) to check AP"
+        )
+    else:
+        exported = exported_predictor(output, contract, "cpu", _EXPORT_SCORE, _EXPORT_DETECTIONS, threads)
+        record = verify_export(predictor, exported, val_json, val_images, info.classes, reference_metrics)
+        write_text_atomic(output / "verify.json", json.dumps(record, indent=2) + "\n")
+        if not record["passed"]:
+            raise ExportError(f"{output}: the export differs from the model: {record['failures']}")
+    write_contract(output, contract)
+    return record
+
+
+def _example_image(val_json: str | None, val_images: str | None, solver: SolverSpec) -> np.ndarray:
+    """A real val image to trace with, or a noise image of the test size."""
+    if val_json is not None and val_images is not None:
+        records = load_records(val_json, val_images, require_annotations=False)
+        if records:
+            return read_image(records[0].path)
+    side = solver.min_size_test
+    return np.random.default_rng(0).integers(0, 256, (side, side * 4 // 3, 3), np.uint8)
+
+
+def _source(model_dir: str | os.PathLike[str], info: ClassInfo) -> dict[str, Any]:
+    weights = Path(model_dir) / info.model_file
+    return {
+        "model_dir": str(model_dir),
+        "weights": info.model_file,
+        "weights_sha256": file_digest(weights),
+        "fingerprint": info.fingerprint,
+    }
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    """``write(temporary)``, then the temporary renamed onto ``path``."""
+    temporary = temporary_beside(path)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _torchvision_export(
+    predictor: ModelPredictor,
+    export_format: str,
+    path: Path,
+    example: np.ndarray,
+    spec: ModelSpec,
+    solver: SolverSpec,
+    info: ClassInfo,
+) -> Contract:
+    """The whole torchvision model (resize, normalisation and mask paste inside) in one file."""
+    model = predictor.model.eval()
+    tensor = torch.from_numpy(np.ascontiguousarray(example[:, :, ::-1].transpose(2, 0, 1))).float() / 255
+    outputs = ["boxes", "labels", "scores", "masks"]
+
+    def write(temporary: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's warnings on shape arithmetic torchvision expects
+            if export_format == "torchscript":
+                torch.jit.script(_with_resize(model, _ScriptedResize)).save(str(temporary))
+            else:
+                torch.onnx.export(
+                    model,
+                    ([tensor],),
+                    str(temporary),
+                    dynamo=False,
+                    opset_version=OPSET,
+                    input_names=["image"],
+                    output_names=outputs,
+                    dynamic_axes={
+                        "image": [1, 2],
+                        "boxes": [0],
+                        "labels": [0],
+                        "scores": [0],
+                        "masks": [0, 2, 3],
+                    },
+                )
+
+    _write_atomically(path, write)
+    return _contract(
+        export_format,
+        path,
+        info,
+        spec,
+        input_spec={"name": "image", "layout": "CHW", "dtype": "float32", "colour": "RGB", "range": [0, 1]},
+        resize={"where": "inside", "shortest_edge": solver.min_size_test, "max_size": solver.max_size_test},
+        outputs={
+            "boxes": "(K, 4) float32 x0 y0 x1 y1 in input image pixels",
+            "labels": "(K,) int64 class index 1..N (0 is the background), classes[label - 1]",
+            "scores": "(K,) float32, descending",
+            "masks": "(K, 1, H, W) float32 mask probability at the input's size (> 0.5: inside)",
+        },
+        masks="image",
+    )
+
+
+class _ScriptedResize(GeneralizedRCNNTransform):
+    """torchvision's transform, resizing in TorchScript as it does in Python: to the size computed
+    in double precision and floored. torchvision's scripted path computes the scale in float32: a
+    640x426 photo at shortest edge 192 came out 191 rows high, and every prediction moved."""
+
+    def resize(
+        self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        height, width = image.shape[-2], image.shape[-1]
+        scale = min(float(self.min_size[-1]) / min(height, width), float(self.max_size) / max(height, width))
+        size = [math.floor(height * scale), math.floor(width * scale)]
+        resized = torch.nn.functional.interpolate(
+            image[None], size=size, mode="bilinear", align_corners=False
+        )
+        return resized[0], target  # inference only: no target boxes or masks to resize
+
+
+def _with_resize(model: torch.nn.Module, transform: type[GeneralizedRCNNTransform]) -> torch.nn.Module:
+    """A copy of a torchvision detection model whose transform resizes as ``transform`` does."""
+    copied = copy.deepcopy(model)
+    copied.transform.__class__ = transform
+    return copied
+
+
+def _contract(
+    export_format: str,
+    path: Path,
+    info: ClassInfo,
+    spec: ModelSpec,
+    input_spec: dict[str, Any],
+    resize: dict[str, Any],
+    outputs: dict[str, str],
+    masks: str,
+) -> Contract:
+    versions: dict[str, Any] = {"d2retrain": __version__, "torch": torch.__version__}
+    if export_format == "onnx":
+        versions["opset"] = OPSET
+    return Contract(
+        format=export_format,
+        file=path.name,
+        sha256=file_digest(path),
+        bytes=path.stat().st_size,
+        engine=info.engine,
+        classes=list(info.classes),
+        source_ids=list(info.source_ids),
+        coco_ids=list(coco_category_ids(info.classes, spec.coco_names)),
+        input=input_spec,
+        resize=resize,
+        score_threshold=_EXPORT_SCORE,
+        max_detections=_EXPORT_DETECTIONS,
+        outputs=outputs,
+        masks=masks,
+        source={},
+        versions=versions,
+    )
+
+
+def _detectron2_export(*args: Any) -> Contract:
+    from d2retrain.model.d2export import detectron2_export
+
+    return detectron2_export(*args)
+
+
+_EXPORTERS = {"torchvision": _torchvision_export, "detectron2": _detectron2_export}
+
+
+def verify_export(
+    reference: Predictor,
+    exported: Predictor,
+    val_json: str,
+    val_images: str,
+    classes: Sequence[str],
+    reference_metrics: str | None = None,
+) -> dict:
+    """Compare an exported model with its PyTorch model on a val split.
+
+    Passes when the exported segm and bbox AP are within :data:`AP_TOLERANCE` of the reference
+    (``reference_metrics``' retrained AP, else the PyTorch model's here) and at least
+    :data:`MIN_SAME_SHARE` of the images get the same detections at score >= :data:`VERIFY_SCORE`
+    (count and class names).
+
+    Returns:
+        The record written to ``verify.json``.
+    """
+    records = load_records(val_json, val_images, require_annotations=False)
+    results: dict[str, list[dict]] = {"pytorch": [], "exported": []}
+    differing = []
+    category_ids = range(1, len(classes) + 1)
+    for record in tqdm(records, desc="verify", unit="img", disable=None):
+        image = read_image(record.path)
+        ours, theirs = reference(image), exported(image)
+        results["pytorch"] += to_coco_results(record.image_id, ours, category_ids)
+        results["exported"] += to_coco_results(record.image_id, theirs, category_ids)
+        if _names(ours, classes) != _names(theirs, classes):
+            differing.append(Path(record.path).name)
+    ap = _ap(val_json, results, classes)
+    if reference_metrics is not None:
+        retrained = json.loads(Path(reference_metrics).read_text())["retrained"]
+        ap["reference"] = {kind: retrained[kind]["AP"] for kind in ("bbox", "segm")}
+    else:
+        ap["reference"] = dict(ap["pytorch"])
+    verdict = _verdict(ap, len(records), differing)
+    verdict["reference"] = str(reference_metrics or "the PyTorch model, evaluated here")
+    logger.info(
+        "verified on %d images: segm AP %.4f (reference %.4f), bbox AP %.4f (reference %.4f), "
+        "same detections on %.1f%%",
+        len(records),
+        ap["exported"]["segm"],
+        ap["reference"]["segm"],
+        ap["exported"]["bbox"],
+        ap["reference"]["bbox"],
+        100 * verdict["same_share"],
+    )
+    return verdict
+
+
+def _verdict(ap: dict[str, dict[str, float]], images: int, differing: list[str]) -> dict:
+    """The verification record: passed, why not, and the numbers."""
+    difference = {kind: abs(ap["exported"][kind] - ap["reference"][kind]) for kind in ("bbox", "segm")}
+    share = (images - len(differing)) / images if images else 1.0
+    failures = [
+        f"{kind} AP {ap['exported'][kind]:.4f} vs {ap['reference'][kind]:.4f}, more than {AP_TOLERANCE} apart"
+        for kind, value in difference.items()
+        if value > AP_TOLERANCE
+    ]
+    if share < MIN_SAME_SHARE:
+        failures.append(
+            f"the same detections at score >= {VERIFY_SCORE} on {share:.1%} of the images, "
+            f"under {MIN_SAME_SHARE:.0%} (e.g. {', '.join(differing[:3])})"
+        )
+    return {
+        "passed": not failures,
+        "failures": failures,
+        "images": images,
+        "same_detections": images - len(differing),
+        "same_share": share,
+        "differing_images": differing[:20],
+        "ap": ap,
+        "ap_difference": difference,
+        "tolerance": AP_TOLERANCE,
+        "min_same_share": MIN_SAME_SHARE,
+        "score": VERIFY_SCORE,
+    }
+
+
+def _names(instances: Instances, classes: Sequence[str]) -> list[str]:
+    """Class names of the instances at score >= VERIFY_SCORE, sorted (their count and names)."""
+    return sorted(classes[int(label)] for label in instances.classes[instances.scores >= VERIFY_SCORE])
+
+
+def _ap(val_json: str, results: dict[str, list[dict]], classes: Sequence[str]) -> dict[str, dict[str, float]]:
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground_truth = COCO(val_json)
+    return {
+        model: {kind: coco_ap(ground_truth, found, kind, classes)[0]["AP"] for kind in ("bbox", "segm")}
+        for model, found in results.items()
+    }

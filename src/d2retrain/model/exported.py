@@ -1,0 +1,372 @@
+"""Exported models: the contract beside the file, and predictors that run it (ONNX without PyTorch).
+
+An export folder holds ``model.onnx`` or ``model.torchscript`` and ``contract.json``, which says what
+the file expects and returns (classes, colour order, resize rule, thresholds, outputs) and the
+file's size and SHA-256: a truncated, replaced or other-class export is refused at load, before
+any image is read. :mod:`d2retrain.model.export` writes them.
+"""
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from d2retrain.core.config import allowed_values
+from d2retrain.core.fileio import write_text_atomic
+from d2retrain.model.instances import Instances, Predictor
+from d2retrain.model.specs import ModelFolderError, read_classes
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CONTRACT",
+    "FORMATS",
+    "Contract",
+    "is_export",
+    "read_contract",
+    "write_contract",
+    "file_digest",
+    "model_classes",
+    "load_exported",
+    "exported_predictor",
+    "paste_masks",
+]
+
+CONTRACT = "contract.json"
+FORMATS = allowed_values("export.formats")  # the model file is model.<format>
+
+
+@dataclasses.dataclass(frozen=True)
+class Contract:
+    """What an exported model expects and returns (``contract.json``).
+
+    Attributes:
+        format: ``onnx`` or ``torchscript``.
+        file: The model file's name, beside the contract.
+        sha256: The model file's SHA-256, checked at load.
+        bytes: Its size.
+        engine: The engine that trained it.
+        classes: Class names in model order (labels 1..N, 0 is the background).
+        source_ids: Each class's category id in the training data.
+        coco_ids: Each class's row in COCO's 91 (None: not a COCO category).
+        input: The image tensor: name, layout, dtype, colour order and value range.
+        resize: ``{"where": "inside"|"outside", "shortest_edge", "max_size"}``: inside the graph, or
+            to be done before it (detectron2's ResizeShortestEdge; outputs then scaled back).
+        score_threshold: Lowest score the graph keeps (a predictor may only raise it).
+        max_detections: Most instances the graph returns per image (a predictor may only lower it).
+        outputs: Output tensor name -> meaning, in the graph's order.
+        masks: ``image``: per-instance probabilities at the image's size; ``box``: 28x28-like
+            probabilities inside each box, pasted by :func:`paste_masks`.
+        source: The model folder it was exported from: weights file, its SHA-256, iteration.
+        versions: Of the exporter's packages and the ONNX opset.
+    """
+
+    format: str
+    file: str
+    sha256: str
+    bytes: int
+    engine: str
+    classes: list[str]
+    source_ids: list[int]
+    coco_ids: list[int | None]
+    input: dict[str, Any]
+    resize: dict[str, Any]
+    score_threshold: float
+    max_detections: int
+    outputs: dict[str, str]
+    masks: str
+    source: dict[str, Any]
+    versions: dict[str, Any]
+
+
+def is_export(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` is an export folder (has ``contract.json``) rather than a model folder.
+
+    Raises:
+        ModelFolderError: It is neither (no ``contract.json`` and no ``classes.json``).
+    """
+    if (Path(folder) / CONTRACT).is_file():
+        return True
+    if not (Path(folder) / "classes.json").is_file():
+        raise ModelFolderError(
+            f"{folder}: neither a model folder (no classes.json, see d2retrain train) nor an export "
+            f"folder (no {CONTRACT}, see d2retrain export)"
+        )
+    return False
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_contract(folder: str | os.PathLike[str], contract: Contract) -> None:
+    """Write ``contract.json`` atomically (last: its presence makes the folder an export)."""
+    write_text_atomic(Path(folder) / CONTRACT, json.dumps(dataclasses.asdict(contract), indent=2) + "\n")
+
+
+def read_contract(folder: str | os.PathLike[str], expected_classes: Sequence[str] | None = None) -> Contract:
+    """Read and check an export folder's contract against its model file.
+
+    Args:
+        folder: The export folder.
+        expected_classes: Refuse an export of other classes (None: no check).
+
+    Returns:
+        The contract.
+
+    Raises:
+        ModelFolderError: No or unreadable contract, a missing, truncated or replaced model file,
+            an unknown format, or other classes.
+    """
+    path = Path(folder) / CONTRACT
+    try:
+        record = json.loads(path.read_text())
+        contract = Contract(**record)
+    except FileNotFoundError:
+        raise ModelFolderError(
+            f"{path}: missing; is {folder} a folder written by d2retrain export?"
+        ) from None
+    except (ValueError, TypeError) as error:
+        raise ModelFolderError(f"{path}: unreadable ({error}); export the model again") from None
+    if contract.format not in FORMATS:
+        raise ModelFolderError(f"{path}: format {contract.format!r} is not one of {', '.join(FORMATS)}")
+    model = Path(folder) / contract.file
+    if not model.is_file():
+        raise ModelFolderError(f"{model}: missing; {path} names it; export the model again")
+    size = model.stat().st_size
+    if size != contract.bytes:
+        raise ModelFolderError(
+            f"{model}: {size} bytes, the contract says {contract.bytes}: truncated or replaced; "
+            "export the model again"
+        )
+    if file_digest(model) != contract.sha256:
+        raise ModelFolderError(
+            f"{model}: its SHA-256 is not the exported file's ({contract.sha256[:12]}...): "
+            "corrupted or replaced; export the model again"
+        )
+    if expected_classes is not None and list(expected_classes) != contract.classes:
+        raise ModelFolderError(
+            f"{path}: the model was exported for classes {contract.classes}, not {list(expected_classes)}; "
+            "export the right model folder"
+        )
+    return contract
+
+
+def model_classes(folder: str | os.PathLike[str]) -> tuple[list[str], list[int]]:
+    """Class names and source ids of a model folder or of an export folder."""
+    if is_export(folder):
+        contract = read_contract(folder)
+        return contract.classes, contract.source_ids
+    info = read_classes(folder)
+    return info.classes, info.source_ids
+
+
+def load_exported(
+    folder: str | os.PathLike[str],
+    expected_classes: Sequence[str] | None = None,
+    device: str = "auto",
+    score_threshold: float = 0.05,
+    max_detections: int = 100,
+    threads: int = 1,
+) -> tuple[Predictor, Contract]:
+    """Load an export folder for prediction (ONNX through onnxruntime, without PyTorch).
+
+    Args:
+        folder: An export folder (``contract.json`` and the model file).
+        expected_classes: Refuse an export of other classes.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        score_threshold: Lowest score kept (at least the contract's).
+        max_detections: Most instances per image (at most the contract's).
+        threads: CPU threads of the runtime.
+
+    Returns:
+        The predictor and the contract.
+
+    Raises:
+        ModelFolderError: See :func:`read_contract`; or the runtime cannot load the file.
+    """
+    contract = read_contract(folder, expected_classes)
+    return exported_predictor(folder, contract, device, score_threshold, max_detections, threads), contract
+
+
+def exported_predictor(
+    folder: str | os.PathLike[str],
+    contract: Contract,
+    device: str = "auto",
+    score_threshold: float = 0.05,
+    max_detections: int = 100,
+    threads: int = 1,
+) -> Predictor:
+    """A predictor of the model file a contract describes (already checked, or being written)."""
+    if score_threshold < contract.score_threshold:
+        logger.warning(
+            "the export keeps scores >= %g only; a threshold of %g finds no more",
+            contract.score_threshold,
+            score_threshold,
+        )
+    if max_detections > contract.max_detections:
+        logger.warning("the export returns at most %d instances per image", contract.max_detections)
+    path = Path(folder) / contract.file
+    runner = _OnnxRunner if contract.format == "onnx" else _TorchScriptRunner
+    return _ExportedPredictor(runner(path, device, threads), contract, score_threshold, max_detections)
+
+
+class _OnnxRunner:
+    """The ONNX graph in an onnxruntime session: one CHW image in, the output arrays out."""
+
+    def __init__(self, path: Path, device: str, threads: int) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = max(1, threads)
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # warnings about unused initializers are noise here
+        available = onnxruntime.get_available_providers()
+        providers = ["CPUExecutionProvider"]
+        if device != "cpu" and "CUDAExecutionProvider" in available:
+            providers.insert(0, "CUDAExecutionProvider")
+        elif device == "cuda":
+            logger.warning(
+                "onnxruntime has no CUDA provider here (install onnxruntime-gpu); running on the CPU"
+            )
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+        except Exception as error:  # onnxruntime raises its own Fail/InvalidProtobuf classes
+            raise ModelFolderError(f"{path}: onnxruntime cannot load it ({error}); export it again") from None
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, tensor: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {self.input: tensor})
+
+
+class _TorchScriptRunner:
+    """The TorchScript module (``torch.jit.load``): a list of one CHW tensor in, arrays out."""
+
+    def __init__(self, path: Path, device: str, threads: int) -> None:
+        import torch
+        import torchvision  # noqa: F401  registers the torchvision::nms and roi_align operators it calls
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        torch.set_num_threads(max(1, threads))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still supported
+                self.module = torch.jit.load(str(path), map_location=self.device).eval()
+        except Exception as error:  # RuntimeError from the archive reader, among others
+            raise ModelFolderError(
+                f"{path}: torch.jit.load cannot load it ({error}); export it again"
+            ) from None
+
+    def __call__(self, tensor: np.ndarray) -> list[np.ndarray]:
+        import torch
+
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "RCNN always returns a (Losses, Detections) tuple"
+            outputs = self.module([torch.from_numpy(tensor).to(self.device)])
+        detections = outputs[1][0] if isinstance(outputs, tuple) else outputs[0]  # (losses, detections)
+        return [detections[key].cpu().numpy() for key in ("boxes", "labels", "scores", "masks")]
+
+
+class _ExportedPredictor:
+    """Pre- and post-processing around an exported graph, as the contract says."""
+
+    def __init__(self, runner: Any, contract: Contract, score_threshold: float, max_detections: int) -> None:
+        self.runner, self.contract = runner, contract
+        self.score_threshold, self.max_detections = score_threshold, max_detections
+
+    def __call__(self, image_bgr: np.ndarray) -> Instances:
+        """Predict one BGR uint8 image."""
+        height, width = image_bgr.shape[:2]
+        image, scale = _prepared(image_bgr, self.contract)
+        boxes, labels, scores, masks = self.runner(image)
+        keep = np.flatnonzero(scores >= self.score_threshold)
+        keep = keep[np.argsort(-scores[keep], kind="stable")][: self.max_detections]
+        boxes, masks = boxes[keep].astype(np.float32) / scale, masks[keep][:, 0]
+        boxes = np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
+        if self.contract.masks == "box":
+            masks = paste_masks(masks, boxes, height, width)
+        return Instances(
+            boxes=boxes.reshape(-1, 4),
+            scores=scores[keep].astype(np.float32),
+            classes=labels[keep].astype(np.int64) - 1,
+            masks=(masks > 0.5).reshape(-1, height, width),
+        )
+
+    def predict_batch(self, images_bgr: Sequence[np.ndarray]) -> list[Instances]:
+        """Predict images one by one (the exported graphs take one image)."""
+        return [self(image) for image in images_bgr]
+
+
+def _prepared(image_bgr: np.ndarray, contract: Contract) -> tuple[np.ndarray, np.ndarray]:
+    """The graph's input tensor for an image, and the factors (x, y, x, y) its boxes are scaled by."""
+    scale = np.ones(4, np.float32)
+    if contract.resize["where"] == "outside":  # detectron2's ResizeShortestEdge, as its predictor
+        height, width = image_bgr.shape[:2]
+        new_height, new_width = _shortest_edge(height, width, **contract.resize)
+        resized = Image.fromarray(image_bgr).resize((new_width, new_height), Image.Resampling.BILINEAR)
+        image_bgr = np.asarray(resized)
+        scale = np.array([new_width / width, new_height / height] * 2, np.float32)
+    image = image_bgr[:, :, ::-1] if contract.input["colour"] == "RGB" else image_bgr
+    tensor = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+    if contract.input["range"] == [0, 1]:
+        tensor /= 255
+    return tensor, scale
+
+
+def _shortest_edge(height: int, width: int, shortest_edge: int, max_size: int, **_: Any) -> tuple[int, int]:
+    """detectron2's ``ResizeShortestEdge.get_output_shape``: the size an image is resized to."""
+    scale = shortest_edge / min(height, width)
+    new_height, new_width = height * scale, width * scale
+    if max(new_height, new_width) > max_size:
+        scale = max_size / max(new_height, new_width)
+        new_height, new_width = new_height * scale, new_width * scale
+    return int(new_height + 0.5), int(new_width + 0.5)
+
+
+def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Paste per-box mask probabilities (``(K, M, M)``) into ``(K, height, width)`` images, as
+    detectron2's ``paste_masks_in_image`` does (bilinear, pixel centres, zero outside the box).
+
+    Args:
+        masks: Probabilities inside each box.
+        boxes: ``(K, 4)`` x0 y0 x1 y1 in image pixels.
+        height: Image height.
+        width: Image width.
+
+    Returns:
+        Float probabilities.
+    """
+    pasted = np.zeros((len(masks), height, width), np.float32)
+    for index, (mask, box) in enumerate(zip(masks, boxes, strict=True)):
+        x0, y0, x1, y1 = (float(v) for v in box)
+        box_width, box_height = max(x1 - x0, 1e-3), max(y1 - y0, 1e-3)
+        columns = np.arange(width, dtype=np.float32) + 0.5
+        rows = np.arange(height, dtype=np.float32) + 0.5
+        # pixel centre -> mask grid position (M cells over the box): grid_sample(align_corners=False)
+        map_x = np.tile((columns - x0) / box_width * mask.shape[1] - 0.5, (height, 1))
+        map_y = np.tile(((rows - y0) / box_height * mask.shape[0] - 0.5)[:, None], (1, width))
+        pasted[index] = cv2.remap(
+            mask.astype(np.float32),
+            map_x,
+            map_y,
+            cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=0,
+        )
+    return pasted
