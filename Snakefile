@@ -23,6 +23,7 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/export.smk"
 include: "workflow/rules/infer.smk"
 include: "workflow/rules/report.smk"
 

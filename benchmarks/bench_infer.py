@@ -34,7 +34,9 @@ from d2retrain.data.prepare import filter_file
 from d2retrain.infer.inputs import InputFile, shards
 from d2retrain.infer.pipeline import Labels, infer_video, inference_options, run_inference
 from d2retrain.infer.videoio import read_frames
-from d2retrain.model.engines import load_predictor
+from d2retrain.model.engines import load_predictor, read_model_config
+from d2retrain.model.export import export_model
+from d2retrain.model.exported import load_exported
 from d2retrain.train.run import train_from_config
 
 logger = logging.getLogger("bench_infer")
@@ -51,7 +53,7 @@ def _quick_model(root: Path, engine: str, architecture: str, test_size: int) -> 
     for split in ("train", "val"):
         files[split] = str(root / f"{split}.json")
         filter_file(str(layout.annotations(split)), files[split], CLASSES, FilterOptions())
-    output = root / f"model_{engine}"
+    output = root / f"model_{engine}_{Path(architecture).stem}"
     train_from_config(
         model={"engine": engine, "architecture": architecture},
         train={
@@ -214,6 +216,49 @@ def bench_detectron2_demo(model: Path, folder: Path, frames: int, options, repea
     )
 
 
+def bench_exported(
+    model: Path, folder: Path, frames: int, options, repeats: int, export_format: str
+) -> float:
+    """Prints frames/s of the PyTorch model and of its export on the same decoded video frames
+    (the bare predictors, as the workflow's video pipeline calls them); returns the ratio."""
+    export_model(
+        model, export_format, folder / f"export_{model.name}_{export_format}", threads=torch.get_num_threads()
+    )
+    decoded = list(read_frames(VIDEO, frames))
+    pytorch, _ = _load(model, options)
+    exported, _ = load_exported(
+        folder / f"export_{model.name}_{export_format}",
+        device=options.device,
+        score_threshold=max(options.score_threshold, 0.05),
+        max_detections=8,
+        threads=torch.get_num_threads(),
+    )
+    for predictor in (pytorch, exported):
+        predictor(decoded[0])  # warm-up (onnxruntime plans its kernels on the first run)
+
+    def rate(predictor) -> Callable[[], float]:
+        def run() -> float:
+            start = time.perf_counter()
+            for frame in decoded:
+                predictor(frame)
+            return len(decoded) / (time.perf_counter() - start)
+
+        return run
+
+    spec = read_model_config(model)[0]
+    return _report(
+        f"{spec.architecture}, video ({len(decoded)} frames of {VIDEO.name})",
+        ("PyTorch model (eager)", rate(pytorch)),
+        (
+            f"{export_format} export ({'onnxruntime' if export_format == 'onnx' else 'torch.jit'})",
+            rate(exported),
+        ),
+        "frames/s",
+        "side by side",
+        repeats,
+    )
+
+
 def main() -> None:
     """Run the benchmarks and print their figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -224,6 +269,8 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.01)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side, alternating")
     parser.add_argument("--d2-test-size", type=int, default=320, help="detectron2 model's test size")
+    parser.add_argument("--export-test-size", type=int, default=480, help="the R50-FPN export's test size")
+    parser.add_argument("--export-frames", type=int, default=20, help="frames of the export comparison")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(torch.get_num_threads())
@@ -236,6 +283,10 @@ def main() -> None:
         model = args.model or _quick_model(root, "torchvision", "maskrcnn_resnet18_fpn", 192)
         bench_images(model, root, args.images, args.shards, options, args.repeats)
         bench_video(model, root, args.frames, options, args.repeats)
+        large = _quick_model(root, "torchvision", "maskrcnn_resnet50_fpn", args.export_test_size)
+        for candidate in (model, large):
+            for export_format in ("onnx", "torchscript"):
+                bench_exported(candidate, root, args.export_frames, options, args.repeats, export_format)
         if importlib.util.find_spec("detectron2") is not None:
             zoo = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
             d2_model = _quick_model(root, "detectron2", zoo, args.d2_test_size)

@@ -163,10 +163,11 @@ def coco_file(tmp_path: Path):
 
 
 def train_demo_model(
-    root: Path, sizes: dict, train: dict, classes: list[str]
+    root: Path, sizes: dict, train: dict, classes: list[str], model: dict | None = None
 ) -> tuple[Path, "DemoLayout", dict]:
     """Write a demo dataset (``sizes``: train, val, video_frames) under ``root``, filter it to
-    ``classes`` and train the demo network on it with the ``train`` settings on the CPU.
+    ``classes`` and train a model on it with the ``train`` settings on the CPU (``model``: the
+    demo network unless given).
 
     Returns:
         The model folder, the dataset's layout and the filtered files (``{"train", "val"}``).
@@ -182,7 +183,7 @@ def train_demo_model(
         files[split] = str(root / f"{split}.json")
         filter_file(str(layout.annotations(split)), files[split], classes, FilterOptions())
     train_from_config(
-        model={"engine": "torchvision", "architecture": "maskrcnn_resnet18_fpn"},
+        model=model or {"engine": "torchvision", "architecture": "maskrcnn_resnet18_fpn"},
         train={"device": "cpu", **train},
         classes=classes,
         train_json=files["train"],

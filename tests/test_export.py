@@ -64,19 +64,26 @@ def test_an_export_predicts_as_the_model_on_real_photos_of_other_sizes(trained, 
     model, _ = load_predictor(root / "model", device="cpu", score_threshold=0.05, max_detections=20)
     exported, _ = load_exported(root / export_format, CLASSES, "cpu", 0.05, 20)
     photos = sorted((COCO_MINI / "val2017").glob("*.jpg"))[:6]
-    shapes, found = set(), 0
+    assert {read_image(photo).shape[0] > read_image(photo).shape[1] for photo in photos} == {True, False}
+    assert predicts_alike(model, exported, photos, box_pixels=0.01, mask_share=1e-4) > 0
+
+
+def predicts_alike(model, exported, photos: list[Path], box_pixels: float, mask_share: float) -> int:
+    """Assert that the exported model finds on each photo what the model finds: as many instances,
+    boxes within ``box_pixels``, the same scores and classes, masks differing on at most
+    ``mask_share`` of their pixels. Returns the instances found."""
+    found = 0
     for photo in photos:
         image = read_image(photo)
-        shapes.add(image.shape[0] > image.shape[1])
         ours, theirs = model(image), exported(image)
-        assert len(ours) == len(theirs)
+        assert len(ours) == len(theirs), photo
         found += len(ours)
-        np.testing.assert_allclose(theirs.boxes, ours.boxes, atol=0.01)
+        np.testing.assert_allclose(theirs.boxes, ours.boxes, atol=box_pixels)
         np.testing.assert_allclose(theirs.scores, ours.scores, atol=1e-4)
         assert np.array_equal(theirs.classes, ours.classes)
         assert theirs.masks.shape == ours.masks.shape == (len(ours), *image.shape[:2])
-        assert np.count_nonzero(theirs.masks != ours.masks) <= 1e-4 * ours.masks.size
-    assert shapes == {True, False} and found > 0  # portrait and landscape photos, some without instances
+        assert np.count_nonzero(theirs.masks != ours.masks) <= mask_share * ours.masks.size
+    return found
 
 
 def test_onnx_inference_never_imports_torch_and_writes_what_the_model_writes(trained, tmp_path):
@@ -239,3 +246,51 @@ def test_the_export_command_exports_unverified_without_a_val_split_and_says_so(t
         )
         == 2
     )
+
+
+@pytest.fixture(scope="module")
+def detectron2_model(tmp_path_factory):
+    """A detectron2 R50-FPN model folder trained a few iterations on the demo (small sizes)."""
+    root = tmp_path_factory.mktemp("d2export")
+    train = {
+        "iterations": 12,
+        "images_per_batch": 2,
+        "eval_period": 0,
+        "min_size_train": [192],
+        "max_size_train": 256,
+        "min_size_test": 192,
+        "max_size_test": 256,
+    }
+    model = {
+        "engine": "detectron2",
+        "architecture": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
+        "rpn_post_nms_topk_train": 100,
+        "roi_batch_size_per_image": 32,
+    }
+    folder, layout, files = train_demo_model(
+        root, {"train": 8, "val": 6, "video_frames": 2}, train, CLASSES, model
+    )
+    return folder, layout, files
+
+
+@pytest.mark.slow
+@pytest.mark.detectron2
+@pytest.mark.parametrize("export_format", ["onnx", "torchscript"])
+def test_a_detectron2_model_exports_through_its_tracing_adapter_and_predicts_as_detectron2(
+    detectron2_model, tmp_path, export_format
+):
+    """The graph ends before the mask paste; the package resizes, scales the boxes back and pastes
+    the masks as detectron2's predictor does."""
+    folder, layout, files = detectron2_model
+    record = export_model(folder, export_format, tmp_path, files["val"], str(layout.images("val")))
+    assert record is not None and record["passed"], record
+    contract = read_contract(tmp_path, CLASSES)
+    assert (contract.engine, contract.masks, contract.first_label) == ("detectron2", "box", 0)
+    assert contract.resize == {"where": "outside", "shortest_edge": 192, "max_size": 256}
+    model, _ = load_predictor(folder, device="cpu", score_threshold=0.05, max_detections=20)
+    exported, _ = load_exported(tmp_path, CLASSES, "cpu", 0.05, 20)
+    photos = [
+        *sorted(layout.images("val").glob("*.jpg"))[:2],
+        *sorted((COCO_MINI / "val2017").glob("*.jpg"))[:2],
+    ]
+    assert predicts_alike(model, exported, photos, box_pixels=0.05, mask_share=1e-3) > 0

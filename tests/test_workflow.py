@@ -1,6 +1,7 @@
 """The Snakemake workflow, run for real: outputs, counts, and what a change replans."""
 
 import base64
+import hashlib
 import json
 import re
 import shutil
@@ -131,8 +132,10 @@ def test_coco_mini_workflow_matches_pycocotools(tmp_path):
 
 
 def test_the_default_main_job_trains_a_model_reaching_segm_ap_060(tmp_path):
-    """The embedded default, as the README runs it: data, training on the CPU, evaluation."""
+    """The embedded default, as the README runs it (plus the opt-in export): data, training on the
+    CPU, evaluation, inference, model card, exports verified against the evaluation."""
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["export"] = {"formats": ["onnx", "torchscript"]}
     snakemake(tmp_path, config, "--resources", "gpu=1")
     metrics = json.loads((tmp_path / "results/person_ball/eval/metrics.json").read_text())["retrained"]
     assert metrics["segm"]["AP"] >= 0.60, metrics["segm"]  # 0.670 on 2 cores (README)
@@ -159,8 +162,52 @@ def test_the_default_main_job_trains_a_model_reaching_segm_ap_060(tmp_path):
     assert len(predictions.anns) == summary[summary.kind == "image"].instances.sum()
     categories = [(c["name"], c["source_id"]) for c in predictions.cats.values()]
     assert categories == [("person", 1), ("sports ball", 37)]
+    for export_format in ("onnx", "torchscript"):
+        verify = json.loads(
+            (tmp_path / f"results/person_ball/export/{export_format}/verify.json").read_text()
+        )
+        val_images = len(json.loads((tmp_path / "results/person_ball/data/val.json").read_text())["images"])
+        assert verify["passed"] and verify["images"] == val_images >= 20 and verify["same_share"] >= 0.95
+        assert verify["ap"]["reference"] == {kind: metrics[kind]["AP"] for kind in ("bbox", "segm")}
+        assert max(verify["ap_difference"].values()) <= 0.005
+    check_model_card(tmp_path / "results/person_ball")
     assert "Nothing to be done" in snakemake(tmp_path, config, "--dry-run")
     check_report(tmp_path, config)
+
+
+def markdown_rows(text: str, heading: str) -> list[list[str]]:
+    """The cells of the Markdown table rows in a section of the card, separator rows left out."""
+    section = re.split(r"\n(?:## |\*\*)", text.split(f"\n{heading}\n", 1)[1], maxsplit=1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in row] for row in rows if not set(row[0].strip()) <= {"-", ":"}]
+
+
+def check_model_card(results: Path) -> None:
+    """MODEL_CARD.md holds the run's own numbers: the AP of eval/metrics.json and per_class.csv, the
+    counts of stats/counts.csv, the weights' SHA-256."""
+    card = (results / "model" / "MODEL_CARD.md").read_text()
+    metrics = json.loads((results / "eval" / "metrics.json").read_text())["retrained"]
+    ap = {(kind, name): value for kind, name, value in markdown_rows(card, "## Evaluation")[1:]}
+    for kind in ("bbox", "segm"):
+        assert ap[(kind, "all classes")] == f"{100 * metrics[kind]['AP']:.1f}"
+        for name, value in metrics["per_class"][kind].items():
+            assert ap[(kind, name)] == f"{100 * value:.1f}"
+    counts = pd.read_csv(results / "stats" / "counts.csv")
+    table = markdown_rows(card, "**train**")
+    steps = table[0][1:]
+    for name, *cells in table[1:]:
+        for step, cell in zip(steps, cells, strict=True):
+            row = counts[(counts.split == "train") & (counts.step == step) & (counts.category == name)].iloc[
+                0
+            ]
+            assert cell == f"{row.instances} ({row.images})"
+    assert steps == ["input", "filtered", "balanced"] and len(table) == 3
+    weights = hashlib.sha256((results / "model" / "model_best.pth").read_bytes()).hexdigest()
+    assert f"| weights       | model_best.pth  | {weights} |" in card
+    assert markdown_rows(card, "## Classes")[1:] == [
+        ["0", "person", "1", "1"],
+        ["1", "sports ball", "37", "37"],
+    ]
 
 
 def report_contents(html: str, name: str) -> dict:
@@ -184,6 +231,9 @@ def check_report(workdir: Path, config: dict) -> None:
     base = "results/person_ball"
     assert categories["1. Data"]["person_ball"] == [f"{base}/stats/counts.png"]
     assert categories["2. Training"]["person_ball"] == [f"{base}/model/loss.png"]
+    assert categories["5. Model card"]["person_ball"] == [f"{base}/model/model_card.html"]
+    card = embedded(results[f"{base}/model/model_card.html"]).decode()
+    assert "<h2>Intended use and known limits</h2>" in card and "<table>" in card
     assert set(categories["3. Evaluation"]["person_ball"]) == {
         f"{base}/eval/ap_table.html",
         f"{base}/eval/predictions.png",

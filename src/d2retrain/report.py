@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from d2retrain.core.fileio import write_figure, write_text_atomic
 from d2retrain.data.images import read_image
@@ -18,7 +17,7 @@ from d2retrain.infer.draw import draw_instances
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ap_table", "write_ap_table", "write_prediction_grid"]
+__all__ = ["ap_table", "ap_notes", "html_page", "write_ap_table", "write_prediction_grid"]
 
 _STYLE = """<style>
 body { font-family: sans-serif; margin: 1em; }
@@ -79,6 +78,12 @@ def ap_notes(metrics: dict[str, dict]) -> list[str]:
     return notes
 
 
+def html_page(title: str, body: str) -> str:
+    """A small standalone HTML page (the report embeds it): ``body`` is HTML, ``title`` text."""
+    head = f"<meta charset='utf-8'><title>{html.escape(title)}</title>{_STYLE}"
+    return f"<!DOCTYPE html><html><head>{head}</head><body>{body}</body></html>\n"
+
+
 def write_ap_table(metrics_path: str, per_class_path: str, html_path: str, title: str) -> None:
     """Write the AP table (see :func:`ap_table`) as a small HTML page for the report.
 
@@ -91,10 +96,8 @@ def write_ap_table(metrics_path: str, per_class_path: str, html_path: str, title
     metrics = json.loads(Path(metrics_path).read_text())
     table = ap_table(metrics, pd.read_csv(per_class_path))
     body = table.to_html(float_format="{:.1f}".format, na_rep="-", classes="ap")
-    title = html.escape(title)
     notes = "".join(f"<p>{html.escape(note)}</p>" for note in ap_notes(metrics))
-    page = f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>{_STYLE}</head>"
-    page += f"<body><h3>{title}</h3><p>COCO AP (%) on the val split.</p>{notes}{body}</body></html>\n"
+    page = html_page(title, f"<h3>{html.escape(title)}</h3><p>COCO AP (%) on the val split.</p>{notes}{body}")
     write_text_atomic(html_path, page)
     logger.info("AP table: %d rows -> %s", len(table), html_path)
 
@@ -130,6 +133,7 @@ def write_prediction_grid(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import torch
 
     from d2retrain.model.engines import load_predictor
 

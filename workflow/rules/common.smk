@@ -11,7 +11,7 @@ from d2retrain.infer.inputs import (
     first_missing_output,
     shards,
 )
-from d2retrain.core.config import val_split_defaults
+from d2retrain.core.config import allowed_values, val_split_defaults
 from d2retrain.core.layout import DemoLayout
 
 SPLITS = ["train", "val"]
@@ -21,6 +21,7 @@ wildcard_constraints:
     subset="|".join(map(re.escape, config["subsets"])),
     split="|".join(SPLITS),
     dataset="|".join(map(re.escape, config["datasets"])),
+    format="|".join(allowed_values("export.formats")),
 
 
 def cluster_resources(gpu):
@@ -106,6 +107,13 @@ def source_annotations(wildcards):
         return subset_files(wildcards.subset, "train")["annotations"]
     dataset = config["datasets"][subset_datasets(wildcards.subset)[0]]
     return dataset["all" if "all" in dataset else "train"]["annotations"]
+
+
+def subset_dataset_configs(wildcards):
+    """Params function: each dataset a subset reads, as the config gives it (the model card)."""
+    return {
+        name: config["datasets"][name] for name in subset_datasets(wildcards.subset)
+    }
 
 
 def images_of_split(split):
@@ -231,9 +239,18 @@ def data_outputs(subset):
 def model_outputs(subset):
     return [
         f"results/{subset}/model/model_final.pth",
+        f"results/{subset}/model/MODEL_CARD.md",
         f"results/{subset}/eval/metrics.json",
         f"results/{subset}/eval/ap_table.html",
         f"results/{subset}/eval/predictions.png",
+    ] + export_outputs(subset)
+
+
+def export_outputs(subset):
+    """The contract of each export the config asks for (written once the export is verified)."""
+    return [
+        f"results/{subset}/export/{export_format}/contract.json"
+        for export_format in config["export"]["formats"]
     ]
 
 

@@ -53,3 +53,36 @@ rule prediction_grid:
         code=script_code("prediction_grid"),
     script:
         "../scripts/prediction_grid.py"
+
+
+rule model_card:
+    input:
+        weights="results/{subset}/model/model_final.pth",
+        classes="results/{subset}/model/classes.json",
+        config="results/{subset}/model/config.yaml",
+        best="results/{subset}/model/best.json",
+        metrics_log="results/{subset}/model/metrics.jsonl",
+        metrics="results/{subset}/eval/metrics.json",
+        per_class="results/{subset}/eval/per_class.csv",
+        counts="results/{subset}/stats/counts.csv",
+        train="results/{subset}/data/train.json",
+        val="results/{subset}/data/val.json",
+    output:
+        card="results/{subset}/model/MODEL_CARD.md",
+        html=report(
+            "results/{subset}/model/model_card.html",
+            caption="../report/model_card.rst",
+            category="5. Model card",
+            subcategory="{subset}",
+        ),
+    log:
+        "logs/{subset}/model_card.log",
+    conda:
+        "../../envs/d2retrain.yaml"
+    resources:
+        **CPU_JOB,
+    params:
+        datasets=subset_dataset_configs,
+        code=script_code("model_card"),
+    script:
+        "../scripts/model_card.py"

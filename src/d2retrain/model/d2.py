@@ -1,14 +1,17 @@
 """The detectron2 engine's model half: its config from the specs, COCO head surgery, its predictor."""
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.model.cococlasses import coco_category_ids
+from d2retrain.model.exported import ExportedGraph
 from d2retrain.model.headsurgery import (
     WeightsError,
     check_pickle_source,
@@ -17,15 +20,23 @@ from d2retrain.model.headsurgery import (
     subset_class_rows,
 )
 from d2retrain.model.instances import Instances
-from d2retrain.model.predictor import build_then_load
+from d2retrain.model.predictor import ModelPredictor, build_then_load
 from d2retrain.model.specs import ModelSpec, SolverSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COCO_IDS", "build_config", "initial_state", "make_predictor", "Detectron2Predictor"]
+__all__ = [
+    "COCO_IDS",
+    "build_config",
+    "export_graph",
+    "initial_state",
+    "make_predictor",
+    "Detectron2Predictor",
+]
 
 # detectron2's COCO models number the 80 categories 0..79 in the order of their COCO ids.
 COCO_IDS = tuple(i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
+_OPSET = 16  # RoiAlign's coordinate_transformation_mode (detectron2's aligned=True) came in opset 16
 HEAD_LAYERS = {
     "roi_heads.box_predictor.cls_score": 1,
     "roi_heads.box_predictor.bbox_pred": 4,
@@ -190,6 +201,80 @@ class Detectron2Predictor:
                 {"image": tensor.to(self.cfg.MODEL.DEVICE), "height": image.shape[0], "width": image.shape[1]}
             )
         return [_instances(output["instances"].to("cpu")) for output in self.model(inputs)]
+
+
+def export_graph(
+    predictor: ModelPredictor, export_format: str, path: Path, example: np.ndarray
+) -> ExportedGraph:
+    """Write the model through detectron2's ``TracingAdapter`` to ``path`` (ONNX at opset 16,
+    whose RoiAlign has detectron2's half-pixel ``aligned`` boxes; TorchScript by tracing). The graph
+    takes the image resized as the predictor resizes it and returns the boxes in that image, the
+    classes, scores and each box's mask probabilities: resize, box scaling and mask paste run in
+    :mod:`d2retrain.model.exported`, as the contract says.
+
+    Args:
+        predictor: The loaded model (its score threshold and detection cap go into the graph).
+        export_format: ``onnx`` or ``torchscript``.
+        path: The file to write.
+        example: A BGR uint8 image to trace with.
+
+    Returns:
+        What the graph expects and returns.
+    """
+    from detectron2.export import TracingAdapter
+
+    loaded = cast(Detectron2Predictor, predictor)
+    cfg, model = loaded.cfg, loaded.model.eval()
+    resized = loaded._predictor.aug.get_transform(example).apply_image(example)
+    if cfg.INPUT.FORMAT == "RGB":
+        resized = resized[:, :, ::-1]
+    image = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))).float()
+
+    def inference(module, inputs):  # no postprocess: boxes stay in the resized image, masks in their box
+        return [{"instances": module.inference(inputs, do_postprocess=False)[0]}]
+
+    # built in training mode: the exporters restore the mode they found, and the model inside follows
+    adapter = TracingAdapter(model, [{"image": image}], inference).eval()
+    outputs = {  # the adapter flattens the Instances' fields in sorted order, then the image size
+        "boxes": "(K, 4) float32 x0 y0 x1 y1 in the resized image's pixels",
+        "labels": "(K,) int64 class index 0..N-1: classes[label]",
+        "masks": "(K, 1, M, M) float32 mask probabilities inside each box (pasted, >= 0.5: inside)",
+        "scores": "(K,) float32, descending",
+        "image_size": "(2,) int64 height and width of the resized image",
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings on shape arithmetic detectron2 expects
+        if export_format == "torchscript":
+            torch.jit.trace(adapter, adapter.flattened_inputs).save(str(path))
+        else:
+            torch.onnx.export(
+                adapter,
+                adapter.flattened_inputs,
+                str(path),
+                dynamo=False,
+                opset_version=_OPSET,
+                input_names=["image"],
+                output_names=list(outputs),
+                dynamic_axes={"image": [1, 2], "boxes": [0], "labels": [0], "masks": [0], "scores": [0]},
+            )
+    return ExportedGraph(
+        input={
+            "name": "image",
+            "layout": "CHW",
+            "dtype": "float32",
+            "colour": cfg.INPUT.FORMAT,
+            "range": [0, 255],
+        },
+        resize={
+            "where": "outside",
+            "shortest_edge": cfg.INPUT.MIN_SIZE_TEST,
+            "max_size": cfg.INPUT.MAX_SIZE_TEST,
+        },
+        outputs=outputs,
+        first_label=0,
+        masks="box",
+        opset=_OPSET,
+    )
 
 
 def _instances(output) -> Instances:

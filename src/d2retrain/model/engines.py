@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 import yaml
 
@@ -20,6 +21,7 @@ from d2retrain.core.config import allowed_values
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.model.cococlasses import coco_category_ids
 from d2retrain.model.evaluation import evaluate, write_evaluation
+from d2retrain.model.exported import ExportedGraph
 from d2retrain.model.predictor import ModelPredictor
 from d2retrain.model.specs import ClassInfo, ModelSpec, SolverSpec, model_spec, read_classes, solver_spec
 
@@ -62,6 +64,13 @@ class ModelEngine(Protocol):
     @property
     def make_predictor(self) -> PredictorFactory:
         """The engine's predictor class (the module's ``make_predictor``)."""
+        ...
+
+    def export_graph(
+        self, predictor: ModelPredictor, export_format: str, path: Path, example: np.ndarray
+    ) -> ExportedGraph:
+        """Write the predictor's model as ONNX or TorchScript to ``path``; what its graph expects
+        and returns (``example``: a BGR image to trace with)."""
         ...
 
     def initial_state(

@@ -8,22 +8,18 @@ torchvision's Mask R-CNN goes whole into the graph (resize, normalisation, mask 
 """
 
 import contextlib
-import copy
 import dataclasses
 import io
 import json
 import logging
-import math
 import os
-import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from pycocotools.coco import COCO
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from tqdm import tqdm
 
 from d2retrain import __version__
@@ -32,27 +28,27 @@ from d2retrain.core.fileio import temporary_beside, write_text_atomic
 from d2retrain.data.images import read_image
 from d2retrain.data.records import load_records
 from d2retrain.model.cococlasses import coco_category_ids
-from d2retrain.model.engines import load_predictor, read_model_config
+from d2retrain.model.engines import load_predictor, model_engine, read_model_config
 from d2retrain.model.evaluation import coco_ap, to_coco_results
 from d2retrain.model.exported import (
     FORMATS,
     Contract,
+    ExportedGraph,
     exported_predictor,
     file_digest,
     write_contract,
 )
 from d2retrain.model.instances import Instances, Predictor
-from d2retrain.model.predictor import ModelPredictor
 from d2retrain.model.specs import ClassInfo, ModelSpec, SolverSpec, read_classes
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = ["ExportError", "AP_TOLERANCE", "MIN_SAME_SHARE", "VERIFY_SCORE", "export_model", "verify_export"]
 
 AP_TOLERANCE = 0.005  # exported segm and bbox AP within this of the PyTorch model's
 MIN_SAME_SHARE = 0.95  # share of val images with the same detections at VERIFY_SCORE
 VERIFY_SCORE = 0.5
-OPSET = 11
 _EXPORT_SCORE, _EXPORT_DETECTIONS = 0.05, 100  # what the evaluation keeps: AP is comparable
 
 
@@ -102,9 +98,15 @@ def export_model(
     output.mkdir(parents=True, exist_ok=True)
     example = _example_image(val_json, val_images, solver)
     path = output / f"model.{export_format}"
-    exporter = _EXPORTERS[info.engine]
-    contract = exporter(predictor, export_format, path, example, spec, solver, info)
-    contract = dataclasses.replace(contract, source=_source(model_dir, info))
+    graph = _write_atomically(
+        path,
+        lambda temporary: model_engine(info.engine).export_graph(
+            predictor, export_format, temporary, example
+        ),
+    )
+    contract = dataclasses.replace(
+        _contract(export_format, path, info, spec, graph), source=_source(model_dir, info)
+    )
     logger.info("exported %s to %s (%.1f MB)", model_dir, path, contract.bytes / 1e6)
     record = None
     if val_json is None or val_images is None:
@@ -141,108 +143,24 @@ def _source(model_dir: str | os.PathLike[str], info: ClassInfo) -> dict[str, Any
     }
 
 
-def _write_atomically(path: Path, write: Any) -> None:
-    """``write(temporary)``, then the temporary renamed onto ``path``."""
+def _write_atomically(path: Path, write: Callable[[Path], T]) -> T:
+    """``write(temporary)``, then the temporary renamed onto ``path``; returns what ``write`` did."""
     temporary = temporary_beside(path)
     try:
-        write(temporary)
+        result = write(temporary)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-
-
-def _torchvision_export(
-    predictor: ModelPredictor,
-    export_format: str,
-    path: Path,
-    example: np.ndarray,
-    spec: ModelSpec,
-    solver: SolverSpec,
-    info: ClassInfo,
-) -> Contract:
-    """The whole torchvision model (resize, normalisation and mask paste inside) in one file."""
-    model = predictor.model.eval()
-    tensor = torch.from_numpy(np.ascontiguousarray(example[:, :, ::-1].transpose(2, 0, 1))).float() / 255
-    outputs = ["boxes", "labels", "scores", "masks"]
-
-    def write(temporary: Path) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the tracer's warnings on shape arithmetic torchvision expects
-            if export_format == "torchscript":
-                torch.jit.script(_with_resize(model, _ScriptedResize)).save(str(temporary))
-            else:
-                torch.onnx.export(
-                    model,
-                    ([tensor],),
-                    str(temporary),
-                    dynamo=False,
-                    opset_version=OPSET,
-                    input_names=["image"],
-                    output_names=outputs,
-                    dynamic_axes={
-                        "image": [1, 2],
-                        "boxes": [0],
-                        "labels": [0],
-                        "scores": [0],
-                        "masks": [0, 2, 3],
-                    },
-                )
-
-    _write_atomically(path, write)
-    return _contract(
-        export_format,
-        path,
-        info,
-        spec,
-        input_spec={"name": "image", "layout": "CHW", "dtype": "float32", "colour": "RGB", "range": [0, 1]},
-        resize={"where": "inside", "shortest_edge": solver.min_size_test, "max_size": solver.max_size_test},
-        outputs={
-            "boxes": "(K, 4) float32 x0 y0 x1 y1 in input image pixels",
-            "labels": "(K,) int64 class index 1..N (0 is the background), classes[label - 1]",
-            "scores": "(K,) float32, descending",
-            "masks": "(K, 1, H, W) float32 mask probability at the input's size (> 0.5: inside)",
-        },
-        masks="image",
-    )
-
-
-class _ScriptedResize(GeneralizedRCNNTransform):
-    """torchvision's transform, resizing in TorchScript as it does in Python: to the size computed
-    in double precision and floored. torchvision's scripted path computes the scale in float32: a
-    640x426 photo at shortest edge 192 came out 191 rows high, and every prediction moved."""
-
-    def resize(
-        self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        height, width = image.shape[-2], image.shape[-1]
-        scale = min(float(self.min_size[-1]) / min(height, width), float(self.max_size) / max(height, width))
-        size = [math.floor(height * scale), math.floor(width * scale)]
-        resized = torch.nn.functional.interpolate(
-            image[None], size=size, mode="bilinear", align_corners=False
-        )
-        return resized[0], target  # inference only: no target boxes or masks to resize
-
-
-def _with_resize(model: torch.nn.Module, transform: type[GeneralizedRCNNTransform]) -> torch.nn.Module:
-    """A copy of a torchvision detection model whose transform resizes as ``transform`` does."""
-    copied = copy.deepcopy(model)
-    copied.transform.__class__ = transform
-    return copied
+    return result
 
 
 def _contract(
-    export_format: str,
-    path: Path,
-    info: ClassInfo,
-    spec: ModelSpec,
-    input_spec: dict[str, Any],
-    resize: dict[str, Any],
-    outputs: dict[str, str],
-    masks: str,
+    export_format: str, path: Path, info: ClassInfo, spec: ModelSpec, graph: ExportedGraph
 ) -> Contract:
+    """The contract of a model file, from what the engine's graph expects and returns."""
     versions: dict[str, Any] = {"d2retrain": __version__, "torch": torch.__version__}
     if export_format == "onnx":
-        versions["opset"] = OPSET
+        versions["opset"] = graph.opset
     return Contract(
         format=export_format,
         file=path.name,
@@ -252,24 +170,16 @@ def _contract(
         classes=list(info.classes),
         source_ids=list(info.source_ids),
         coco_ids=list(coco_category_ids(info.classes, spec.coco_names)),
-        input=input_spec,
-        resize=resize,
         score_threshold=_EXPORT_SCORE,
         max_detections=_EXPORT_DETECTIONS,
-        outputs=outputs,
-        masks=masks,
         source={},
         versions=versions,
+        input=graph.input,
+        resize=graph.resize,
+        outputs=graph.outputs,
+        first_label=graph.first_label,
+        masks=graph.masks,
     )
-
-
-def _detectron2_export(*args: Any) -> Contract:
-    from d2retrain.model.d2export import detectron2_export
-
-    return detectron2_export(*args)
-
-
-_EXPORTERS = {"torchvision": _torchvision_export, "detectron2": _detectron2_export}
 
 
 def verify_export(

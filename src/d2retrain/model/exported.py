@@ -31,6 +31,7 @@ __all__ = [
     "CONTRACT",
     "FORMATS",
     "Contract",
+    "ExportedGraph",
     "is_export",
     "read_contract",
     "write_contract",
@@ -55,7 +56,7 @@ class Contract:
         sha256: The model file's SHA-256, checked at load.
         bytes: Its size.
         engine: The engine that trained it.
-        classes: Class names in model order (labels 1..N, 0 is the background).
+        classes: Class names in model order (label ``first_label + index``).
         source_ids: Each class's category id in the training data.
         coco_ids: Each class's row in COCO's 91 (None: not a COCO category).
         input: The image tensor: name, layout, dtype, colour order and value range.
@@ -63,7 +64,9 @@ class Contract:
             to be done before it (detectron2's ResizeShortestEdge; outputs then scaled back).
         score_threshold: Lowest score the graph keeps (a predictor may only raise it).
         max_detections: Most instances the graph returns per image (a predictor may only lower it).
-        outputs: Output tensor name -> meaning, in the graph's order.
+        outputs: Output tensor name -> meaning, in the graph's order (``detections``: torchvision's
+            scripted model, which returns them in a dict).
+        first_label: The label of the first class (1 for torchvision, whose 0 is the background).
         masks: ``image``: per-instance probabilities at the image's size; ``box``: 28x28-like
             probabilities inside each box, pasted by :func:`paste_masks`.
         source: The model folder it was exported from: weights file, its SHA-256, iteration.
@@ -83,9 +86,23 @@ class Contract:
     score_threshold: float
     max_detections: int
     outputs: dict[str, str]
+    first_label: int
     masks: str
     source: dict[str, Any]
     versions: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportedGraph:
+    """What an engine's exported graph expects and returns: its part of the :class:`Contract`
+    (fields of the same names), and the ONNX opset it was exported at."""
+
+    input: dict[str, Any]
+    resize: dict[str, Any]
+    outputs: dict[str, str]
+    first_label: int
+    masks: str
+    opset: int
 
 
 def is_export(folder: str | os.PathLike[str]) -> bool:
@@ -221,8 +238,11 @@ def exported_predictor(
     if max_detections > contract.max_detections:
         logger.warning("the export returns at most %d instances per image", contract.max_detections)
     path = Path(folder) / contract.file
-    runner = _OnnxRunner if contract.format == "onnx" else _TorchScriptRunner
-    return _ExportedPredictor(runner(path, device, threads), contract, score_threshold, max_detections)
+    if contract.format == "onnx":
+        runner: Any = _OnnxRunner(path, device, threads)
+    else:
+        runner = _TorchScriptRunner(path, device, threads, list(contract.outputs))
+    return _ExportedPredictor(runner, contract, score_threshold, max_detections)
 
 
 class _OnnxRunner:
@@ -248,15 +268,18 @@ class _OnnxRunner:
         except Exception as error:  # onnxruntime raises its own Fail/InvalidProtobuf classes
             raise ModelFolderError(f"{path}: onnxruntime cannot load it ({error}); export it again") from None
         self.input = self.session.get_inputs()[0].name
+        self.outputs = [output.name for output in self.session.get_outputs()]
 
-    def __call__(self, tensor: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(None, {self.input: tensor})
+    def __call__(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(self.outputs, self.session.run(None, {self.input: tensor}), strict=True))
 
 
 class _TorchScriptRunner:
-    """The TorchScript module (``torch.jit.load``): a list of one CHW tensor in, arrays out."""
+    """The TorchScript module (``torch.jit.load``): torchvision's scripted model takes a list of
+    CHW tensors and returns (losses, detections); detectron2's traced adapter takes the tensor and
+    returns the contract's outputs in order."""
 
-    def __init__(self, path: Path, device: str, threads: int) -> None:
+    def __init__(self, path: Path, device: str, threads: int, names: Sequence[str]) -> None:
         import torch
         import torchvision  # noqa: F401  registers the torchvision::nms and roi_align operators it calls
 
@@ -272,15 +295,19 @@ class _TorchScriptRunner:
             raise ModelFolderError(
                 f"{path}: torch.jit.load cannot load it ({error}); export it again"
             ) from None
+        self.names = list(names)
 
-    def __call__(self, tensor: np.ndarray) -> list[np.ndarray]:
+    def __call__(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
         import torch
 
+        image = torch.from_numpy(tensor).to(self.device)
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "RCNN always returns a (Losses, Detections) tuple"
-            outputs = self.module([torch.from_numpy(tensor).to(self.device)])
-        detections = outputs[1][0] if isinstance(outputs, tuple) else outputs[0]  # (losses, detections)
-        return [detections[key].cpu().numpy() for key in ("boxes", "labels", "scores", "masks")]
+            if self.names[0] == "detections":  # torchvision: (losses, [{"boxes", ...}])
+                return {key: value.cpu().numpy() for key, value in self.module([image])[1][0].items()}
+            return {
+                name: value.cpu().numpy() for name, value in zip(self.names, self.module(image), strict=True)
+            }
 
 
 class _ExportedPredictor:
@@ -294,23 +321,31 @@ class _ExportedPredictor:
         """Predict one BGR uint8 image."""
         height, width = image_bgr.shape[:2]
         image, scale = _prepared(image_bgr, self.contract)
-        boxes, labels, scores, masks = self.runner(image)
-        keep = np.flatnonzero(scores >= self.score_threshold)
+        found = self.runner(image)
+        scores = found["scores"]
+        boxes = np.clip(found["boxes"].astype(np.float32) / scale, 0, [width, height, width, height])
+        keep = np.flatnonzero((scores >= self.score_threshold) & _nonempty(boxes))
         keep = keep[np.argsort(-scores[keep], kind="stable")][: self.max_detections]
-        boxes, masks = boxes[keep].astype(np.float32) / scale, masks[keep][:, 0]
-        boxes = np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
-        if self.contract.masks == "box":
-            masks = paste_masks(masks, boxes, height, width)
+        boxes, masks = boxes[keep].astype(np.float32), found["masks"][keep][:, 0]
+        if self.contract.masks == "box":  # detectron2: probabilities in the box, pasted; >= 0.5 inside
+            inside = paste_masks(masks, boxes, height, width) >= 0.5
+        else:  # torchvision: pasted in the graph; > 0.5 inside
+            inside = masks > 0.5
         return Instances(
             boxes=boxes.reshape(-1, 4),
             scores=scores[keep].astype(np.float32),
-            classes=labels[keep].astype(np.int64) - 1,
-            masks=(masks > 0.5).reshape(-1, height, width),
+            classes=found["labels"][keep].astype(np.int64) - self.contract.first_label,
+            masks=inside.reshape(-1, height, width),
         )
 
     def predict_batch(self, images_bgr: Sequence[np.ndarray]) -> list[Instances]:
         """Predict images one by one (the exported graphs take one image)."""
         return [self(image) for image in images_bgr]
+
+
+def _nonempty(boxes: np.ndarray) -> np.ndarray:
+    """Boxes with a positive width and height (detectron2 drops the others once clipped)."""
+    return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
 
 
 def _prepared(image_bgr: np.ndarray, contract: Contract) -> tuple[np.ndarray, np.ndarray]:
