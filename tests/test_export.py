@@ -13,10 +13,11 @@ import pytest
 from conftest import COCO_MINI, REPO, train_demo_model
 
 from d2retrain.cli import main
+from d2retrain.core.fileio import file_digest
 from d2retrain.data.images import read_image
 from d2retrain.model.engines import load_predictor
 from d2retrain.model.export import ExportError, export_model, verify_export
-from d2retrain.model.exported import CONTRACT, file_digest, load_exported, read_contract
+from d2retrain.model.exported import CONTRACT, load_exported, read_contract
 from d2retrain.model.instances import Instances
 from d2retrain.model.specs import ModelFolderError
 

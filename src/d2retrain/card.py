@@ -12,9 +12,8 @@ import pandas as pd
 import yaml
 
 from d2retrain import __version__
-from d2retrain.core.fileio import write_text_atomic
+from d2retrain.core.fileio import file_digest, write_text_atomic
 from d2retrain.model.cococlasses import coco_category_ids
-from d2retrain.model.exported import file_digest
 from d2retrain.model.specs import ClassInfo, read_classes
 from d2retrain.report import ap_notes, ap_table, html_page
 

@@ -2,6 +2,7 @@
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import re
@@ -19,6 +20,7 @@ if TYPE_CHECKING:  # matplotlib costs ~0.3 s to import: only commands that plot 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "file_digest",
     "NoSpaceError",
     "atomic_open",
     "link_or_copy",
@@ -137,6 +139,15 @@ def link_or_copy(source: str | os.PathLike[str], target: str | os.PathLike[str])
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
         raise
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:

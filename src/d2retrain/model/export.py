@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from d2retrain import __version__
 from d2retrain.core.errors import D2RetrainError
-from d2retrain.core.fileio import temporary_beside, write_text_atomic
+from d2retrain.core.fileio import file_digest, temporary_beside, write_text_atomic
 from d2retrain.data.images import read_image
 from d2retrain.data.records import load_records
 from d2retrain.model.cococlasses import coco_category_ids
@@ -35,7 +35,6 @@ from d2retrain.model.exported import (
     Contract,
     ExportedGraph,
     exported_predictor,
-    file_digest,
     write_contract,
 )
 from d2retrain.model.instances import Instances, Predictor

@@ -7,7 +7,6 @@ any image is read. :mod:`d2retrain.model.export` writes them.
 """
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from d2retrain.core.config import allowed_values
-from d2retrain.core.fileio import write_text_atomic
+from d2retrain.core.fileio import file_digest, write_text_atomic
 from d2retrain.model.instances import Instances, Predictor
 from d2retrain.model.specs import ModelFolderError, read_classes
 
@@ -35,7 +34,6 @@ __all__ = [
     "is_export",
     "read_contract",
     "write_contract",
-    "file_digest",
     "model_classes",
     "load_exported",
     "exported_predictor",
@@ -119,15 +117,6 @@ def is_export(folder: str | os.PathLike[str]) -> bool:
             f"folder (no {CONTRACT}, see d2retrain export)"
         )
     return False
-
-
-def file_digest(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_contract(folder: str | os.PathLike[str], contract: Contract) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from d2retrain.core.config import section_defaults
 from d2retrain.core.errors import CategoryError, D2RetrainError
-from d2retrain.core.fileio import write_text_atomic
+from d2retrain.core.fileio import file_digest, write_text_atomic
 from d2retrain.data.coco import read_coco
 from d2retrain.data.filtering import resolve_categories
 
@@ -292,14 +292,6 @@ class ClassInfo:
     model_file: str = "model_final.pth"  # the trained weights the folder serves (train.keep)
 
 
-def _file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fingerprint(job: TrainJob) -> str:
     """Hash of everything that shapes the model: specs, classes and training data bytes.
 
@@ -310,10 +302,10 @@ def fingerprint(job: TrainJob) -> str:
         "solver": dataclasses.asdict(job.solver),
         "classes": list(job.classes),
         "source_ids": list(job.source_ids),
-        "train": _file_digest(job.train_json),
+        "train": file_digest(job.train_json),
     }
     if job.repeat_factors is not None:  # balance: repeat: the factors decide what trains
-        content["repeat_factors"] = _file_digest(job.repeat_factors)
+        content["repeat_factors"] = file_digest(job.repeat_factors)
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:20]
 
 
