@@ -54,6 +54,11 @@ def test_an_export_is_verified_on_the_val_split_and_its_contract_describes_it(tr
     assert contract.file == model_file.name and contract.sha256 == file_digest(model_file)
     assert (contract.classes, contract.source_ids, contract.coco_ids) == (CLASSES, [1, 37], [1, 37])
     assert contract.input["colour"] == "RGB" and contract.resize["where"] == "inside"
+    assert (contract.masks, contract.first_label, list(contract.outputs)) == (
+        "torchvision_paste",
+        1,
+        ["boxes", "labels", "scores", "masks"],
+    )
     assert contract.source["weights_sha256"] == file_digest(root / "model" / contract.source["weights"])
 
 
@@ -193,12 +198,14 @@ def test_a_broken_or_mismatched_export_is_refused_with_a_clear_message(
 
 
 def test_a_failed_verification_fails_the_export_and_leaves_no_usable_folder(trained, tmp_path):
+    """Even where an earlier export had passed: its contract goes before the new file is written."""
     root, _, val, _ = trained
     metrics = json.loads((root / "onnx" / "verify.json").read_text())["ap"]["pytorch"]
     reference = tmp_path / "metrics.json"  # an evaluation 0.01 AP above what the model reaches
     reference.write_text(
         json.dumps({"retrained": {kind: {"AP": metrics[kind] + 0.01} for kind in ("bbox", "segm")}})
     )
+    shutil.copytree(root / "onnx", tmp_path / "onnx")  # a verified export there before
     with pytest.raises(ExportError, match=r"segm AP .* more than 0.005 apart"):
         export_model(root / "model", "onnx", tmp_path / "onnx", *val, reference_metrics=str(reference))
     assert json.loads((tmp_path / "onnx" / "verify.json").read_text())["passed"] is False
@@ -286,7 +293,7 @@ def test_a_detectron2_model_exports_through_its_tracing_adapter_and_predicts_as_
     record = export_model(folder, export_format, tmp_path, files["val"], str(layout.images("val")))
     assert record is not None and record["passed"], record
     contract = read_contract(tmp_path, CLASSES)
-    assert (contract.engine, contract.masks, contract.first_label) == ("detectron2", "box", 0)
+    assert (contract.engine, contract.masks, contract.first_label) == ("detectron2", "detectron2_paste", 0)
     assert contract.resize == {"where": "outside", "shortest_edge": 192, "max_size": 256}
     model, _ = load_predictor(folder, device="cpu", score_threshold=0.05, max_detections=20)
     exported, _ = load_exported(tmp_path, CLASSES, "cpu", 0.05, 20)

@@ -272,7 +272,7 @@ def export_graph(
         },
         outputs=outputs,
         first_label=0,
-        masks="box",
+        masks="detectron2_paste",
         opset=_OPSET,
     )
 

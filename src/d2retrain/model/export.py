@@ -31,6 +31,7 @@ from d2retrain.model.cococlasses import coco_category_ids
 from d2retrain.model.engines import load_predictor, model_engine, read_model_config
 from d2retrain.model.evaluation import coco_ap, to_coco_results
 from d2retrain.model.exported import (
+    CONTRACT,
     FORMATS,
     Contract,
     ExportedGraph,
@@ -95,6 +96,8 @@ def export_model(
     )
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    for stale in (CONTRACT, "verify.json"):  # an earlier export's: the folder is not usable until verified
+        (output / stale).unlink(missing_ok=True)
     example = _example_image(val_json, val_images, solver)
     path = output / f"model.{export_format}"
     graph = _write_atomically(

@@ -9,6 +9,7 @@ any image is read. :mod:`d2retrain.model.export` writes them.
 import dataclasses
 import json
 import logging
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -65,8 +66,8 @@ class Contract:
         outputs: Output tensor name -> meaning, in the graph's order (``detections``: torchvision's
             scripted model, which returns them in a dict).
         first_label: The label of the first class (1 for torchvision, whose 0 is the background).
-        masks: ``image``: per-instance probabilities at the image's size; ``box``: 28x28-like
-            probabilities inside each box, pasted by :func:`paste_masks`.
+        masks: How the per-box mask probabilities are pasted into the image (by
+            :func:`paste_masks`, outside the graph): ``torchvision_paste`` or ``detectron2_paste``.
         source: The model folder it was exported from: weights file, its SHA-256, iteration.
         versions: Of the exporter's packages and the ONNX opset.
     """
@@ -264,9 +265,8 @@ class _OnnxRunner:
 
 
 class _TorchScriptRunner:
-    """The TorchScript module (``torch.jit.load``): torchvision's scripted model takes a list of
-    CHW tensors and returns (losses, detections); detectron2's traced adapter takes the tensor and
-    returns the contract's outputs in order."""
+    """The TorchScript module (``torch.jit.load``): the image tensor in, the contract's outputs out,
+    in order."""
 
     def __init__(self, path: Path, device: str, threads: int, names: Sequence[str]) -> None:
         import torch
@@ -315,11 +315,10 @@ class _ExportedPredictor:
         boxes = np.clip(found["boxes"].astype(np.float32) / scale, 0, [width, height, width, height])
         keep = np.flatnonzero((scores >= self.score_threshold) & _nonempty(boxes))
         keep = keep[np.argsort(-scores[keep], kind="stable")][: self.max_detections]
-        boxes, masks = boxes[keep].astype(np.float32), found["masks"][keep][:, 0]
-        if self.contract.masks == "box":  # detectron2: probabilities in the box, pasted; >= 0.5 inside
-            inside = paste_masks(masks, boxes, height, width) >= 0.5
-        else:  # torchvision: pasted in the graph; > 0.5 inside
-            inside = masks > 0.5
+        boxes = boxes[keep].astype(np.float32)
+        pasted = paste_masks(found["masks"][keep][:, 0], boxes, height, width, self.contract.masks)
+        # as each engine's predictor thresholds: detectron2 >= 0.5, torchvision (this package) > 0.5
+        inside = pasted >= 0.5 if self.contract.masks == "detectron2_paste" else pasted > 0.5
         return Instances(
             boxes=boxes.reshape(-1, 4),
             scores=scores[keep].astype(np.float32),
@@ -363,34 +362,66 @@ def _shortest_edge(height: int, width: int, shortest_edge: int, max_size: int, *
     return int(new_height + 0.5), int(new_width + 0.5)
 
 
-def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Paste per-box mask probabilities (``(K, M, M)``) into ``(K, height, width)`` images, as
-    detectron2's ``paste_masks_in_image`` does (bilinear, pixel centres, zero outside the box).
+def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int, method: str) -> np.ndarray:
+    """Paste per-box mask probabilities (``(K, M, M)``) into ``(K, height, width)`` images as the
+    engine that trained them does: ``torchvision_paste`` (its ``paste_masks_in_image``: the mask
+    padded by one cell, the box grown to match and cut to whole pixels, a bilinear resize) or
+    ``detectron2_paste`` (its ``paste_masks_in_image`` on a CPU: bilinear sampling at pixel centres,
+    zero outside, within the box's whole pixels and one more on each side).
 
     Args:
         masks: Probabilities inside each box.
         boxes: ``(K, 4)`` x0 y0 x1 y1 in image pixels.
         height: Image height.
         width: Image width.
+        method: ``torchvision_paste`` or ``detectron2_paste``.
 
     Returns:
         Float probabilities.
     """
+    paste = _paste_torchvision if method == "torchvision_paste" else _paste_detectron2
     pasted = np.zeros((len(masks), height, width), np.float32)
-    for index, (mask, box) in enumerate(zip(masks, boxes, strict=True)):
-        x0, y0, x1, y1 = (float(v) for v in box)
-        box_width, box_height = max(x1 - x0, 1e-3), max(y1 - y0, 1e-3)
-        columns = np.arange(width, dtype=np.float32) + 0.5
-        rows = np.arange(height, dtype=np.float32) + 0.5
-        # pixel centre -> mask grid position (M cells over the box): grid_sample(align_corners=False)
-        map_x = np.tile((columns - x0) / box_width * mask.shape[1] - 0.5, (height, 1))
-        map_y = np.tile(((rows - y0) / box_height * mask.shape[0] - 0.5)[:, None], (1, width))
-        pasted[index] = cv2.remap(
-            mask.astype(np.float32),
-            map_x,
-            map_y,
-            cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=0,
-        )
+    for index, (mask, box) in enumerate(zip(masks.astype(np.float32), boxes.astype(np.float32), strict=True)):
+        paste(mask, box, pasted[index])
     return pasted
+
+
+def _paste_torchvision(mask: np.ndarray, box: np.ndarray, image: np.ndarray) -> None:
+    size = mask.shape[-1]
+    padded = np.pad(mask, 1)
+    scale = np.float32((size + 2) / size)
+    centre, half = (box[:2] + box[2:]) * np.float32(0.5), (box[2:] - box[:2]) * np.float32(0.5) * scale
+    x0, y0, x1, y1 = np.concatenate([centre - half, centre + half]).astype(
+        np.int64
+    )  # truncated, as .to(int64)
+    resized = cv2.resize(
+        padded, (max(int(x1 - x0 + 1), 1), max(int(y1 - y0 + 1), 1)), interpolation=cv2.INTER_LINEAR
+    )
+    height, width = image.shape
+    left, right, top, bottom = max(x0, 0), min(x1 + 1, width), max(y0, 0), min(y1 + 1, height)
+    if left < right and top < bottom:
+        image[top:bottom, left:right] = resized[top - y0 : bottom - y0, left - x0 : right - x0]
+
+
+def _paste_detectron2(mask: np.ndarray, box: np.ndarray, image: np.ndarray) -> None:
+    height, width = image.shape
+    x0, y0, x1, y1 = (float(value) for value in box)
+    left, top = max(math.floor(x0) - 1, 0), max(math.floor(y0) - 1, 0)
+    right, bottom = min(math.ceil(x1) + 1, width), min(math.ceil(y1) + 1, height)
+    if left >= right or top >= bottom:
+        return
+    columns = np.arange(left, right, dtype=np.float32) + 0.5
+    rows = np.arange(top, bottom, dtype=np.float32) + 0.5
+    # pixel centre -> mask grid position (M cells over the box): grid_sample(align_corners=False)
+    grid_x = ((columns - x0) / (x1 - x0) * mask.shape[1] - 0.5).astype(np.float32)
+    grid_y = ((rows - y0) / (y1 - y0) * mask.shape[0] - 0.5).astype(np.float32)
+    map_x = np.broadcast_to(grid_x, (len(rows), len(columns)))
+    map_y = np.broadcast_to(grid_y[:, None], (len(rows), len(columns)))
+    image[top:bottom, left:right] = cv2.remap(
+        mask,
+        np.ascontiguousarray(map_x),
+        np.ascontiguousarray(map_y),
+        cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
+    )

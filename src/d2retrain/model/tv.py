@@ -18,7 +18,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -247,9 +247,12 @@ class TorchvisionPredictor:
 def export_graph(
     predictor: ModelPredictor, export_format: str, path: Path, example: np.ndarray
 ) -> ExportedGraph:
-    """Write the whole model (resize, normalisation and mask paste inside) to ``path``: ONNX by
-    ``torch.onnx.export(dynamo=False, opset_version=11)`` (the dynamo exporter fails in
-    ``torch.export`` on this model), TorchScript by ``torch.jit.script``.
+    """Write the model, from the image to each box's mask probabilities (resize and normalisation
+    inside), to ``path``: ONNX by ``torch.onnx.export(dynamo=False, opset_version=11)`` (the dynamo
+    exporter fails in ``torch.export`` on this model), TorchScript by ``torch.jit.script``. The
+    masks are pasted outside the graph, for the kept instances only
+    (:func:`d2retrain.model.exported.paste_masks`): pasted inside, every instance above the graph's
+    0.05 went into a full-size float image, 100 x 720 x 1280 floats a frame.
 
     Args:
         predictor: The loaded model (its score threshold and detection cap go into the graph).
@@ -260,48 +263,64 @@ def export_graph(
     Returns:
         What the graph expects and returns.
     """
-    model = predictor.model.eval()
-    detections = {
+    model = cast(MaskRCNN, predictor.model.eval())
+    outputs = {
         "boxes": "(K, 4) float32 x0 y0 x1 y1 in input image pixels",
         "labels": "(K,) int64 class index 1..N (0 is the background): classes[label - 1]",
         "scores": "(K,) float32, descending",
-        "masks": "(K, 1, H, W) float32 mask probability at the input's size (> 0.5: inside)",
+        "masks": "(K, 1, M, M) float32 mask probabilities inside each box (pasted, > 0.5: inside)",
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's warnings on shape arithmetic torchvision expects
         if export_format == "torchscript":
-            torch.jit.script(_with_resize(model, _ScriptedResize)).save(str(path))
-            listed = ", ".join(f"{key}: {text}" for key, text in detections.items())
-            detections = {"detections": f"(losses, [dict of {listed}]): the scripted model's return"}
+            torch.jit.script(_Unpasted(model, scripted=True)).save(str(path))
         else:
             image = (
                 torch.from_numpy(np.ascontiguousarray(example[:, :, ::-1].transpose(2, 0, 1))).float() / 255
             )
             torch.onnx.export(
-                model,
-                ([image],),
+                _Unpasted(model, scripted=False),
+                (image,),
                 str(path),
                 dynamo=False,
                 opset_version=_OPSET,
                 input_names=["image"],
-                output_names=list(detections),
-                dynamic_axes={
-                    "image": [1, 2],
-                    "boxes": [0],
-                    "labels": [0],
-                    "scores": [0],
-                    "masks": [0, 2, 3],
-                },
+                output_names=list(outputs),
+                dynamic_axes={"image": [1, 2], "boxes": [0], "labels": [0], "scores": [0], "masks": [0]},
             )
     transform = cast(GeneralizedRCNNTransform, model.transform)
     return ExportedGraph(
         input={"name": "image", "layout": "CHW", "dtype": "float32", "colour": "RGB", "range": [0, 1]},
         resize={"where": "inside", "shortest_edge": transform.min_size[-1], "max_size": transform.max_size},
-        outputs=detections,
+        outputs=outputs,
         first_label=1,
-        masks="image",
+        masks="torchvision_paste",
         opset=_OPSET,
     )
+
+
+class _Unpasted(nn.Module):
+    """torchvision's Mask R-CNN on one image up to each box's mask probabilities: its forward
+    (``GeneralizedRCNN.forward`` in eval mode) with the boxes scaled back to the image as its
+    ``postprocess`` does, the masks left unpasted."""
+
+    def __init__(self, model: MaskRCNN, scripted: bool) -> None:
+        super().__init__()
+        self.transform = copy.deepcopy(model.transform)
+        if scripted:  # torchvision's scripted resize floors a float32 scale (see _ScriptedResize)
+            self.transform.__class__ = _ScriptedResize
+        self.backbone, self.rpn, self.roi_heads = model.backbone, model.rpn, model.roi_heads
+        self.eval()  # the exporters restore the mode they found, and the shared modules follow it
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        original = image.shape[-2:]
+        images, _ = self.transform([image])
+        features = self.backbone(images.tensors)
+        proposals, _ = self.rpn(images, features)
+        detections, _ = self.roi_heads(features, proposals, images.image_sizes)
+        found = detections[0]
+        boxes = resize_boxes(found["boxes"], images.image_sizes[0], [original[0], original[1]])
+        return boxes, found["labels"], found["scores"], found["masks"]
 
 
 class _ScriptedResize(GeneralizedRCNNTransform):
@@ -319,13 +338,6 @@ class _ScriptedResize(GeneralizedRCNNTransform):
             image[None], size=size, mode="bilinear", align_corners=False
         )
         return resized[0], target  # inference only: no target boxes or masks to resize
-
-
-def _with_resize(model: torch.nn.Module, transform: type[GeneralizedRCNNTransform]) -> torch.nn.Module:
-    """A copy of a torchvision detection model whose transform resizes as ``transform`` does."""
-    copied = copy.deepcopy(model)
-    copied.transform.__class__ = transform
-    return copied
 
 
 make_predictor = TorchvisionPredictor  # the engine contract's predictor factory
