@@ -11,6 +11,7 @@ import av
 import numpy as np
 import pytest
 from conftest import COCO_MINI, REPO, train_demo_model
+from pycocotools import mask as mask_utils
 
 from d2retrain.cli import main
 from d2retrain.core.fileio import file_digest
@@ -21,6 +22,7 @@ from d2retrain.model.exported import CONTRACT, load_exported, read_contract
 from d2retrain.model.instances import Instances
 from d2retrain.model.specs import ModelFolderError
 
+pytestmark = pytest.mark.slow  # every test here reads a model trained for it
 CLASSES = ["person", "sports ball"]
 
 
@@ -37,7 +39,6 @@ def trained(tmp_path_factory):
     return root, layout, val, records
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("export_format", ["onnx", "torchscript"])
 def test_an_export_is_verified_on_the_val_split_and_its_contract_describes_it(trained, export_format):
     root, _, _, records = trained
@@ -62,7 +63,6 @@ def test_an_export_is_verified_on_the_val_split_and_its_contract_describes_it(tr
     assert contract.source["weights_sha256"] == file_digest(root / "model" / contract.source["weights"])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("export_format", ["onnx", "torchscript"])
 def test_an_export_predicts_as_the_model_on_real_photos_of_other_sizes(trained, export_format):
     """The graph was traced on one 256x192 demo image; COCO photos, portrait and landscape, go through it."""
@@ -145,6 +145,8 @@ def _same_instances(ours: list[dict], theirs: list[dict]) -> None:
     for mine, other in zip(ours, theirs, strict=True):
         assert np.allclose(mine["bbox"], other["bbox"], atol=0.02)
         assert abs(mine["score"] - other["score"]) < 1e-4
+        masks = [mask_utils.decode(instance["segmentation"]).astype(bool) for instance in (mine, other)]
+        assert np.count_nonzero(masks[0] != masks[1]) <= 1e-4 * masks[0].size
 
 
 @pytest.mark.parametrize(
@@ -156,6 +158,8 @@ def _same_instances(ours: list[dict], theirs: list[dict]) -> None:
         ("other_classes", "exported for classes ['person', 'sports ball'], not ['person', 'car']"),
         ("not_onnx", "onnxruntime cannot load it"),
         ("bad_contract", "contract.json: unreadable"),
+        ("old_masks", "masks 'image' is not one this version follows"),
+        ("failed", "its export failed verification (see"),
     ],
 )
 def test_a_broken_or_mismatched_export_is_refused_with_a_clear_message(
@@ -182,6 +186,11 @@ def test_a_broken_or_mismatched_export_is_refused_with_a_clear_message(
         contract_file.write_text(json.dumps(contract))
     elif damage == "bad_contract":
         contract_file.write_text(contract_file.read_text()[:100])
+    elif damage == "old_masks":  # an export whose graph pasted the masks itself
+        contract_file.write_text(json.dumps(json.loads(contract_file.read_text()) | {"masks": "image"}))
+    elif damage == "failed":  # what a failed verification leaves
+        contract_file.unlink()
+        (folder / "verify.json").write_text(json.dumps({"passed": False}))
     arguments = [
         "infer",
         "--model",
@@ -281,7 +290,6 @@ def detectron2_model(tmp_path_factory):
     return folder, layout, files
 
 
-@pytest.mark.slow
 @pytest.mark.detectron2
 @pytest.mark.parametrize("export_format", ["onnx", "torchscript"])
 def test_a_detectron2_model_exports_through_its_tracing_adapter_and_predicts_as_detectron2(

@@ -47,6 +47,10 @@ class CardInputs:
 def model_card(subset: str, inputs: CardInputs) -> str:
     """The model card of a subset's model as Markdown.
 
+    Args:
+        subset: The subset's name (the card's title).
+        inputs: The run's files the card is written from.
+
     Returns:
         The card: classes and their COCO rows, data and counts, base weights, engine and config,
         training length and best iteration, AP baseline vs retrained per class, hashes, intended
@@ -72,7 +76,14 @@ def model_card(subset: str, inputs: CardInputs) -> str:
 
 
 def write_model_card(subset: str, inputs: CardInputs, markdown_path: str, html_path: str) -> None:
-    """Write the model card as Markdown and as an HTML page for the report."""
+    """Write the model card as Markdown and as an HTML page for the report.
+
+    Args:
+        subset: The subset's name (the card's title).
+        inputs: The run's files the card is written from.
+        markdown_path: ``MODEL_CARD.md``.
+        html_path: The page for the report.
+    """
     text = model_card(subset, inputs)
     write_text_atomic(markdown_path, text)
     body = markdown.markdown(text, extensions=["tables", "fenced_code"])

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 from d2retrain.core.errors import D2RetrainError
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # matplotlib costs ~0.3 s to import: only commands that plot 
     from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = [
     "file_digest",
@@ -26,6 +27,7 @@ __all__ = [
     "link_or_copy",
     "remove_leftovers",
     "temporary_beside",
+    "write_through_temporary",
     "write_bytes_atomic",
     "write_text_atomic",
     "write_figure",
@@ -93,6 +95,26 @@ def temporary_beside(path: str | os.PathLike[str]) -> Path:
     fd, name = _make_temporary(Path(path))
     os.close(fd)
     return Path(name)
+
+
+def write_through_temporary(path: str | os.PathLike[str], write: Callable[[Path], T]) -> T:
+    """Atomically write a file through a writer that takes a path (``torch.onnx.export``,
+    ``torch.jit.save``...): ``write(temporary)``, then the temporary renamed onto ``path``.
+
+    Args:
+        path: Destination file.
+        write: Writes the file at the path it is given.
+
+    Returns:
+        What ``write`` returned.
+    """
+    temporary = temporary_beside(path)
+    try:
+        result = write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return result
 
 
 def remove_leftovers(folder: str | os.PathLike[str], of: Callable[[str], bool]) -> int:

@@ -187,19 +187,26 @@ class Detectron2Predictor:
         """Predict one BGR uint8 image."""
         return self.predict_batch([image_bgr])[0]
 
+    def input_tensor(self, image_bgr: np.ndarray) -> torch.Tensor:
+        """The model's input for a BGR uint8 image: ``DefaultPredictor``'s resize and colour order,
+        as a CHW float tensor on the CPU."""
+        resized = self._predictor.aug.get_transform(image_bgr).apply_image(image_bgr)
+        if self._predictor.input_format == "RGB":
+            resized = resized[:, :, ::-1]
+        return torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))).float()
+
     @torch.inference_mode()
     def predict_batch(self, images_bgr: Sequence[np.ndarray]) -> list[Instances]:
         """Predict several BGR uint8 images in one forward pass (``DefaultPredictor``'s
         preprocessing, applied to each)."""
-        inputs = []
-        for image in images_bgr:
-            resized = self._predictor.aug.get_transform(image).apply_image(image)
-            if self._predictor.input_format == "RGB":
-                resized = resized[:, :, ::-1]
-            tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))).float()
-            inputs.append(
-                {"image": tensor.to(self.cfg.MODEL.DEVICE), "height": image.shape[0], "width": image.shape[1]}
-            )
+        inputs = [
+            {
+                "image": self.input_tensor(image).to(self.cfg.MODEL.DEVICE),
+                "height": image.shape[0],
+                "width": image.shape[1],
+            }
+            for image in images_bgr
+        ]
         return [_instances(output["instances"].to("cpu")) for output in self.model(inputs)]
 
 
@@ -221,20 +228,9 @@ def export_graph(
     Returns:
         What the graph expects and returns.
     """
-    from detectron2.export import TracingAdapter
-
     loaded = cast(Detectron2Predictor, predictor)
-    cfg, model = loaded.cfg, loaded.model.eval()
-    resized = loaded._predictor.aug.get_transform(example).apply_image(example)
-    if cfg.INPUT.FORMAT == "RGB":
-        resized = resized[:, :, ::-1]
-    image = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))).float()
-
-    def inference(module, inputs):  # no postprocess: boxes stay in the resized image, masks in their box
-        return [{"instances": module.inference(inputs, do_postprocess=False)[0]}]
-
-    # built in training mode: the exporters restore the mode they found, and the model inside follows
-    adapter = TracingAdapter(model, [{"image": image}], inference).eval()
+    cfg = loaded.cfg
+    adapter = _tracing_adapter(loaded.model.eval(), loaded.input_tensor(example))
     outputs = {  # the adapter flattens the Instances' fields in sorted order, then the image size
         "boxes": "(K, 4) float32 x0 y0 x1 y1 in the resized image's pixels",
         "labels": "(K,) int64 class index 0..N-1: classes[label]",
@@ -247,34 +243,32 @@ def export_graph(
         if export_format == "torchscript":
             torch.jit.trace(adapter, adapter.flattened_inputs).save(str(path))
         else:
+            axes = {"image": [1, 2], "boxes": [0], "labels": [0], "masks": [0], "scores": [0]}
             torch.onnx.export(
-                adapter,
-                adapter.flattened_inputs,
-                str(path),
-                dynamo=False,
-                opset_version=_OPSET,
-                input_names=["image"],
-                output_names=list(outputs),
-                dynamic_axes={"image": [1, 2], "boxes": [0], "labels": [0], "masks": [0], "scores": [0]},
-            )
+                adapter, adapter.flattened_inputs, str(path), dynamo=False, opset_version=_OPSET,
+                input_names=["image"], output_names=list(outputs), dynamic_axes=axes,
+            )  # fmt: skip
+    colour, edge, cap = cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
     return ExportedGraph(
-        input={
-            "name": "image",
-            "layout": "CHW",
-            "dtype": "float32",
-            "colour": cfg.INPUT.FORMAT,
-            "range": [0, 255],
-        },
-        resize={
-            "where": "outside",
-            "shortest_edge": cfg.INPUT.MIN_SIZE_TEST,
-            "max_size": cfg.INPUT.MAX_SIZE_TEST,
-        },
+        input={"name": "image", "layout": "CHW", "dtype": "float32", "colour": colour, "range": [0, 255]},
+        resize={"where": "outside", "shortest_edge": edge, "max_size": cap},
         outputs=outputs,
         first_label=0,
         masks="detectron2_paste",
         opset=_OPSET,
     )
+
+
+def _tracing_adapter(model: torch.nn.Module, image: torch.Tensor):
+    """detectron2's ``TracingAdapter`` around the model, from the resized image tensor to the
+    Instances before their postprocess (boxes in the resized image, masks in their box)."""
+    from detectron2.export import TracingAdapter
+
+    def inference(module, inputs):
+        return [{"instances": module.inference(inputs, do_postprocess=False)[0]}]
+
+    # built in training mode: the exporters restore the mode they found, and the model inside follows
+    return TracingAdapter(model, [{"image": image}], inference).eval()
 
 
 def _instances(output) -> Instances:

@@ -1,10 +1,8 @@
 """Export a trained model folder to ONNX or TorchScript, and verify the export on a val split.
 
-torchvision's Mask R-CNN goes whole into the graph (resize, normalisation, mask paste), exported by
-``torch.onnx.export(dynamo=False, opset_version=11)`` (the dynamo exporter fails in
-``torch.export`` on this model) or by ``torch.jit.script``. detectron2's goes through its
-``TracingAdapter``: the graph starts after the resize and ends before the mask paste, which
-:mod:`d2retrain.model.exported` does, as the contract says.
+Each engine writes its graph (``export_graph`` of :mod:`d2retrain.model.tv` and
+:mod:`d2retrain.model.d2`), which ends at each box's mask probabilities; what the graph leaves out
+(detectron2's resize, the mask paste) runs in :mod:`d2retrain.model.exported`, as the contract says.
 """
 
 import contextlib
@@ -13,9 +11,9 @@ import io
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +22,7 @@ from tqdm import tqdm
 
 from d2retrain import __version__
 from d2retrain.core.errors import D2RetrainError
-from d2retrain.core.fileio import file_digest, temporary_beside, write_text_atomic
+from d2retrain.core.fileio import file_digest, write_text_atomic, write_through_temporary
 from d2retrain.data.images import read_image
 from d2retrain.data.records import load_records
 from d2retrain.model.cococlasses import coco_category_ids
@@ -42,7 +40,6 @@ from d2retrain.model.instances import Instances, Predictor
 from d2retrain.model.specs import ClassInfo, ModelSpec, SolverSpec, read_classes
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 __all__ = ["ExportError", "AP_TOLERANCE", "MIN_SAME_SHARE", "VERIFY_SCORE", "export_model", "verify_export"]
 
@@ -100,7 +97,7 @@ def export_model(
         (output / stale).unlink(missing_ok=True)
     example = _example_image(val_json, val_images, solver)
     path = output / f"model.{export_format}"
-    graph = _write_atomically(
+    graph = write_through_temporary(
         path,
         lambda temporary: model_engine(info.engine).export_graph(
             predictor, export_format, temporary, example
@@ -120,7 +117,9 @@ def export_model(
         record = verify_export(predictor, exported, val_json, val_images, info.classes, reference_metrics)
         write_text_atomic(output / "verify.json", json.dumps(record, indent=2) + "\n")
         if not record["passed"]:
-            raise ExportError(f"{output}: the export differs from the model: {record['failures']}")
+            raise ExportError(f"{output}: the export differs from the model: {'; '.join(record['failures'])}")
+        summary = {key: record[key] for key in ("images", "same_share", "ap_difference", "reference")}
+        contract = dataclasses.replace(contract, verified=summary | {"ap": record["ap"]["exported"]})
     write_contract(output, contract)
     return record
 
@@ -143,17 +142,6 @@ def _source(model_dir: str | os.PathLike[str], info: ClassInfo) -> dict[str, Any
         "weights_sha256": file_digest(weights),
         "fingerprint": info.fingerprint,
     }
-
-
-def _write_atomically(path: Path, write: Callable[[Path], T]) -> T:
-    """``write(temporary)``, then the temporary renamed onto ``path``; returns what ``write`` did."""
-    temporary = temporary_beside(path)
-    try:
-        result = write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return result
 
 
 def _contract(
@@ -199,8 +187,16 @@ def verify_export(
     :data:`MIN_SAME_SHARE` of the images get the same detections at score >= :data:`VERIFY_SCORE`
     (count and class names).
 
+    Args:
+        reference: The PyTorch model.
+        exported: The exported model.
+        val_json: Filtered val annotations (category ids 1..N in model order).
+        val_images: Their images.
+        classes: Class names in model order.
+        reference_metrics: The model's ``eval/metrics.json`` (None: the reference AP is computed here).
+
     Returns:
-        The record written to ``verify.json``.
+        The record written to ``verify.json`` (``passed``, ``failures`` and the numbers).
     """
     records = load_records(val_json, val_images, require_annotations=False)
     results: dict[str, list[dict]] = {"pytorch": [], "exported": []}
@@ -237,13 +233,15 @@ def verify_export(
 def _verdict(ap: dict[str, dict[str, float]], images: int, differing: list[str]) -> dict:
     """The verification record: passed, why not, and the numbers."""
     difference = {kind: abs(ap["exported"][kind] - ap["reference"][kind]) for kind in ("bbox", "segm")}
-    share = (images - len(differing)) / images if images else 1.0
+    share = (images - len(differing)) / images if images else 0.0
     failures = [
         f"{kind} AP {ap['exported'][kind]:.4f} vs {ap['reference'][kind]:.4f}, more than {AP_TOLERANCE} apart"
         for kind, value in difference.items()
         if value > AP_TOLERANCE
     ]
-    if share < MIN_SAME_SHARE:
+    if not images:
+        failures.append("the val split has no image: nothing to verify on")
+    elif share < MIN_SAME_SHARE:
         failures.append(
             f"the same detections at score >= {VERIFY_SCORE} on {share:.1%} of the images, "
             f"under {MIN_SAME_SHARE:.0%} (e.g. {', '.join(differing[:3])})"

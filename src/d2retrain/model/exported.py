@@ -9,20 +9,19 @@ any image is read. :mod:`d2retrain.model.export` writes them.
 import dataclasses
 import json
 import logging
-import math
 import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 from PIL import Image
 
 from d2retrain.core.config import allowed_values
 from d2retrain.core.fileio import file_digest, write_text_atomic
 from d2retrain.model.instances import Instances, Predictor
+from d2retrain.model.paste import PASTE_METHODS, paste_masks
 from d2retrain.model.specs import ModelFolderError, read_classes
 
 logger = logging.getLogger(__name__)
@@ -38,7 +37,6 @@ __all__ = [
     "model_classes",
     "load_exported",
     "exported_predictor",
-    "paste_masks",
 ]
 
 CONTRACT = "contract.json"
@@ -63,13 +61,15 @@ class Contract:
             to be done before it (detectron2's ResizeShortestEdge; outputs then scaled back).
         score_threshold: Lowest score the graph keeps (a predictor may only raise it).
         max_detections: Most instances the graph returns per image (a predictor may only lower it).
-        outputs: Output tensor name -> meaning, in the graph's order (``detections``: torchvision's
-            scripted model, which returns them in a dict).
+        outputs: Output tensor name -> meaning, in the graph's order.
         first_label: The label of the first class (1 for torchvision, whose 0 is the background).
         masks: How the per-box mask probabilities are pasted into the image (by
-            :func:`paste_masks`, outside the graph): ``torchvision_paste`` or ``detectron2_paste``.
-        source: The model folder it was exported from: weights file, its SHA-256, iteration.
+            :func:`d2retrain.model.paste.paste_masks`, outside the graph): ``torchvision_paste``
+            or ``detectron2_paste``.
+        source: The model folder it was exported from: weights file, its SHA-256, fingerprint.
         versions: Of the exporter's packages and the ONNX opset.
+        verified: The verification's summary (images, APs, share of same detections), or None
+            when exported without a val split.
     """
 
     format: str
@@ -89,6 +89,7 @@ class Contract:
     masks: str
     source: dict[str, Any]
     versions: dict[str, Any]
+    verified: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +113,12 @@ def is_export(folder: str | os.PathLike[str]) -> bool:
     """
     if (Path(folder) / CONTRACT).is_file():
         return True
+    verify = Path(folder) / "verify.json"
+    if verify.is_file() and not _passed(verify):
+        raise ModelFolderError(
+            f"{folder}: its export failed verification (see {verify}) and has no {CONTRACT}: "
+            "it is not usable; retrain, or export again"
+        )
     if not (Path(folder) / "classes.json").is_file():
         raise ModelFolderError(
             f"{folder}: neither a model folder (no classes.json, see d2retrain train) nor an export "
@@ -120,8 +127,20 @@ def is_export(folder: str | os.PathLike[str]) -> bool:
     return False
 
 
+def _passed(verify: Path) -> bool:
+    try:
+        return bool(json.loads(verify.read_text()).get("passed"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def write_contract(folder: str | os.PathLike[str], contract: Contract) -> None:
-    """Write ``contract.json`` atomically (last: its presence makes the folder an export)."""
+    """Write ``contract.json`` atomically (last: its presence makes the folder an export).
+
+    Args:
+        folder: The export folder.
+        contract: What its model file expects and returns.
+    """
     write_text_atomic(Path(folder) / CONTRACT, json.dumps(dataclasses.asdict(contract), indent=2) + "\n")
 
 
@@ -149,8 +168,7 @@ def read_contract(folder: str | os.PathLike[str], expected_classes: Sequence[str
         ) from None
     except (ValueError, TypeError) as error:
         raise ModelFolderError(f"{path}: unreadable ({error}); export the model again") from None
-    if contract.format not in FORMATS:
-        raise ModelFolderError(f"{path}: format {contract.format!r} is not one of {', '.join(FORMATS)}")
+    _check_known(path, contract)
     model = Path(folder) / contract.file
     if not model.is_file():
         raise ModelFolderError(f"{model}: missing; {path} names it; export the model again")
@@ -173,8 +191,35 @@ def read_contract(folder: str | os.PathLike[str], expected_classes: Sequence[str
     return contract
 
 
+def _check_known(path: Path, contract: Contract) -> None:
+    """Refuse a contract this version cannot follow (an older or newer export)."""
+    known = {
+        "format": (contract.format, FORMATS),
+        "masks": (contract.masks, PASTE_METHODS),
+        "resize": (contract.resize.get("where"), ("inside", "outside")),
+        "input colour": (contract.input.get("colour"), ("RGB", "BGR")),
+        "input range": (contract.input.get("range"), ([0, 1], [0, 255])),
+    }
+    for what, (value, allowed) in known.items():
+        if value not in allowed:
+            raise ModelFolderError(
+                f"{path}: {what} {value!r} is not one this version follows ({', '.join(map(str, allowed))}); "
+                "export the model again with this version"
+            )
+
+
 def model_classes(folder: str | os.PathLike[str]) -> tuple[list[str], list[int]]:
-    """Class names and source ids of a model folder or of an export folder."""
+    """Class names and source ids of a model folder or of an export folder.
+
+    Args:
+        folder: A model folder (``classes.json``) or an export folder (``contract.json``).
+
+    Returns:
+        The class names in model order and each one's category id in the training data.
+
+    Raises:
+        ModelFolderError: Neither, or a broken contract (:func:`read_contract`).
+    """
     if is_export(folder):
         contract = read_contract(folder)
         return contract.classes, contract.source_ids
@@ -207,6 +252,8 @@ def load_exported(
         ModelFolderError: See :func:`read_contract`; or the runtime cannot load the file.
     """
     contract = read_contract(folder, expected_classes)
+    if contract.verified is None:
+        logger.warning("%s was exported without verification on a val split: its AP is not checked", folder)
     return exported_predictor(folder, contract, device, score_threshold, max_detections, threads), contract
 
 
@@ -218,7 +265,22 @@ def exported_predictor(
     max_detections: int = 100,
     threads: int = 1,
 ) -> Predictor:
-    """A predictor of the model file a contract describes (already checked, or being written)."""
+    """A predictor of the model file a contract describes (already checked, or being verified).
+
+    Args:
+        folder: The export folder.
+        contract: Its contract.
+        device: ``auto``, ``cpu`` or ``cuda`` (onnxruntime: its CUDA provider when installed).
+        score_threshold: Lowest score kept (at least the contract's).
+        max_detections: Most instances per image (at most the contract's).
+        threads: CPU threads of the runtime.
+
+    Returns:
+        The predictor: the graph with the contract's pre- and post-processing around it.
+
+    Raises:
+        ModelFolderError: The runtime cannot load the file.
+    """
     if score_threshold < contract.score_threshold:
         logger.warning(
             "the export keeps scores >= %g only; a threshold of %g finds no more",
@@ -360,68 +422,3 @@ def _shortest_edge(height: int, width: int, shortest_edge: int, max_size: int, *
         scale = max_size / max(new_height, new_width)
         new_height, new_width = new_height * scale, new_width * scale
     return int(new_height + 0.5), int(new_width + 0.5)
-
-
-def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int, method: str) -> np.ndarray:
-    """Paste per-box mask probabilities (``(K, M, M)``) into ``(K, height, width)`` images as the
-    engine that trained them does: ``torchvision_paste`` (its ``paste_masks_in_image``: the mask
-    padded by one cell, the box grown to match and cut to whole pixels, a bilinear resize) or
-    ``detectron2_paste`` (its ``paste_masks_in_image`` on a CPU: bilinear sampling at pixel centres,
-    zero outside, within the box's whole pixels and one more on each side).
-
-    Args:
-        masks: Probabilities inside each box.
-        boxes: ``(K, 4)`` x0 y0 x1 y1 in image pixels.
-        height: Image height.
-        width: Image width.
-        method: ``torchvision_paste`` or ``detectron2_paste``.
-
-    Returns:
-        Float probabilities.
-    """
-    paste = _paste_torchvision if method == "torchvision_paste" else _paste_detectron2
-    pasted = np.zeros((len(masks), height, width), np.float32)
-    for index, (mask, box) in enumerate(zip(masks.astype(np.float32), boxes.astype(np.float32), strict=True)):
-        paste(mask, box, pasted[index])
-    return pasted
-
-
-def _paste_torchvision(mask: np.ndarray, box: np.ndarray, image: np.ndarray) -> None:
-    size = mask.shape[-1]
-    padded = np.pad(mask, 1)
-    scale = np.float32((size + 2) / size)
-    centre, half = (box[:2] + box[2:]) * np.float32(0.5), (box[2:] - box[:2]) * np.float32(0.5) * scale
-    x0, y0, x1, y1 = np.concatenate([centre - half, centre + half]).astype(
-        np.int64
-    )  # truncated, as .to(int64)
-    resized = cv2.resize(
-        padded, (max(int(x1 - x0 + 1), 1), max(int(y1 - y0 + 1), 1)), interpolation=cv2.INTER_LINEAR
-    )
-    height, width = image.shape
-    left, right, top, bottom = max(x0, 0), min(x1 + 1, width), max(y0, 0), min(y1 + 1, height)
-    if left < right and top < bottom:
-        image[top:bottom, left:right] = resized[top - y0 : bottom - y0, left - x0 : right - x0]
-
-
-def _paste_detectron2(mask: np.ndarray, box: np.ndarray, image: np.ndarray) -> None:
-    height, width = image.shape
-    x0, y0, x1, y1 = (float(value) for value in box)
-    left, top = max(math.floor(x0) - 1, 0), max(math.floor(y0) - 1, 0)
-    right, bottom = min(math.ceil(x1) + 1, width), min(math.ceil(y1) + 1, height)
-    if left >= right or top >= bottom:
-        return
-    columns = np.arange(left, right, dtype=np.float32) + 0.5
-    rows = np.arange(top, bottom, dtype=np.float32) + 0.5
-    # pixel centre -> mask grid position (M cells over the box): grid_sample(align_corners=False)
-    grid_x = ((columns - x0) / (x1 - x0) * mask.shape[1] - 0.5).astype(np.float32)
-    grid_y = ((rows - y0) / (y1 - y0) * mask.shape[0] - 0.5).astype(np.float32)
-    map_x = np.broadcast_to(grid_x, (len(rows), len(columns)))
-    map_y = np.broadcast_to(grid_y[:, None], (len(rows), len(columns)))
-    image[top:bottom, left:right] = cv2.remap(
-        mask,
-        np.ascontiguousarray(map_x),
-        np.ascontiguousarray(map_y),
-        cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_CONSTANT,
-        borderValue=0,
-    )
