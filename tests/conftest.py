@@ -61,7 +61,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 # The longest tests and modules (`--durations`), in the order they should start.
-LONGEST = ("test_the_default_main_job", "test_slurm.py", "test_codehash.py", "test_adding_an_image_reruns")
+LONGEST = (
+    "test_the_default_main_job",
+    "test_slurm.py",
+    "test_codehash.py",
+    "test_export.py",
+    "test_adding_an_image_reruns",
+)
 
 
 @pytest.fixture
