@@ -6,7 +6,7 @@ from conftest import REPO
 
 PACKAGE = REPO / "src" / "d2retrain"
 LAYERS = ("core", "data", "model", "train", "infer")
-TOP = {"__init__.py", "cli.py", "report.py"}
+TOP = {"__init__.py", "cli.py", "report.py", "card.py"}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,9 @@ def test_the_package_has_no_import_cycle(graph):
 
 def test_a_cycle_is_found_when_there_is_one(graph):
     graph.add_import(importer="d2retrain.core.errors", imported="d2retrain.core.fileio")
-    assert _cycle(graph) == ["d2retrain.core.errors", "d2retrain.core.fileio", "d2retrain.core.errors"]
+    cycle = _cycle(graph)  # found from whichever of the two a module reached first
+    assert cycle is not None and cycle[0] == cycle[-1] and len(cycle) == 3
+    assert set(cycle) == {"d2retrain.core.errors", "d2retrain.core.fileio"}
 
 
 def test_every_module_lives_in_a_layer_or_on_top():

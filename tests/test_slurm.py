@@ -50,7 +50,14 @@ GPU_RULES = {"train", "evaluate", "infer_00", "infer_01"}
 DATA_RULES = {"demo_data", "filter", "balance", "images_and_masks", "stats", "inference_summary"}
 # The result files that time the work (seconds per iteration, per inferred file), and those fields.
 EVENTS = "model/tensorboard/events"  # TensorBoard names its file by wall time, host and process
-TIMED = {"model/metrics.jsonl", "model/checkpoints/metrics.jsonl", "inference/summary.csv", EVENTS}
+TIMED = {
+    "model/metrics.jsonl",
+    "model/checkpoints/metrics.jsonl",
+    "inference/summary.csv",
+    EVENTS,
+    "model/MODEL_CARD.md",  # "N min of iterations"
+    "model/model_card.html",
+}
 TIMED_PATTERN = "inference/status/shard_*.json"
 TIMINGS = {"time", "data_time", "seconds"}
 # Status checks from 1 s after a submission instead of the plugin's 40 s (it then waits 10 s
@@ -93,7 +100,9 @@ def through_slurm(
 
 
 def untimed(path: Path) -> object:
-    """A JSON, JSONL, CSV or TensorBoard event file's content without what times the work."""
+    """A JSON, JSONL, CSV, model card or TensorBoard event file's content without what times the work."""
+    if path.suffix in (".md", ".html"):
+        return re.sub(r"[\d.]+ min of iterations", "_ min of iterations", path.read_text())
     if path.name.startswith("events.out.tfevents."):
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
