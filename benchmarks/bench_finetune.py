@@ -5,7 +5,7 @@ way torchvision lays out its COCO model: the demo network (ResNet-18 FPN) is pre
 three categories (person, car, sports ball, all COCO names) for ``--pretrain`` iterations, then saved
 with 91 class rows (each class at its COCO category id, the other rows at random) and without
 ``num_batches_tracked`` (FrozenBatchNorm buffers). From that same file, each dataset (the demo, and
-``../shared/data/coco-mini``: real photos) is fine-tuned to ``person, sports ball`` for
+``tests/assets/coco-mini``: real photos) is fine-tuned to ``person, sports ball`` for
 ``--iterations`` iterations four ways:
 
 - norms ``frozen``: the workflow (FrozenBatchNorm2d, ``model.freeze_at: 2``);
@@ -46,7 +46,7 @@ logger = logging.getLogger("bench_finetune")
 __all__ = ["coco_shaped_start", "finetune", "main"]
 
 REPO = Path(__file__).resolve().parents[1]
-COCO_MINI = REPO.parent / "shared" / "data" / "coco-mini"
+COCO_MINI = REPO / "tests" / "assets" / "coco-mini"
 PRETRAIN_CLASSES = ["person", "car", "sports ball"]
 CLASSES = ["person", "sports ball"]
 ARCHITECTURE = {"engine": "torchvision", "architecture": "maskrcnn_resnet18_fpn"}

@@ -44,7 +44,7 @@ logger = logging.getLogger("bench_infer")
 __all__ = ["main"]
 
 CLASSES = ["person", "sports ball"]
-VIDEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "video" / "one-by-one-person-detection.mp4"
+VIDEO = Path(__file__).resolve().parents[1] / "tests" / "assets" / "video" / "one-by-one-person-detection.mp4"
 
 
 def _quick_model(root: Path, engine: str, architecture: str, test_size: int) -> Path:

@@ -1,4 +1,4 @@
-"""Shared fixtures: small COCO factories and paths to the real data beside the repository."""
+"""Shared fixtures: small COCO factories and paths to the real data in ``tests/assets``."""
 
 import copy
 import functools
@@ -14,8 +14,9 @@ if TYPE_CHECKING:
     from d2retrain.core.layout import DemoLayout
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-COCO_MINI = SHARED_DATA / "coco-mini"
+ASSETS = REPO / "tests" / "assets"
+COCO_MINI = ASSETS / "coco-mini"
+VIDEO = ASSETS / "video" / "one-by-one-person-detection.mp4"
 DEMO_DATASET = {
     split: {
         "images": f"resources/demo/{split}",

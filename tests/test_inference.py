@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import COCO_MINI, SHARED_DATA, train_demo_model
+from conftest import COCO_MINI, VIDEO, train_demo_model
 from pycocotools import mask as mask_utils
 
 from d2retrain.cli import main
@@ -22,7 +22,6 @@ from d2retrain.infer.inputs import InputFile, discover, shard_count, shard_of, s
 from d2retrain.infer.pipeline import inference_options, load_image, run_inference
 from d2retrain.infer.summary import write_summary
 
-VIDEO = SHARED_DATA / "video" / "one-by-one-person-detection.mp4"
 CLASSES = ["person", "sports ball"]
 # An untrained model scores everything low: a low threshold and a cap keep instances to draw.
 OPTIONS = {"score_threshold": 0.01, "max_detections": 5, "device": "cpu"}

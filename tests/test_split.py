@@ -17,7 +17,7 @@ from d2retrain.cli import main
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.data.split import split_file
 
-MINI_ALL = COCO_MINI / "annotations" / "instances_val2017.json"  # 79 photos, 80 categories
+MINI_ALL = COCO_MINI / "annotations" / "instances_val2017.json"  # 55 photos, 80 categories
 
 
 def images_per_category(document: dict) -> dict[int, set[int]]:
@@ -63,7 +63,7 @@ def test_coco_mini_splits_with_every_category_on_both_sides_and_the_seed_decides
     train, val = (json.loads((tmp_path / name).read_text()) for name in ("t.json", "v.json"))
     check_split(source, train, val, 0.2)
     shared = [c for c, images in images_per_category(source).items() if len(images) >= 2]
-    assert len(shared) == 58  # the property is tested on many categories, not a few
+    assert len(shared) >= 40  # the property is tested on many categories, not a few
     split_file(str(MINI_ALL), str(tmp_path / "t2.json"), str(tmp_path / "v2.json"), 0.2, seed=0)
     assert (tmp_path / "t2.json").read_bytes() == (tmp_path / "t.json").read_bytes()
     assert (tmp_path / "v2.json").read_bytes() == (tmp_path / "v.json").read_bytes()
@@ -94,7 +94,7 @@ def test_split_command_writes_both_sides_and_refuses_what_cannot_be_split(tmp_pa
     arguments = ["split", str(MINI_ALL), "-o", str(tmp_path / "t.json"), str(tmp_path / "v.json")]
     assert main([*arguments, "--val-fraction", "0.3", "--seed", "4"]) == 0
     val = json.loads((tmp_path / "v.json").read_text())
-    assert len(val["images"]) >= round(0.3 * 79)
+    assert len(val["images"]) >= round(0.3 * len(json.loads(MINI_ALL.read_text())["images"]))
     assert main([*arguments, "--val-fraction", "1.5"]) == 2
     assert "val fraction must be in (0, 1)" in capsys.readouterr().err
     one = write_json(tmp_path / "one.json", make_coco([[1]]))
