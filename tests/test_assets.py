@@ -17,12 +17,19 @@ PARENTS = re.compile(r"Path\(__file__\)\.resolve\(\)\.parents\[(\d+)\]")
 FROM_THE_ROOT = {".md", ".yaml", ".yml", ".sh"}
 
 
-def tracked_text_files() -> list[Path]:
+def tracked_text_files() -> list[tuple[Path, str]]:
+    """Every tracked text file with its text, but the assets, the lock and this file (whose
+    examples name such paths on purpose)."""
     listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True)
     files = []
     for name in listed.stdout.splitlines():
         path = REPO / name
-        if name == "uv.lock" or name.startswith("tests/assets/") or not path.is_file():
+        if (
+            name == "uv.lock"
+            or name.startswith("tests/assets/")
+            or path == Path(__file__)
+            or not path.is_file()
+        ):
             continue
         try:
             files.append((path, path.read_text()))
