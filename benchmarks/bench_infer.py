@@ -10,7 +10,12 @@ detectron2 model. Targets: images >= 0.9x, video >= 0.9x, and above detectron2's
 
 Each side runs --repeats times (3), in alternating order; the medians are printed.
 
+Batching: images at batch size 2 when a batch holds only images of one input size (a file's
+predictions are then those it gets alone) against batches of any sizes padded to the largest (as
+before), on a folder of mixed sizes and one of equal sizes. Target: >= 0.97x on both.
+
 Usage: python benchmarks/bench_infer.py [--model DIR] [--images 200] [--frames 60] [--shards 4]
+       [--batching-only]
 Without --model, a small model is trained for two iterations on demo data (its low scores are
 taken at threshold 0.01, capped at 8 instances, so every image has objects to draw).
 """
@@ -32,7 +37,7 @@ from d2retrain.data.demo import write_demo_dataset
 from d2retrain.data.filtering import FilterOptions
 from d2retrain.data.prepare import filter_file
 from d2retrain.infer.inputs import InputFile, shards
-from d2retrain.infer.pipeline import Labels, infer_video, inference_options, run_inference
+from d2retrain.infer.pipeline import Labels, infer_images, infer_video, inference_options, run_inference
 from d2retrain.infer.videoio import read_frames
 from d2retrain.model.engines import load_predictor, read_model_config
 from d2retrain.model.export import export_model
@@ -114,6 +119,51 @@ def bench_images(model: Path, folder: Path, count: int, shard_count: int, option
         ">= 0.9",
         repeats,
     )
+
+
+class _MixedBatches:
+    """The predictor as it batched before batches held one input size: every image of a batch in
+    one forward pass, padded to the largest (the baseline of :func:`bench_batching`)."""
+
+    def __init__(self, predictor) -> None:
+        self.predictor = predictor
+
+    def predict_batch(self, images):
+        return self.predictor._forward(images)
+
+
+def bench_batching(model: Path, folder: Path, count: int, options, repeats: int) -> list[float]:
+    """Prints images/s at batch size 2 of batches that hold one input size against batches of any
+    sizes (before), on a folder of mixed sizes and on one of equal sizes; returns both ratios."""
+    mixed = write_demo_dataset(folder / "batching", train=1, val=count, video_frames=2).images("val")
+    equal = folder / "batching_equal"
+    equal.mkdir()
+    for path in sorted(mixed.glob("*.jpg")):
+        cv2.imwrite(str(equal / path.name), cv2.resize(cv2.imread(str(path)), (256, 192)))
+    predictor, labels = _load(model, options)
+    ratios = []
+    for name, images in (("mixed sizes", mixed), ("equal sizes", equal)):
+        files = [InputFile.of(path, "image") for path in sorted(images.glob("*.jpg"))]
+
+        def rate(chosen, files: list[InputFile] = files) -> float:
+            start = time.perf_counter()
+            infer_images(chosen, labels, files, folder / "out_batching", batch_size=2)
+            return len(files) / (time.perf_counter() - start)
+
+        ratios.append(
+            _report(
+                f"images at batch size 2 ({len(files)} demo images, {name})",
+                (
+                    "batches of any sizes (before: padding leaks between files)",
+                    lambda: rate(_MixedBatches(predictor)),
+                ),
+                ("batches of one input size (each file as alone)", lambda: rate(predictor)),
+                "img/s",
+                ">= 0.97",
+                repeats,
+            )
+        )
+    return ratios
 
 
 def _report(
@@ -258,6 +308,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--batching-only", action="store_true", help="only the batch composition comparison")
     parser.add_argument("--threshold", type=float, default=0.01)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side, alternating")
     parser.add_argument("--d2-test-size", type=int, default=320, help="detectron2 model's test size")
@@ -273,6 +324,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temporary:
         root = Path(temporary)
         model = args.model or _quick_model(root, "torchvision", "maskrcnn_resnet18_fpn", 192)
+        bench_batching(model, root, args.images, options, args.repeats)
+        if args.batching_only:
+            return
         bench_images(model, root, args.images, args.shards, options, args.repeats)
         bench_video(model, root, args.frames, options, args.repeats)
         large = _quick_model(root, "torchvision", "maskrcnn_resnet50_fpn", args.export_test_size)

@@ -4,6 +4,7 @@ import copy
 import functools
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -202,3 +203,23 @@ def train_demo_model(
         threads=2,
     )
     return root / "model", layout, files
+
+
+def mixed_photos(folder: Path) -> list[Path]:
+    """Real photos of several sizes and orientations: coco-mini val photos (portrait and landscape)
+    and copies at odd sizes, one far wider than the test size's cap."""
+    folder.mkdir(parents=True, exist_ok=True)
+    document = json.loads((COCO_MINI / "annotations" / "instances_val2017.json").read_text())
+    portrait = [i["file_name"] for i in document["images"] if i["height"] > i["width"]][:2]
+    landscape = [i["file_name"] for i in document["images"] if i["height"] < i["width"]][:3]
+    photos = [shutil.copy(COCO_MINI / "val2017" / name, folder / name) for name in portrait + landscape]
+    import cv2
+
+    source = cv2.imread(str(COCO_MINI / "val2017" / landscape[0]))
+    for width, height in ((317, 229), (229, 317), (1000, 300)):
+        path = folder / f"copy_{width}x{height}.png"
+        cv2.imwrite(str(path), cv2.resize(source, (width, height), interpolation=cv2.INTER_AREA))
+        photos.append(path)
+    sizes = {cv2.imread(str(path)).shape[:2] for path in photos}
+    assert len(sizes) >= 5 and any(h > w for h, w in sizes) and any(h < w for h, w in sizes)
+    return [Path(path) for path in photos]

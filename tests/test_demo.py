@@ -31,3 +31,27 @@ def test_demo_dataset_is_deterministic_and_shaped_as_promised(tmp_path):
         stream = container.streams.video[0]
         assert stream.codec_context.name == "h264"
         assert sum(1 for _ in container.decode(stream)) == 12
+
+
+def test_demo_images_and_video_come_in_mixed_sizes_and_orientations(tmp_path):
+    import cv2
+    from pycocotools.coco import COCO
+
+    layout = write_demo_dataset(tmp_path, train=8, val=8, video_frames=2)
+    coco = COCO(str(layout.annotations("train")))
+    sizes = set()
+    for image in coco.dataset["images"]:
+        picture = cv2.imread(str(layout.images("train") / image["file_name"]))
+        assert picture.shape[:2] == (image["height"], image["width"])
+        for annotation in coco.loadAnns(coco.getAnnIds(imgIds=image["id"])):
+            mask = coco.annToMask(annotation)
+            assert mask.shape == picture.shape[:2] and mask.any()
+        sizes.add((image["width"], image["height"]))
+    assert any(w > h for w, h in sizes) and any(w < h for w, h in sizes)  # landscape and portrait
+    assert any(w % 32 or h % 32 for w, h in sizes) and len(sizes) >= 6
+    assert any(min(w, h) > 192 for w, h in sizes) and any(
+        max(w, h) > 360 for w, h in sizes
+    )  # above the test size
+    with av.open(str(layout.video)) as container:
+        stream = container.streams.video[0]
+        assert stream.width % 32 and stream.height % 32

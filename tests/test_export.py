@@ -10,7 +10,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from conftest import COCO_MINI, REPO, train_demo_model
+from conftest import COCO_MINI, REPO, mixed_photos, train_demo_model
 from pycocotools import mask as mask_utils
 
 from d2retrain.cli import main
@@ -54,7 +54,13 @@ def test_an_export_is_verified_on_the_val_split_and_its_contract_describes_it(tr
     model_file = folder / f"model.{export_format}"
     assert contract.file == model_file.name and contract.sha256 == file_digest(model_file)
     assert (contract.classes, contract.source_ids, contract.coco_ids) == (CLASSES, [1, 37], [1, 37])
-    assert contract.input["colour"] == "RGB" and contract.resize["where"] == "inside"
+    assert contract.input["colour"] == "RGB"
+    assert (contract.resize["where"], contract.resize["rule"]) == ("outside", "torchvision")
+    other = verify["other_sizes"]  # the val images at sizes that need a resize, and past the cap
+    assert other["passed"] and other["images"] == verify["images"] and other["same_share"] >= 0.95
+    assert any(width > contract.resize["max_size"] for width, _ in other["sizes"])
+    for kind in ("bbox", "segm"):
+        assert abs(other["ap"]["exported"][kind] - other["ap"]["pytorch"][kind]) <= 0.005
     assert (contract.masks, contract.first_label, list(contract.outputs)) == (
         "torchvision_paste",
         1,
@@ -64,12 +70,12 @@ def test_an_export_is_verified_on_the_val_split_and_its_contract_describes_it(tr
 
 
 @pytest.mark.parametrize("export_format", ["onnx", "torchscript"])
-def test_an_export_predicts_as_the_model_on_real_photos_of_other_sizes(trained, export_format):
+def test_an_export_predicts_as_the_model_on_real_photos_of_other_sizes(trained, export_format, tmp_path):
     """The graph was traced on one 256x192 demo image; COCO photos, portrait and landscape, go through it."""
     root = trained[0]
     model, _ = load_predictor(root / "model", device="cpu", score_threshold=0.05, max_detections=20)
     exported, _ = load_exported(root / export_format, CLASSES, "cpu", 0.05, 20)
-    photos = sorted((COCO_MINI / "val2017").glob("*.jpg"))[:6]
+    photos = sorted((COCO_MINI / "val2017").glob("*.jpg"))[:12] + mixed_photos(tmp_path)
     assert {read_image(photo).shape[0] > read_image(photo).shape[1] for photo in photos} == {True, False}
     assert predicts_alike(model, exported, photos, box_pixels=0.01, mask_share=1e-4) > 0
 

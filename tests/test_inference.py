@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import COCO_MINI, VIDEO, train_demo_model
+from conftest import COCO_MINI, VIDEO, mixed_photos, train_demo_model
 from pycocotools import mask as mask_utils
 
 from d2retrain.cli import main
@@ -46,7 +46,7 @@ def test_each_image_gets_a_drawn_png_and_coco_results_json(demo_model, tmp_path)
         drawn = cv2.imread(str(tmp_path / "images" / f"{image.stem}.png"))
         record = json.loads((tmp_path / "images" / f"{image.stem}.json").read_text())
         assert drawn.shape == source.shape and not np.array_equal(drawn, source)  # something drawn
-        assert record["status"] == "ok" and (record["width"], record["height"]) == (256, 192)
+        assert record["status"] == "ok" and (record["height"], record["width"]) == source.shape[:2]
         assert 1 <= len(record["instances"]) <= 5
         for instance in record["instances"]:
             assert (instance["category_id"], instance["category_name"]) in {
@@ -54,7 +54,7 @@ def test_each_image_gets_a_drawn_png_and_coco_results_json(demo_model, tmp_path)
                 (37, "sports ball"),
             }
             assert instance["score"] >= 0.01 and len(instance["bbox"]) == 4
-            assert mask_utils.decode(instance["segmentation"]).shape == (192, 256)
+            assert mask_utils.decode(instance["segmentation"]).shape == source.shape[:2]
 
 
 def test_a_loaded_model_skips_random_init_and_predicts_as_one_built_the_slow_way(demo_model):
@@ -388,7 +388,11 @@ def test_infer_command_writes_the_images_predictions_as_a_coco_dataset(demo_mode
         ]
         for annotation in annotations:
             mask = coco.annToMask(annotation)
-            assert mask.shape == (image["height"], image["width"]) == (192, 256)
+            assert (
+                mask.shape
+                == (image["height"], image["width"])
+                == cv2.imread(str(root / image["file_name"])).shape[:2]
+            )
             assert annotation["area"] == mask.sum() and annotation["iscrowd"] == 0
     assert len(coco.anns) == expected > 0
 
@@ -419,3 +423,174 @@ def test_coco_file_names_never_climb_out_of_their_root():
     root = _image_root(["../photos/a.jpg", "resources/demo/val/b.jpg"])  # a folder beside the workdir
     assert os.path.isabs(root)
     assert not os.path.relpath(os.path.abspath("../photos/a.jpg"), root).startswith("..")
+
+
+def assert_same_instances(found: list[dict], expected: list[dict], threshold: float) -> None:
+    """Same instances (COCO records): scores within 1e-5, boxes within 0.01 px, mask IoU >= 0.999;
+    an instance within 1e-5 of the score threshold may be on one side only."""
+    kept = [[r for r in records if r["score"] >= threshold + 1e-5] for records in (found, expected)]
+    assert len(kept[0]) == len(kept[1]), (len(kept[0]), len(kept[1]))
+    unmatched = list(kept[1])
+    for record in kept[0]:
+        match = next(
+            (
+                other
+                for other in unmatched
+                if other["category_id"] == record["category_id"]
+                and abs(other["score"] - record["score"]) <= 1e-5
+                and np.allclose(other["bbox"], record["bbox"], atol=0.01)
+            ),
+            None,
+        )
+        assert match is not None, record["bbox"]
+        unmatched.remove(match)
+        iou = mask_utils.iou([record["segmentation"]], [match["segmentation"]], [0])[0][0]
+        assert iou >= 0.999 or (
+            mask_utils.area(record["segmentation"]) == 0 == mask_utils.area(match["segmentation"])
+        )
+
+
+def test_mixed_sizes_in_one_batch_would_change_predictions_so_batches_hold_one_input_size(
+    demo_model, tmp_path
+):
+    from d2retrain.model.engines import load_predictor
+
+    model, _ = demo_model
+    predictor, _ = load_predictor(model, device="cpu", score_threshold=0.0, max_detections=100)
+    images = [load_image(path) for path in mixed_photos(tmp_path)]
+    padded_together = predictor._forward(images)  # one forward pass of every size: padding leaks
+    assert_batches_predict_as_alone(predictor, images, padded_together)
+
+
+def assert_batches_predict_as_alone(predictor, images: list[np.ndarray], padded_together: list) -> None:
+    """One forward pass of all the images changes some image's predictions; ``predict_batch``
+    predicts each as alone."""
+    alone = [predictor(image) for image in images]
+    assert any(
+        len(a) != len(b) or not np.allclose(a.scores, b.scores, atol=1e-5)
+        for a, b in zip(alone, padded_together, strict=True)
+    )
+    for got, expected in zip(predictor.predict_batch(images), alone, strict=True):
+        assert len(got) == len(expected)
+        np.testing.assert_allclose(got.scores, expected.scores, atol=1e-5)
+        np.testing.assert_allclose(got.boxes, expected.boxes, atol=0.01)
+
+
+def test_a_files_predictions_are_the_same_alone_at_every_batch_size_and_shard_count(demo_model, tmp_path):
+    model, _ = demo_model
+    photos = [InputFile.of(path, "image") for path in mixed_photos(tmp_path / "in")]
+    options = OPTIONS | {"score_threshold": 0.01, "max_detections": 20}
+
+    def predicted(folder: Path, batch_size: int, count: int) -> dict[str, list[dict]]:
+        for group in shards(photos, count).values():
+            run_inference(model, group, [], folder, inference_options(options | {"batch_size": batch_size}))
+        return {
+            item.name: json.loads((folder / "images" / f"{item.name}.json").read_text())["instances"]
+            for item in photos
+        }
+
+    alone = {}
+    for item in photos:  # each file in a job of its own
+        alone |= predicted_one(model, item, tmp_path / "alone", options)
+    assert sum(len(records) for records in alone.values()) > 0
+    runs = [(batch, 1) for batch in (1, 2, 4, 8)] + [(4, count) for count in (2, 3)]
+    for batch_size, count in runs:
+        found = predicted(tmp_path / f"b{batch_size}_s{count}", batch_size, count)
+        for name, records in found.items():
+            assert_same_instances(records, alone[name], options["score_threshold"])
+
+
+def predicted_one(model: Path, item: InputFile, folder: Path, options: dict) -> dict[str, list[dict]]:
+    run_inference(model, [item], [], folder, inference_options(options | {"batch_size": 1}))
+    return {item.name: json.loads((folder / "images" / f"{item.name}.json").read_text())["instances"]}
+
+
+@pytest.mark.detectron2
+def test_detectron2_batches_hold_one_input_size_too(tmp_path):
+    import torch
+
+    from d2retrain.model.d2 import Detectron2Predictor
+    from d2retrain.model.specs import model_spec, solver_spec
+
+    spec = model_spec({"architecture": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"}, "detectron2")
+    solver = solver_spec({"min_size_test": 192, "max_size_test": 360})
+    torch.manual_seed(0)  # random weights: many low-score instances to compare
+    predictor = Detectron2Predictor(
+        None, spec, solver, len(CLASSES), device="cpu", score_threshold=0.0, max_detections=100
+    )
+    images = [load_image(path) for path in mixed_photos(tmp_path)]
+    inputs = [{"image": predictor.input_tensor(i), "height": i.shape[0], "width": i.shape[1]} for i in images]
+    assert_batches_predict_as_alone(predictor, images, predictor._forward(inputs))
+
+
+def test_a_rerun_infers_only_the_files_whose_content_model_or_output_options_changed(demo_model, tmp_path):
+    import torch
+
+    model, layout = demo_model
+    folder = tmp_path / "in"
+    shutil.copytree(layout.images("val"), folder)
+    video = shutil.copy(layout.video, tmp_path / "clip.mp4")
+    out = tmp_path / "out"
+    base = OPTIONS | {"max_frames": 3}
+
+    def run(options: dict = base, model_dir: Path = model) -> set[str]:
+        """Runs with reuse; returns the names whose outputs were written again."""
+        before = {p.name: p.stat().st_ino for p in out.rglob("*") if p.is_file()}
+        images = sorted(folder.glob("*.jpg"))
+        statuses = run_inference(
+            model_dir, images, [video], out, inference_options(options), CLASSES, reuse=True
+        )
+        assert {s.status for s in statuses} == {"ok"} and len(statuses) == len(images) + 1
+        written = {p.name for p in out.rglob("*") if p.is_file() and before.get(p.name) != p.stat().st_ino}
+        return {name.rsplit(".", 1)[0] for name in written if not name.startswith(".")}
+
+    names = {p.stem for p in folder.glob("*.jpg")} | {"clip"}
+    assert run() == names  # the first run infers everything and records it
+    assert run() == set()  # nothing changed: nothing inferred, the model not even loaded
+    shutil.copy(folder / "demo_val_0001.jpg", folder / "added.jpg")
+    assert run() == {"added"}
+    os.utime(folder / "demo_val_0002.jpg", ns=(1, 1))  # a touch: same bytes
+    assert run() == set()
+    jpeg = cv2.imread(str(folder / "demo_val_0002.jpg"))
+    cv2.imwrite(str(folder / "demo_val_0002.jpg"), cv2.flip(jpeg, 1))  # new content
+    assert run() == {"demo_val_0002"}
+    assert run(base | {"batch_size": 3, "device": "cpu"}) == set()  # changes no output
+    assert run(base | {"max_frames": 2}) == {"clip"}  # a video option: the video only
+    (out / "images" / ".demo_val_0003.record.json").unlink()  # as a kill between outputs and record
+    assert run(base | {"max_frames": 2}) == {"demo_val_0003"}
+    assert run(base | {"max_frames": 2, "score_threshold": 0.02}) == names | {"added"}
+
+    other = tmp_path / "other_model"  # another model: everything again
+    shutil.copytree(model, other)
+    state = torch.load(other / "model_final.pth", weights_only=True)
+    state["model"]["roi_heads.box_predictor.cls_score.bias"] += 0.01
+    torch.save(state, other / "model_final.pth")
+    for served in other.glob("model_best.pth"):
+        shutil.copy(other / "model_final.pth", served)
+    assert run(base | {"max_frames": 2, "score_threshold": 0.02}, other) == names | {"added"}
+
+    kept = {p.name: json.loads(p.read_text())["instances"] for p in (out / "images").glob("[!.]*.json")}
+    fresh = tmp_path / "fresh"  # what was kept equals what a run without reuse writes
+    options = inference_options(base | {"max_frames": 2, "score_threshold": 0.02})
+    run_inference(other, sorted(folder.glob("*.jpg")), [], fresh, options, CLASSES)
+    for name, records in kept.items():
+        assert_same_instances(records, json.loads((fresh / "images" / name).read_text())["instances"], 0.02)
+
+
+def test_outputs_of_inputs_no_longer_there_are_removed_and_only_those(demo_model, tmp_path):
+    from d2retrain.infer.reuse import remove_stale
+
+    model, layout = demo_model
+    images = [InputFile.of(path, "image") for path in sorted(layout.images("val").glob("*.jpg"))]
+    videos = [InputFile.of(layout.video, "video")]
+    options = inference_options(OPTIONS | {"max_frames": 2, "save_frames": True})
+    run_inference(model, images, videos, tmp_path, options, CLASSES, reuse=True)
+    (tmp_path / "images" / "mine.txt").write_text("a user's file")
+    assert remove_stale(tmp_path, images + videos) == 0
+    assert remove_stale(tmp_path, images[1:]) == 2  # the first image and the video are gone
+    left = {p.name for p in tmp_path.rglob("*") if p.is_file()}
+    gone = {
+        n for n in left if n.startswith((f"{images[0].name}.", f".{images[0].name}.", "demo.", "demo_frame"))
+    }
+    assert gone == set() and ".demo.record.json" not in left
+    assert {f"{item.name}.json" for item in images[1:]} | {"mine.txt"} <= left

@@ -281,17 +281,29 @@ def test_adding_an_image_reruns_only_its_shard_and_retraining_reruns_all_inferen
     shutil.copy(pictures / "demo_val_0007.jpg", pictures / "added one.jpg")
     shard = shard_of(InputFile.of(pictures / "added one.jpg", "image"), 4)
     assert planned_jobs(tmp_path, config) == {f"infer_{shard:02d}": 1, "inference_summary": 1, "all": 1}
+    inodes = {p.name: p.stat().st_ino for p in (inferred / "images").iterdir()}
     snakemake(tmp_path, config, "--resources", "gpu=1")
     assert json.loads((inferred / "images" / "added one.json").read_text())["status"] == "ok"
     summary = pd.read_csv(inferred / "summary.csv")
     assert len(summary) == 101 and set(summary.status) == {"ok"}
+    log = (tmp_path / "logs" / "person_ball" / f"infer_{shard:02d}.log").read_text()
+    assert re.search(r": 1 inferred, \d+ kept from an earlier run", log), log  # the shard's other files kept
+    assert all(p.stat().st_ino == inodes[p.name] for p in (inferred / "images").iterdir() if p.name in inodes)
 
     (inferred / "images" / "demo_val_0011.png").unlink()  # a lost output: its shard alone reruns
     lost = shard_of(InputFile.of(pictures / "demo_val_0011.jpg", "image"), 4)
     assert planned_jobs(tmp_path, config) == {f"infer_{lost:02d}": 1, "inference_summary": 1, "all": 1}
     snakemake(tmp_path, config, "--resources", "gpu=1")
     assert cv2.imread(str(inferred / "images" / "demo_val_0011.png")) is not None
+    assert ": 1 inferred," in (tmp_path / "logs" / "person_ball" / f"infer_{lost:02d}.log").read_text()
     assert planned_jobs(tmp_path, config) == {}
+
+    (pictures / "added one.jpg").unlink()  # a deleted input: its outputs go with the summary's rerun
+    snakemake(tmp_path, config, "--resources", "gpu=1")
+    assert (
+        not list((inferred / "images").glob("added one.*"))
+        and len(pd.read_csv(inferred / "summary.csv")) == 100
+    )
 
     config["train"]["iterations"] = 5  # a retrained model replans every inference job
     jobs = planned_jobs(tmp_path, config)

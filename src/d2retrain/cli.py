@@ -161,7 +161,7 @@ def _infer(args: argparse.Namespace) -> int:
     if not images and not videos:
         raise D2RetrainError("nothing to infer: give images with -i and/or videos with -v")
     statuses = run_inference(
-        args.model, images, videos, args.output, options, args.classes, threads=args.threads
+        args.model, images, videos, args.output, options, args.classes, threads=args.threads, reuse=args.reuse
     )
     if args.coco_out:
         from d2retrain.infer.cocoout import write_predictions_coco
@@ -235,6 +235,12 @@ def _add_infer(commands: argparse._SubParsersAction) -> None:
         "--coco-out",
         metavar="FILE",
         help="also write the images' predictions as one COCO dataset file (to correct in a labelling tool)",
+    )
+    infer.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the outputs of files inferred before from the same content, model and output options "
+        "(a record beside each file's outputs says); infer only the others",
     )
     infer.add_argument("--threads", type=int, default=2)
     infer.set_defaults(handler=_infer)

@@ -17,4 +17,5 @@ run_job(
     expected_classes=list(snakemake.params.categories),
     status_path=snakemake.output.status,
     threads=snakemake.threads,
+    reuse=True,  # a file whose outputs were made from the same content, model and options is kept
 )

@@ -5,6 +5,8 @@ from pathlib import Path
 
 from d2retrain.core.logutil import run_job
 from d2retrain.infer.cocoout import write_predictions_coco
+from d2retrain.infer.inputs import InputFile
+from d2retrain.infer.reuse import remove_stale
 from d2retrain.infer.summary import FileStatus, gather_drawn, write_summary
 from d2retrain.model.specs import read_classes
 
@@ -17,6 +19,7 @@ def summarise(status_paths: list[str]) -> None:
     gather_drawn(table, inference_dir, snakemake.output.drawn)
     info = read_classes(Path(snakemake.input.classes).parent)
     statuses = [FileStatus(**row) for row in table.to_dict("records")]
+    remove_stale(inference_dir, [InputFile(status.path, status.kind, status.name) for status in statuses])
     write_predictions_coco(statuses, inference_dir, info.classes, info.source_ids, snakemake.output.coco)
 
 

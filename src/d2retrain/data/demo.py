@@ -18,7 +18,15 @@ from d2retrain.core.layout import DemoLayout
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEMO_CATEGORIES", "DemoLayout", "Instance", "render_scene", "write_demo_dataset"]
+__all__ = [
+    "DEMO_CATEGORIES",
+    "IMAGE_SIZES",
+    "VIDEO_SIZE",
+    "DemoLayout",
+    "Instance",
+    "render_scene",
+    "write_demo_dataset",
+]
 
 DEMO_CATEGORIES = (
     {"supercategory": "person", "id": 1, "name": "person"},
@@ -26,7 +34,12 @@ DEMO_CATEGORIES = (
     {"supercategory": "sports", "id": 37, "name": "sports ball"},
 )
 _PERSON, _CAR, _BALL = 1, 3, 37
-WIDTH, HEIGHT = 256, 192
+WIDTH, HEIGHT = 256, 192  # the size the objects are drawn for; other sizes scale them
+# (width, height) of the images, in turn: landscape and portrait, sides that are not multiples of
+# 32, some above the test size (192) and its cap (360), so that inference, evaluation and exports
+# meet resizing, padding and batches of mixed sizes.
+IMAGE_SIZES = ((256, 192), (192, 256), (301, 227), (227, 301), (416, 312), (283, 211), (211, 283), (365, 203))
+VIDEO_SIZE = (286, 214)  # even sides (H.264 4:2:0), not multiples of 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,24 +109,25 @@ def _overlaps(box: tuple[float, ...], boxes: list[tuple[float, ...]], margin: fl
     )
 
 
-def _propose(rng: np.random.Generator, category: int) -> list[np.ndarray]:
+def _propose(rng: np.random.Generator, category: int, width: int, height: int) -> list[np.ndarray]:
+    unit = min(width, height) / HEIGHT  # objects keep their size relative to the image
     if category == _PERSON:
-        height = rng.uniform(55, 120)
-        return _person(rng.uniform(15, WIDTH - 15), rng.uniform(2, HEIGHT - height - 2), height)
+        tall = rng.uniform(55, 120) * unit
+        return _person(rng.uniform(15, width - 15), rng.uniform(2, height - tall - 2), tall)
     if category == _CAR:
-        width = rng.uniform(60, 110)
-        return _car(rng.uniform(2, WIDTH - width - 2), rng.uniform(2, HEIGHT - width * 0.45 - 2), width)
-    radius = rng.uniform(10, 24)
+        long = rng.uniform(60, 110) * unit
+        return _car(rng.uniform(2, width - long - 2), rng.uniform(2, height - long * 0.45 - 2), long)
+    radius = rng.uniform(10, 24) * unit
     return [
         _circle(
-            rng.uniform(radius + 2, WIDTH - radius - 2), rng.uniform(radius + 2, HEIGHT - radius - 2), radius
+            rng.uniform(radius + 2, width - radius - 2), rng.uniform(radius + 2, height - radius - 2), radius
         )
     ]
 
 
-def _background(rng: np.random.Generator) -> np.ndarray:
+def _background(rng: np.random.Generator, width: int = WIDTH, height: int = HEIGHT) -> np.ndarray:
     corners = rng.uniform(40, 200, size=(2, 2, 3)).astype(np.float32)
-    image = cv2.resize(corners, (WIDTH, HEIGHT), interpolation=cv2.INTER_LINEAR)
+    image = cv2.resize(corners, (width, height), interpolation=cv2.INTER_LINEAR)
     image += np.asarray(rng.normal(0, 6, size=image.shape), dtype=np.float32)
     return np.clip(image, 0, 255).astype(np.uint8)
 
@@ -136,20 +150,26 @@ def _paint(rng: np.random.Generator, image: np.ndarray, category: int, polygons:
 
 
 def _crowd(rng: np.random.Generator, image: np.ndarray, boxes: list) -> Instance:
-    left, top = rng.uniform(2, WIDTH - 92), rng.uniform(2, HEIGHT - 30)
-    mask = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
+    height, width = image.shape[:2]
+    unit = min(width, height) / HEIGHT
+    left, top = rng.uniform(2, width - 92 * unit), rng.uniform(2, height - 30 * unit)
+    mask = np.zeros((height, width), dtype=np.uint8)
     for column in range(9):
         polygons = _person(
-            left + 5 + column * 10 + rng.uniform(-1, 1), top + rng.uniform(0, 4), rng.uniform(20, 24)
+            left + (5 + column * 10 + rng.uniform(-1, 1)) * unit,
+            top + rng.uniform(0, 4) * unit,
+            rng.uniform(20, 24) * unit,
         )
         points = [np.round(p).astype(np.int32) for p in polygons]
         cv2.fillPoly(image, points, tuple(int(c) for c in rng.integers(0, 256, size=3)))
         cv2.fillPoly(mask, points, 1)
-    boxes.append((left, top, left + 92, top + 30))
+    boxes.append((left, top, left + 92 * unit, top + 30 * unit))
     return Instance(_PERSON, [], crowd_mask=mask.astype(bool))
 
 
-def render_scene(rng: np.random.Generator) -> tuple[np.ndarray, list[Instance]]:
+def render_scene(
+    rng: np.random.Generator, width: int = WIDTH, height: int = HEIGHT
+) -> tuple[np.ndarray, list[Instance]]:
     """Draw one demo image and return it with its instances.
 
     The mix is uneven on purpose: people are the most common, some images hold only
@@ -157,11 +177,13 @@ def render_scene(rng: np.random.Generator) -> tuple[np.ndarray, list[Instance]]:
 
     Args:
         rng: Source of randomness (the dataset is deterministic for a given seed).
+        width: The image's width.
+        height: Its height (objects scale with the shorter side).
 
     Returns:
-        A BGR ``(HEIGHT, WIDTH, 3)`` image and the instances drawn on it.
+        A BGR ``(height, width, 3)`` image and the instances drawn on it.
     """
-    image = _background(rng)
+    image = _background(rng, width, height)
     kind = rng.choice(["both", "people", "balls", "cars"], p=[0.4, 0.25, 0.15, 0.2])
     wanted = {
         "both": [_PERSON] * rng.integers(1, 4) + [_BALL] * rng.integers(1, 3),
@@ -173,7 +195,7 @@ def render_scene(rng: np.random.Generator) -> tuple[np.ndarray, list[Instance]]:
     instances = [_crowd(rng, image, boxes)] if rng.random() < 1 / 6 else []
     for category in wanted:
         for _ in range(30):
-            polygons = _propose(rng, category)
+            polygons = _propose(rng, category, width, height)
             box = _bounds(polygons)
             if not _overlaps(box, boxes):
                 boxes.append(box)
@@ -190,14 +212,14 @@ def _uncompressed_rle(mask: np.ndarray) -> dict:
     return {"counts": counts, "size": list(mask.shape)}
 
 
-def _annotation(instance: Instance, annotation_id: int, image_id: int) -> dict:
+def _annotation(instance: Instance, annotation_id: int, image_id: int, height: int, width: int) -> dict:
     segmentation: dict | list[list[float]]
     if instance.crowd_mask is not None:
         segmentation = _uncompressed_rle(instance.crowd_mask)
-        rle = mask_utils.frPyObjects(segmentation, HEIGHT, WIDTH)
+        rle = mask_utils.frPyObjects(segmentation, height, width)
     else:
         segmentation = instance.polygons
-        rle = mask_utils.merge(mask_utils.frPyObjects(instance.polygons, HEIGHT, WIDTH))
+        rle = mask_utils.merge(mask_utils.frPyObjects(instance.polygons, height, width))
     return {
         "segmentation": segmentation,
         "area": float(mask_utils.area(rle)),
@@ -215,15 +237,17 @@ def _write_split(layout: DemoLayout, split: str, count: int, rng: np.random.Gene
     names = layout.image_names(split, count)
     for number, file_name in enumerate(tqdm(names, desc=f"demo {split}", unit="img", disable=None)):
         image_id = first_id + number
-        picture, instances = render_scene(rng)
+        width, height = IMAGE_SIZES[number % len(IMAGE_SIZES)]
+        picture, instances = render_scene(rng, width, height)
         ok, encoded = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, 92])
         assert ok
         write_bytes_atomic(layout.images(split) / file_name, encoded.tobytes())
         images.append(
-            {"license": 1, "file_name": file_name, "height": HEIGHT, "width": WIDTH, "id": image_id}
+            {"license": 1, "file_name": file_name, "height": height, "width": width, "id": image_id}
         )
         for instance in instances:
-            annotations.append(_annotation(instance, len(annotations) + first_id * 100 + 1, image_id))
+            annotation_id = len(annotations) + first_id * 100 + 1
+            annotations.append(_annotation(instance, annotation_id, image_id, height, width))
     document = {
         "info": {
             "description": "d2retrain demo dataset (synthetic)",
@@ -242,13 +266,21 @@ def _write_split(layout: DemoLayout, split: str, count: int, rng: np.random.Gene
 
 
 def _video_frames(rng: np.random.Generator, frames: int):
-    background = _background(rng)
+    width, height = VIDEO_SIZE
+    unit = min(width, height) / HEIGHT
+    background = _background(rng, width, height)
     for index in range(frames):
         image = background.copy()
         phase = index / max(1, frames - 1)
-        _paint(rng, image, _PERSON, _person(20 + phase * (WIDTH - 40), 40, 110))
+        _paint(rng, image, _PERSON, _person(20 * unit + phase * (width - 40 * unit), 40 * unit, 110 * unit))
         bounce = abs(np.sin(phase * 3 * np.pi))
-        ball = [_circle(WIDTH - 30 - phase * (WIDTH - 60), HEIGHT - 20 - bounce * 100, 16)]
+        ball = [
+            _circle(
+                width - 30 * unit - phase * (width - 60 * unit),
+                height - (20 + bounce * 100) * unit,
+                16 * unit,
+            )
+        ]
         _paint(np.random.default_rng(7), image, _BALL, ball)
         yield image
 
@@ -256,7 +288,8 @@ def _video_frames(rng: np.random.Generator, frames: int):
 def _write_video(path: Path, rng: np.random.Generator, frames: int, fps: int = 10) -> None:
     with atomic_open(path) as handle, av.open(handle, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps, 1))
-        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        stream.width, stream.height = VIDEO_SIZE
+        stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "20"}
         for picture in _video_frames(rng, frames):
             for packet in stream.encode(av.VideoFrame.from_ndarray(picture, format="bgr24")):
@@ -268,7 +301,8 @@ def _write_video(path: Path, rng: np.random.Generator, frames: int, fps: int = 1
 def write_demo_dataset(
     root: str | Path, seed: int = 0, train: int = 80, val: int = 24, video_frames: int = 40
 ) -> DemoLayout:
-    """Write the demo dataset under ``root`` (see :class:`DemoLayout`).
+    """Write the demo dataset under ``root`` (see :class:`DemoLayout`): images of the
+    :data:`IMAGE_SIZES` in turn, a video of :data:`VIDEO_SIZE`.
 
     Args:
         root: Destination folder.

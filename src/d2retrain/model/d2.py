@@ -21,6 +21,7 @@ from d2retrain.model.headsurgery import (
 )
 from d2retrain.model.instances import Instances
 from d2retrain.model.predictor import ModelPredictor, build_then_load
+from d2retrain.model.resize import padded_size, predict_in_groups
 from d2retrain.model.specs import ModelSpec, SolverSpec
 
 logger = logging.getLogger(__name__)
@@ -195,19 +196,26 @@ class Detectron2Predictor:
             resized = resized[:, :, ::-1]
         return torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))).float()
 
-    @torch.inference_mode()
     def predict_batch(self, images_bgr: Sequence[np.ndarray]) -> list[Instances]:
-        """Predict several BGR uint8 images in one forward pass (``DefaultPredictor``'s
-        preprocessing, applied to each)."""
+        """Predict several BGR uint8 images (``DefaultPredictor``'s preprocessing, applied to each),
+        those of the same padded input size in one forward pass each (detectron2's ``ImageList``
+        pads a batch to its largest image: mixed sizes would change each other's predictions)."""
         inputs = [
-            {
-                "image": self.input_tensor(image).to(self.cfg.MODEL.DEVICE),
-                "height": image.shape[0],
-                "width": image.shape[1],
-            }
+            {"image": self.input_tensor(image), "height": image.shape[0], "width": image.shape[1]}
             for image in images_bgr
         ]
-        return [_instances(output["instances"].to("cpu")) for output in self.model(inputs)]
+        backbone = self.model.backbone
+        square = getattr(backbone, "padding_constraints", {}).get("square_size", 0)
+        keys = [
+            (square, square) if square else padded_size(item["image"].shape[-2:], backbone.size_divisibility)
+            for item in inputs
+        ]
+        return predict_in_groups(inputs, keys, self._forward)
+
+    @torch.inference_mode()
+    def _forward(self, inputs: list[dict]) -> list[Instances]:
+        on_device = [item | {"image": item["image"].to(self.cfg.MODEL.DEVICE)} for item in inputs]
+        return [_instances(output["instances"].to("cpu")) for output in self.model(on_device)]
 
 
 def export_graph(

@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from d2retrain.core.errors import D2RetrainError
 from d2retrain.core.fileio import file_digest, write_text_atomic, write_through_temporary
 from d2retrain.data.images import read_image
 from d2retrain.data.records import load_records
+from d2retrain.data.rescale import other_sizes, write_rescaled_split
 from d2retrain.model.cococlasses import coco_category_ids
 from d2retrain.model.engines import load_predictor, model_engine, read_model_config
 from d2retrain.model.evaluation import coco_ap, to_coco_results
@@ -114,7 +116,10 @@ def export_model(
         )
     else:
         exported = exported_predictor(output, contract, "cpu", _EXPORT_SCORE, _EXPORT_DETECTIONS, threads)
-        record = verify_export(predictor, exported, val_json, val_images, info.classes, reference_metrics)
+        sizes = other_sizes(solver.min_size_test, solver.max_size_test)
+        record = verify_export(
+            predictor, exported, val_json, val_images, info.classes, reference_metrics, sizes
+        )
         write_text_atomic(output / "verify.json", json.dumps(record, indent=2) + "\n")
         if not record["passed"]:
             raise ExportError(f"{output}: the export differs from the model: {'; '.join(record['failures'])}")
@@ -179,13 +184,17 @@ def verify_export(
     val_images: str,
     classes: Sequence[str],
     reference_metrics: str | None = None,
+    sizes: Sequence[tuple[int, int]] = (),
 ) -> dict:
-    """Compare an exported model with its PyTorch model on a val split.
+    """Compare an exported model with its PyTorch model on a val split, and on a copy of it at
+    other sizes.
 
     Passes when the exported segm and bbox AP are within :data:`AP_TOLERANCE` of the reference
     (``reference_metrics``' retrained AP, else the PyTorch model's here) and at least
     :data:`MIN_SAME_SHARE` of the images get the same detections at score >= :data:`VERIFY_SCORE`
-    (count and class names).
+    (count and class names); and, on the val images resized to ``sizes`` with their annotations
+    rescaled alike (:func:`d2retrain.data.rescale.write_rescaled_split`), the same holds against
+    the PyTorch model on those copies (the val split's images may all need no resize at all).
 
     Args:
         reference: The PyTorch model.
@@ -194,10 +203,49 @@ def verify_export(
         val_images: Their images.
         classes: Class names in model order.
         reference_metrics: The model's ``eval/metrics.json`` (None: the reference AP is computed here).
+        sizes: (width, height) pairs for the copies (none: the val split only).
 
     Returns:
-        The record written to ``verify.json`` (``passed``, ``failures`` and the numbers).
+        The record written to ``verify.json`` (``passed``, ``failures`` and the numbers; the copies'
+        under ``other_sizes``).
     """
+    images, ap, differing = _compare(reference, exported, val_json, val_images, classes)
+    if reference_metrics is not None:
+        retrained = json.loads(Path(reference_metrics).read_text())["retrained"]
+        ap["reference"] = {kind: retrained[kind]["AP"] for kind in ("bbox", "segm")}
+    else:
+        ap["reference"] = dict(ap["pytorch"])
+    verdict = _verdict(ap, images, differing)
+    verdict["reference"] = str(reference_metrics or "the PyTorch model, evaluated here")
+    if sizes:
+        with tempfile.TemporaryDirectory(prefix="d2retrain-verify-") as folder:
+            copies = write_rescaled_split(val_json, val_images, folder, sizes)
+            found = _compare(reference, exported, *copies, classes)
+        other = _verdict(found[1] | {"reference": found[1]["pytorch"]}, found[0], found[2])
+        verdict["other_sizes"] = {"sizes": [list(size) for size in sizes]} | other
+        verdict["failures"] += [f"at other sizes: {failure}" for failure in other["failures"]]
+        verdict["passed"] = not verdict["failures"]
+    logger.info(
+        "verified on %d images: segm AP %.4f (reference %.4f), bbox AP %.4f (reference %.4f), "
+        "same detections on %.1f%%%s",
+        images,
+        ap["exported"]["segm"],
+        ap["reference"]["segm"],
+        ap["exported"]["bbox"],
+        ap["reference"]["bbox"],
+        100 * verdict["same_share"],
+        "; at other sizes: same detections on {:.1%}".format(verdict["other_sizes"]["same_share"])
+        if sizes
+        else "",
+    )
+    return verdict
+
+
+def _compare(
+    reference: Predictor, exported: Predictor, val_json: str, val_images: str, classes: Sequence[str]
+) -> tuple[int, dict[str, dict[str, float]], list[str]]:
+    """Both models on a split, image by image: the image count, each model's AP, and the images
+    whose detections at :data:`VERIFY_SCORE` differ."""
     records = load_records(val_json, val_images, require_annotations=False)
     results: dict[str, list[dict]] = {"pytorch": [], "exported": []}
     differing = []
@@ -209,25 +257,7 @@ def verify_export(
         results["exported"] += to_coco_results(record.image_id, theirs, category_ids)
         if _names(ours, classes) != _names(theirs, classes):
             differing.append(Path(record.path).name)
-    ap = _ap(val_json, results, classes)
-    if reference_metrics is not None:
-        retrained = json.loads(Path(reference_metrics).read_text())["retrained"]
-        ap["reference"] = {kind: retrained[kind]["AP"] for kind in ("bbox", "segm")}
-    else:
-        ap["reference"] = dict(ap["pytorch"])
-    verdict = _verdict(ap, len(records), differing)
-    verdict["reference"] = str(reference_metrics or "the PyTorch model, evaluated here")
-    logger.info(
-        "verified on %d images: segm AP %.4f (reference %.4f), bbox AP %.4f (reference %.4f), "
-        "same detections on %.1f%%",
-        len(records),
-        ap["exported"]["segm"],
-        ap["reference"]["segm"],
-        ap["exported"]["bbox"],
-        ap["reference"]["bbox"],
-        100 * verdict["same_share"],
-    )
-    return verdict
+    return len(records), _ap(val_json, results, classes), differing
 
 
 def _verdict(ap: dict[str, dict[str, float]], images: int, differing: list[str]) -> dict:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -22,6 +23,7 @@ from d2retrain.core.config import allowed_values
 from d2retrain.core.fileio import file_digest, write_text_atomic
 from d2retrain.model.instances import Instances, Predictor
 from d2retrain.model.paste import PASTE_METHODS, paste_masks
+from d2retrain.model.resize import RESIZE_RULES, resized_size
 from d2retrain.model.specs import ModelFolderError, read_classes
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ __all__ = [
     "model_classes",
     "load_exported",
     "exported_predictor",
+    "graph_input",
 ]
 
 CONTRACT = "contract.json"
@@ -57,8 +60,10 @@ class Contract:
         source_ids: Each class's category id in the training data.
         coco_ids: Each class's row in COCO's 91 (None: not a COCO category).
         input: The image tensor: name, layout, dtype, colour order and value range.
-        resize: ``{"where": "inside"|"outside", "shortest_edge", "max_size"}``: inside the graph, or
-            to be done before it (detectron2's ResizeShortestEdge; outputs then scaled back).
+        resize: ``{"where": "inside"|"outside", "rule", "shortest_edge", "max_size"}``: inside the
+            graph (torchvision exports written before the resize moved out), or to be done before
+            it, to the size the engine's predictor uses (``rule``, see
+            :func:`d2retrain.model.resize.resized_size`; outputs then scaled back).
         score_threshold: Lowest score the graph keeps (a predictor may only raise it).
         max_detections: Most instances the graph returns per image (a predictor may only lower it).
         outputs: Output tensor name -> meaning, in the graph's order.
@@ -197,6 +202,7 @@ def _check_known(path: Path, contract: Contract) -> None:
         "format": (contract.format, FORMATS),
         "masks": (contract.masks, PASTE_METHODS),
         "resize": (contract.resize.get("where"), ("inside", "outside")),
+        "resize rule": (contract.resize.get("rule", "detectron2"), RESIZE_RULES),
         "input colour": (contract.input.get("colour"), ("RGB", "BGR")),
         "input range": (contract.input.get("range"), ([0, 1], [0, 255])),
     }
@@ -371,7 +377,7 @@ class _ExportedPredictor:
     def __call__(self, image_bgr: np.ndarray) -> Instances:
         """Predict one BGR uint8 image."""
         height, width = image_bgr.shape[:2]
-        image, scale = _prepared(image_bgr, self.contract)
+        image, scale = graph_input(image_bgr, self.contract.input, self.contract.resize)
         found = self.runner(image)
         scores = found["scores"]
         boxes = np.clip(found["boxes"].astype(np.float32) / scale, 0, [width, height, width, height])
@@ -398,27 +404,37 @@ def _nonempty(boxes: np.ndarray) -> np.ndarray:
     return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
 
 
-def _prepared(image_bgr: np.ndarray, contract: Contract) -> tuple[np.ndarray, np.ndarray]:
-    """The graph's input tensor for an image, and the factors (x, y, x, y) its boxes are scaled by."""
-    scale = np.ones(4, np.float32)
-    if contract.resize["where"] == "outside":  # detectron2's ResizeShortestEdge, as its predictor
-        height, width = image_bgr.shape[:2]
-        new_height, new_width = _shortest_edge(height, width, **contract.resize)
-        resized = Image.fromarray(image_bgr).resize((new_width, new_height), Image.Resampling.BILINEAR)
-        image_bgr = np.asarray(resized)
-        scale = np.array([new_width / width, new_height / height] * 2, np.float32)
-    image = image_bgr[:, :, ::-1] if contract.input["colour"] == "RGB" else image_bgr
-    tensor = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
-    if contract.input["range"] == [0, 1]:
+def graph_input(
+    image_bgr: np.ndarray, graph_input: dict[str, Any], resize: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    """An exported graph's input tensor for an image, as its contract's ``input`` and ``resize``
+    say, and the factors (x, y, x, y) its boxes are to be divided by.
+
+    The image is resized to the size its PyTorch predictor uses (:func:`resized_size`): by PIL's
+    bilinear filter on the uint8 image for detectron2 (as its ``ResizeShortestEdge``), by a bilinear
+    interpolation of the float image without antialiasing for torchvision (as
+    ``torch.nn.functional.interpolate`` in its transform; pixels within 1e-6).
+
+    Args:
+        image_bgr: A BGR uint8 image.
+        graph_input: The contract's ``input`` (colour order, value range).
+        resize: The contract's ``resize`` (``where``, ``rule``, ``shortest_edge``, ``max_size``).
+
+    Returns:
+        The CHW float32 tensor and the box factors.
+    """
+    height, width = image_bgr.shape[:2]
+    size, scale = (height, width), np.ones(4, np.float32)
+    rule = resize.get("rule", "detectron2")  # contracts before the rule was named: detectron2's
+    if resize["where"] == "outside":
+        size = resized_size(height, width, resize["shortest_edge"], resize["max_size"], rule)
+        scale = np.array([size[1] / width, size[0] / height] * 2, np.float32)
+        if rule == "detectron2":
+            image_bgr = np.asarray(Image.fromarray(image_bgr).resize(size[::-1], Image.Resampling.BILINEAR))
+    image = image_bgr[:, :, ::-1] if graph_input["colour"] == "RGB" else image_bgr
+    tensor = np.ascontiguousarray(image, dtype=np.float32)
+    if graph_input["range"] == [0, 1]:
         tensor /= 255
-    return tensor, scale
-
-
-def _shortest_edge(height: int, width: int, shortest_edge: int, max_size: int, **_: Any) -> tuple[int, int]:
-    """detectron2's ``ResizeShortestEdge.get_output_shape``: the size an image is resized to."""
-    scale = shortest_edge / min(height, width)
-    new_height, new_width = height * scale, width * scale
-    if max(new_height, new_width) > max_size:
-        scale = max_size / max(new_height, new_width)
-        new_height, new_width = new_height * scale, new_width * scale
-    return int(new_height + 0.5), int(new_width + 0.5)
+    if tensor.shape[:2] != size:  # torchvision's rule: the float image, bilinear, no antialiasing
+        tensor = np.asarray(cv2.resize(tensor, size[::-1], interpolation=cv2.INTER_LINEAR), np.float32)
+    return np.ascontiguousarray(tensor.transpose(2, 0, 1)), scale

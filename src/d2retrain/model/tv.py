@@ -3,7 +3,6 @@
 import copy
 import dataclasses
 import logging
-import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,16 +17,17 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.model.cococlasses import coco_category_ids
-from d2retrain.model.exported import ExportedGraph
+from d2retrain.model.exported import ExportedGraph, graph_input
 from d2retrain.model.headsurgery import load_state_dict_source, log_surgery, subset_class_rows
 from d2retrain.model.instances import Instances
 from d2retrain.model.predictor import ModelPredictor, build_then_load
+from d2retrain.model.resize import padded_size, predict_in_groups, resized_size
 from d2retrain.model.specs import ModelSpec, SolverSpec
 
 logger = logging.getLogger(__name__)
@@ -222,9 +222,23 @@ class TorchvisionPredictor:
         """Predict one BGR uint8 image."""
         return self.predict_batch([image_bgr])[0]
 
-    @torch.inference_mode()
+    def input_size(self, image_bgr: np.ndarray) -> tuple[int, int]:
+        """The padded size of an image's input: images of equal padded size can share a batch
+        (each gets exactly the input it would get alone)."""
+        transform = cast(GeneralizedRCNNTransform, self.model.transform)
+        height, width = image_bgr.shape[:2]
+        size = resized_size(height, width, transform.min_size[-1], transform.max_size, "torchvision")
+        return padded_size(size, transform.size_divisible)
+
     def predict_batch(self, images_bgr: Sequence[np.ndarray]) -> list[Instances]:
-        """Predict several BGR uint8 images in one forward pass."""
+        """Predict several BGR uint8 images, those of the same input size in one forward pass each
+        (torchvision pads a batch to its largest image: mixed sizes would change each other's
+        predictions)."""
+        keys = [self.input_size(image) for image in images_bgr]
+        return predict_in_groups(list(images_bgr), keys, self._forward)
+
+    @torch.inference_mode()
+    def _forward(self, images_bgr: Sequence[np.ndarray]) -> list[Instances]:
         tensors = [
             torch.from_numpy(np.ascontiguousarray(image[:, :, ::-1]))
             .to(self.device)
@@ -247,12 +261,13 @@ class TorchvisionPredictor:
 def export_graph(
     predictor: ModelPredictor, export_format: str, path: Path, example: np.ndarray
 ) -> ExportedGraph:
-    """Write the model, from the image to each box's mask probabilities (resize and normalisation
+    """Write the model, from the resized image to each box's mask probabilities (normalisation
     inside), to ``path``: ONNX by ``torch.onnx.export(dynamo=False, opset_version=11)`` (the dynamo
     exporter fails in ``torch.export`` on this model), TorchScript by ``torch.jit.script``. The
-    masks are pasted outside the graph, for the kept instances only
-    (:func:`d2retrain.model.exported.paste_masks`): pasted inside, every instance above the graph's
-    0.05 went into a full-size float image, 100 x 720 x 1280 floats a frame.
+    resize (to the size the predictor uses, :func:`d2retrain.model.resize.resized_size`), the box
+    scaling and the mask paste run outside the graph, for the kept instances only
+    (:mod:`d2retrain.model.exported`): pasted inside, every instance above the graph's 0.05 went
+    into a full-size float image, 100 x 720 x 1280 floats a frame.
 
     Args:
         predictor: The loaded model (its score threshold and detection cap go into the graph).
@@ -264,80 +279,70 @@ def export_graph(
         What the graph expects and returns.
     """
     model = cast(MaskRCNN, predictor.model.eval())
-    outputs = {
-        "boxes": "(K, 4) float32 x0 y0 x1 y1 in input image pixels",
-        "labels": "(K,) int64 class index 1..N (0 is the background): classes[label - 1]",
-        "scores": "(K,) float32, descending",
-        "masks": "(K, 1, M, M) float32 mask probabilities inside each box (pasted, > 0.5: inside)",
-    }
+    transform = cast(GeneralizedRCNNTransform, model.transform)
+    edge, cap = transform.min_size[-1], transform.max_size
+    graph = ExportedGraph(
+        input={"name": "image", "layout": "CHW", "dtype": "float32", "colour": "RGB", "range": [0, 1]},
+        resize={"where": "outside", "rule": "torchvision", "shortest_edge": edge, "max_size": cap},
+        outputs={
+            "boxes": "(K, 4) float32 x0 y0 x1 y1 in the resized image's pixels",
+            "labels": "(K,) int64 class index 1..N (0 is the background): classes[label - 1]",
+            "scores": "(K,) float32, descending",
+            "masks": "(K, 1, M, M) float32 mask probabilities inside each box (pasted, > 0.5: inside)",
+        },
+        first_label=1,
+        masks="torchvision_paste",
+        opset=_OPSET,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's warnings on shape arithmetic torchvision expects
         if export_format == "torchscript":
-            torch.jit.script(_Unpasted(model, scripted=True)).save(str(path))
+            torch.jit.script(_Unpasted(model)).save(str(path))
         else:
-            image = (
-                torch.from_numpy(np.ascontiguousarray(example[:, :, ::-1].transpose(2, 0, 1))).float() / 255
-            )
+            image = torch.from_numpy(graph_input(example, graph.input, graph.resize)[0])
             torch.onnx.export(
-                _Unpasted(model, scripted=False),
+                _Unpasted(model),
                 (image,),
                 str(path),
                 dynamo=False,
                 opset_version=_OPSET,
                 input_names=["image"],
-                output_names=list(outputs),
+                output_names=list(graph.outputs),
                 dynamic_axes={"image": [1, 2], "boxes": [0], "labels": [0], "scores": [0], "masks": [0]},
             )
-    transform = cast(GeneralizedRCNNTransform, model.transform)
-    return ExportedGraph(
-        input={"name": "image", "layout": "CHW", "dtype": "float32", "colour": "RGB", "range": [0, 1]},
-        resize={"where": "inside", "shortest_edge": transform.min_size[-1], "max_size": transform.max_size},
-        outputs=outputs,
-        first_label=1,
-        masks="torchvision_paste",
-        opset=_OPSET,
-    )
+    return graph
 
 
 class _Unpasted(nn.Module):
-    """torchvision's Mask R-CNN on one image up to each box's mask probabilities: its forward
-    (``GeneralizedRCNN.forward`` in eval mode) with the boxes scaled back to the image as its
-    ``postprocess`` does, the masks left unpasted."""
+    """torchvision's Mask R-CNN on one image already resized (:func:`resized_size`, rule
+    ``torchvision``) up to each box's mask probabilities: its forward (``GeneralizedRCNN.forward``
+    in eval mode) with the masks left unpasted and the boxes in the resized image. The resize runs
+    outside the graph: traced or scripted, torchvision computes the scale in float32 and a 478x640
+    photo came out at another width than in eager PyTorch."""
 
-    def __init__(self, model: MaskRCNN, scripted: bool) -> None:
+    def __init__(self, model: MaskRCNN) -> None:
         super().__init__()
         self.transform = copy.deepcopy(model.transform)
-        if scripted:  # torchvision's scripted resize floors a float32 scale (see _ScriptedResize)
-            self.transform.__class__ = _ScriptedResize
+        self.transform.__class__ = _NoResize
         self.backbone, self.rpn, self.roi_heads = model.backbone, model.rpn, model.roi_heads
         self.eval()  # the exporters restore the mode they found, and the shared modules follow it
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        original = image.shape[-2:]
         images, _ = self.transform([image])
         features = self.backbone(images.tensors)
         proposals, _ = self.rpn(images, features)
         detections, _ = self.roi_heads(features, proposals, images.image_sizes)
         found = detections[0]
-        boxes = resize_boxes(found["boxes"], images.image_sizes[0], [original[0], original[1]])
-        return boxes, found["labels"], found["scores"], found["masks"]
+        return found["boxes"], found["labels"], found["scores"], found["masks"]
 
 
-class _ScriptedResize(GeneralizedRCNNTransform):
-    """torchvision's transform, resizing in TorchScript as it does in Python: to the size computed
-    in double precision and floored. torchvision's scripted path computes the scale in float32: a
-    640x426 photo at shortest edge 192 came out 191 rows high, and every prediction moved."""
+class _NoResize(GeneralizedRCNNTransform):
+    """torchvision's transform without its resize: the exported graph's input is resized outside."""
 
     def resize(
         self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        height, width = image.shape[-2], image.shape[-1]
-        scale = min(float(self.min_size[-1]) / min(height, width), float(self.max_size) / max(height, width))
-        size = [math.floor(height * scale), math.floor(width * scale)]
-        resized = torch.nn.functional.interpolate(
-            image[None], size=size, mode="bilinear", align_corners=False
-        )
-        return resized[0], target  # inference only: no target boxes or masks to resize
+        return image, target
 
 
 make_predictor = TorchvisionPredictor  # the engine contract's predictor factory

@@ -50,7 +50,10 @@ class TrainSamples(torch.utils.data.Dataset):
     Position ``p`` is the sample at that place in the epochs laid end to end; it is flipped when a
     generator seeded by ``(seed, p)`` says so, then augmented (``train.augment``) with draws seeded
     by ``(seed, p)`` too. So iteration ``i`` reads the same images whatever the process count and
-    after a resume.
+    after a resume. With ``group``, each epoch's order is grouped by orientation as detectron2's
+    ``AspectRatioGroupedDataset`` groups it: landscape and portrait images fill batches of their
+    own (a batch is padded to its largest image: a mixed pair pays for the width of one and the
+    height of the other).
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class TrainSamples(torch.utils.data.Dataset):
         flip: bool,
         augment: TorchvisionAugment | None = None,
         repeat: dict[int, float] | None = None,
+        group: int = 0,
     ) -> None:
         """Args:
         records: The training file's images (:func:`training_images` picks those that train).
@@ -67,8 +71,11 @@ class TrainSamples(torch.utils.data.Dataset):
         flip: Random horizontal flips.
         augment: ``train.augment`` (None: none).
         repeat: Repeat factor by image id (``balance: repeat``); None: each image once per epoch.
+        group: Images per batch to group by orientation (0 or 1: no grouping).
         """
         self.records = training_images(records)
+        self.group = group
+        self.landscape = np.array([record.width > record.height for record in self.records], bool)
         self.seed = seed
         self.flip = flip
         self.augment = augment
@@ -92,11 +99,13 @@ class TrainSamples(torch.utils.data.Dataset):
         """Record indices of one epoch, in order."""
         rng = np.random.default_rng([self.seed, number])
         if self.repeat is None:
-            return rng.permutation(len(self.records))
-        whole = np.floor(self.repeat)
-        counts = (whole + (rng.random(len(self.repeat)) < self.repeat - whole)).astype(np.int64)
-        indices = np.repeat(np.arange(len(self.records)), counts)
-        return indices[rng.permutation(len(indices))]
+            order = rng.permutation(len(self.records))
+        else:
+            whole = np.floor(self.repeat)
+            counts = (whole + (rng.random(len(self.repeat)) < self.repeat - whole)).astype(np.int64)
+            indices = np.repeat(np.arange(len(self.records)), counts)
+            order = indices[rng.permutation(len(indices))]
+        return _grouped(order, self.landscape, self.group) if self.group > 1 else order
 
     def index_at(self, position: int) -> int:
         """Record index served at a global position."""
@@ -136,6 +145,21 @@ class TrainSamples(torch.utils.data.Dataset):
         }
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
         return tensor, target
+
+
+def _grouped(order: np.ndarray, landscape: np.ndarray, size: int) -> np.ndarray:
+    """``order`` as detectron2's ``AspectRatioGroupedDataset`` batches it: each image joins the
+    bucket of its orientation, and a bucket that holds ``size`` images goes out as one batch; the
+    epoch's leftovers end it."""
+    buckets: dict[bool, list[int]] = {True: [], False: []}
+    grouped: list[int] = []
+    for index in order.tolist():
+        bucket = buckets[bool(landscape[index])]
+        bucket.append(index)
+        if len(bucket) == size:
+            grouped += bucket
+            bucket.clear()
+    return np.array(grouped + buckets[True] + buckets[False], dtype=order.dtype)
 
 
 def _xyxy(bbox: tuple[float, float, float, float] | None) -> list[float]:

@@ -168,7 +168,9 @@ def _train_process(job: TrainJob, fingerprint: str) -> None:
     torch.set_num_threads(job.threads_per_process)
     records = load_records(job.train_json, job.train_images)
     repeat = read_repeat_factors(job.repeat_factors) if job.repeat_factors else None
-    samples = TrainSamples(records, job.solver.seed, job.solver.flip, TorchvisionAugment(job.solver), repeat)
+    augment = TorchvisionAugment(job.solver)
+    group = job.solver.images_per_batch  # batches of one orientation, as detectron2's loader makes
+    samples = TrainSamples(records, job.solver.seed, job.solver.flip, augment, repeat, group)
     store = CheckpointStore(job.checkpoint_dir, fingerprint)
     run, start = _prepare(job, store)
     main = distributed.is_main()
