@@ -1,17 +1,30 @@
 # d2retrain: COCO categories -> filtered, balanced data -> Mask R-CNN -> predictions.
 # Stages live in workflow/rules/, logic in src/d2retrain/, config keys in its schema.
+import sys
+from pathlib import Path
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
-
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from d2retrain.core.config import ConfigError, check_config
+from d2retrain.core.errors import D2RetrainError
+from d2retrain.model.sources import check_model_setting
 
 if not config:
 
     configfile: "config/config.yaml"
 
 
-# The schema is package data of d2retrain, which reads the same file.
-validate(config, "src/d2retrain/core/config.schema.yaml")
+# The schema is package data of d2retrain, which reads the same file: a problem is one line
+# (check_config), then Snakemake's validate fills the defaults in; the engine and a local weights
+# file are checked too. Any of them stops the run before its first job.
+try:
+    check_config(config)
+    validate(config, "src/d2retrain/core/config.schema.yaml")
+    check_model_setting(config["model"])
+except D2RetrainError as error:
+    sys.exit(str(error) if isinstance(error, ConfigError) else f"config: {error}")
 
 
 container: config["container"]

@@ -53,7 +53,7 @@ VIDEO = Path(__file__).resolve().parents[1] / "tests" / "assets" / "video" / "on
 
 
 def _quick_model(root: Path, engine: str, architecture: str, test_size: int) -> Path:
-    layout = write_demo_dataset(root / "demo", train=4, val=2, video_frames=2)
+    layout = write_demo_dataset(root / "demo", train=8, val=4, video_frames=2)
     files = {}
     for split in ("train", "val"):
         files[split] = str(root / f"{split}.json")

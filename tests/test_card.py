@@ -40,10 +40,10 @@ def model_folder(root: Path) -> Path:
     model = {"weights": "coco.pth", "head_surgery": True, "coco_names": {"kite": "kite"}}
     (folder / "config.yaml").write_text(yaml.safe_dump({"model": model, "solver": solver}))
     (folder / "best.json").write_text(
-        json.dumps({"iteration": 199, "metric": "segm_AP", "value": 0.41, "final_iteration": 299})
+        json.dumps({"iteration": 200, "metric": "segm_AP", "value": 0.41, "final_iteration": 300})
     )
     (folder / "metrics.jsonl").write_text(
-        "".join(json.dumps({"iteration": i, "total_loss": 1.0, "time": 0.5}) + "\n" for i in range(300))
+        "".join(json.dumps({"iteration": i, "total_loss": 1.0, "time": 0.5}) + "\n" for i in range(1, 301))
     )
     (folder / "model_best.pth").write_bytes(b"weights" * 1000)
     return folder
@@ -52,7 +52,7 @@ def model_folder(root: Path) -> Path:
 def card_inputs(tmp_path: Path) -> CardInputs:
     folder = model_folder(tmp_path)
     retrained = report({"person": 0.5, "sports ball": 0.2, "kite": 0.0}) | {
-        "weights": {"file": "model_best.pth", "iteration": 199, "best": True}
+        "weights": {"file": "model_best.pth", "iteration": 200, "best": True}
     }
     reports = {"retrained": retrained, "baseline": report({"person": 0.4, "sports ball": 0.3, "kite": 0.1})}
     write_evaluation(reports, str(tmp_path / "metrics.json"), str(tmp_path / "per_class.csv"))
@@ -102,8 +102,8 @@ def test_the_card_tables_hold_the_runs_ap_classes_and_hashes(tmp_path):
     weights = file_digest(Path(inputs.model_dir) / "model_best.pth")
     assert ["weights", "model_best.pth", weights] in table(card, "## Hashes")
     assert ["val data", "val.json", file_digest(inputs.data["val"])] in table(card, "## Hashes")
-    assert "Trained 300 iterations of 4 images (last iteration 299; 2.5 min of iterations)" in card
-    assert "iteration 199, the best val segm_AP of the evaluations during training (0.410)" in card
+    assert "Trained 300 iterations of 4 images (2.5 min of iterations)" in card
+    assert "iteration 200, the best val segm_AP of the evaluations during training (0.410)" in card
     assert "- `mine` train: `mine/train.json`, images in `mine/images`" in card
 
 
@@ -128,3 +128,16 @@ def test_the_card_is_written_as_markdown_and_as_a_page_for_the_report(tmp_path):
     assert page.startswith("<!DOCTYPE html>") and "<title>Model card: mine</title>" in page
     assert page.count("<table>") == 5  # classes, train and val counts, AP, hashes (the config is code)
     assert '<pre><code class="language-yaml">' in page
+
+
+def test_counts_are_integers_and_expected_counts_per_epoch_keep_one_decimal(tmp_path):
+    inputs = card_inputs(tmp_path)
+    counts = pd.read_csv(inputs.counts)
+    repeat = counts[(counts.split == "train") & (counts.step == "balanced")].assign(step="repeat")
+    repeat[["instances", "images"]] = repeat[["instances", "images"]] * 1.35
+    pd.concat([counts, repeat]).to_csv(inputs.counts, index=False)  # as balance: repeat writes it
+    card = model_card("mine", inputs)
+    train = card.split("\n**train**\n", 1)[1].split("\n**val**", 1)[0]
+    rows = {row[0]: row[1:] for row in table("\n**train**\n" + train, "**train**")}
+    assert rows["person"] == ["120 (60)", "120 (60)", "40 (20)", "54 (27)"]
+    assert rows["kite"][-1] == "6.8 (5.4)"

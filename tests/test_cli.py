@@ -229,3 +229,40 @@ def test_balance_modes_and_engines_are_the_schemas_enums_and_every_engine_is_reg
     assert list(mode.choices) == list(BALANCE_MODES)
     assert list(ENGINES) == _schema("model.engine")["enum"]
     assert set(ENGINES) - {"auto"} == set(MODEL_ENGINES) == set(TRAIN_ENGINES)
+
+
+def test_categories_lists_every_category_and_what_balancing_a_candidate_list_keeps(capsys):
+    source = COCO_MINI / "annotations" / "instances_train2017.json"
+    assert main(["categories", str(source)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    document = json.loads(source.read_text())
+    assert lines[0].endswith(f"{len(document['images'])} images, 80 categories") and len(lines) == 2 + 80
+    person = sum(a["category_id"] == 1 for a in document["annotations"])
+    assert lines[2].split()[:3] == ["1", "person", str(person)]  # the most instances first
+    counts = [int(line.split()[-3]) for line in lines[2:]]
+    assert counts == sorted(counts, reverse=True)
+    assert main(["categories", str(source), "-c", "person", "dog"]) == 0
+    out = capsys.readouterr().out
+    per_image: dict[int, set[int]] = {}
+    for annotation in document["annotations"]:
+        per_image.setdefault(annotation["image_id"], set()).add(annotation["category_id"])
+    both = sum({1, 18} <= found for found in per_image.values())
+    assert f", {both} with every one (balance: all keeps" in out
+    assert main(["categories", str(source), "-c", "unicorn"]) == 2
+
+
+def test_every_option_of_every_command_has_help():
+    import argparse
+
+    from d2retrain.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    missing = [
+        f"{name} {action.option_strings or action.dest}"
+        for name, sub in commands.choices.items()
+        for action in sub._actions
+        if not action.help and action.dest != "help"
+    ]
+    assert missing == []
+    assert "(default: 0.5)" in commands.choices["infer"].format_help()  # defaults shown

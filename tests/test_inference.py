@@ -1,7 +1,9 @@
 """Inference on images and videos: outputs, the real video, bad files, inputs and shards, the CLI."""
 
 import json
+import logging
 import os
+import re
 import shutil
 import sys
 import threading
@@ -36,10 +38,15 @@ def demo_model(tmp_path_factory):
     return model, layout
 
 
-def test_each_image_gets_a_drawn_png_and_coco_results_json(demo_model, tmp_path):
+def test_each_image_gets_a_drawn_png_and_coco_results_json(demo_model, tmp_path, caplog):
     model, layout = demo_model
     images = sorted(layout.images("val").glob("*.jpg"))
-    statuses = run_inference(model, images, [], tmp_path, inference_options(OPTIONS), CLASSES)
+    with caplog.at_level(logging.INFO):
+        options = inference_options(OPTIONS | {"device": "auto"})
+        statuses = run_inference(model, images, [], tmp_path, options, CLASSES)
+    assert re.search(
+        rf"torchvision model from {re.escape(str(model))} on (cpu|cuda)\b", caplog.text
+    )  # not auto
     assert [s.status for s in statuses] == ["ok"] * len(images)
     for image in images:
         source = cv2.imread(str(image))

@@ -6,7 +6,7 @@ from conftest import REPO
 
 PACKAGE = REPO / "src" / "d2retrain"
 LAYERS = ("core", "data", "model", "train", "infer")
-TOP = {"__init__.py", "cli.py", "report.py", "card.py"}
+TOP = {"__init__.py", "cli.py", "commands.py", "report.py", "card.py"}
 
 
 @pytest.fixture(scope="module")

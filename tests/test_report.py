@@ -54,7 +54,7 @@ def test_the_ap_page_shows_every_class_with_one_decimal(tmp_path):
 
 def test_the_ap_page_says_which_weights_and_what_the_baseline_covers(tmp_path):
     metrics, per_class = evaluation({"retrained": 0.6, "baseline": 0.4})
-    metrics["retrained"]["weights"] = {"file": "model_best.pth", "iteration": 199, "best": True}
+    metrics["retrained"]["weights"] = {"file": "model_best.pth", "iteration": 200, "best": True}
     metrics["baseline"]["per_class"] = {"segm": {"person": 0.4}}  # ball has no COCO name here
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     per_class.to_csv(tmp_path / "per_class.csv", index=False)
@@ -62,16 +62,16 @@ def test_the_ap_page_says_which_weights_and_what_the_baseline_covers(tmp_path):
         str(tmp_path / "metrics.json"), str(tmp_path / "per_class.csv"), str(tmp_path / "a.html"), "t"
     )
     page = (tmp_path / "a.html").read_text()
-    assert "model_best.pth, the weights of iteration 199 (the best val segm AP" in page
+    assert "model_best.pth, the weights of iteration 200 (the best val segm AP" in page
     assert "on the classes named as COCO categories (person); its &#x27;all classes&#x27; row" in page
 
     metrics.pop("baseline")
-    metrics["retrained"]["weights"] = {"file": "model_final.pth", "iteration": 399, "best": False}
+    metrics["retrained"]["weights"] = {"file": "model_final.pth", "iteration": 400, "best": False}
     metrics["retrained"]["no_baseline"] = "trained from scratch (model.weights: none)"
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     write_ap_table(
         str(tmp_path / "metrics.json"), str(tmp_path / "per_class.csv"), str(tmp_path / "b.html"), "t"
     )
     page = (tmp_path / "b.html").read_text()
-    assert "model_final.pth, the weights of iteration 399 (the last)" in page
+    assert "model_final.pth, the weights of iteration 400 (the last)" in page
     assert "No baseline: trained from scratch (model.weights: none)." in page

@@ -334,4 +334,6 @@ def test_a_training_killed_at_its_time_limit_resumes_on_the_next_run(cluster, tm
     assert resumed, log
     assert 0 < int(resumed.group(1)) < RESUMABLE_TRAINING["iterations"]
     losses = [record["iteration"] for record in metrics(tmp_path) if "total_loss" in record]
-    assert losses == list(range(RESUMABLE_TRAINING["iterations"]))  # one line per iteration, none twice
+    assert losses == list(
+        range(1, RESUMABLE_TRAINING["iterations"] + 1)
+    )  # one line per iteration, none twice

@@ -203,20 +203,25 @@ def _train_mini(folder, paths, output, **train) -> None:
     train_from_config(model=model, train=TINY | train, **mini_inputs(paths, output))
 
 
-def test_torchvision_engine_trains_and_evaluates_on_coco_mini_from_scratch(mini_split, tmp_path):
+def test_torchvision_engine_trains_and_evaluates_on_coco_mini_from_scratch(mini_split, tmp_path, caplog):
     folder, paths = mini_split
-    _train_mini(folder, paths, tmp_path / "model", eval_period=2)
+    with caplog.at_level(logging.INFO):
+        _train_mini(folder, paths, tmp_path / "model", eval_period=2, keep_checkpoints=1)
     model = tmp_path / "model"
+    progress = [r.getMessage() for r in caplog.records if r.name == "d2retrain.train.progress"]
+    assert progress[-2].startswith("iteration 4/4  total_loss: ") and progress[-2].endswith("eta: 0:00:00")
+    assert progress[-1].startswith("evaluation at iteration 4/4: segm AP ")  # one line per evaluation
+    assert [p.name for p in (model / "checkpoints").glob("model_*.pth")] == ["model_0000004.pth"]  # keep 1
     for name in ("model_final.pth", "classes.json", "config.yaml", "metrics.jsonl", "loss.png"):
         assert (model / name).is_file(), name
     info = read_classes(model, ["person", "sports ball"])
     assert info.source_ids == [1, 37] and info.engine == "torchvision"
     lines = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "total_loss" in line]
-    assert [line["iteration"] for line in steps] == [0, 1, 2, 3]
+    assert [line["iteration"] for line in steps] == [1, 2, 3, 4]
     assert {"total_loss", "loss_mask", "lr", "time", "data_time"} <= set(steps[0])
     evals = [line for line in lines if "segm_AP" in line]  # train.eval_period = 2
-    assert [line["iteration"] for line in evals] == [1, 3]
+    assert [line["iteration"] for line in evals] == [2, 4]
     assert all(0 <= line["bbox_AP"] <= 1 and 0 <= line["segm_AP50"] <= 1 for line in evals)
     scalars = assert_tensorboard_shows_the_metrics(model)
     assert {"loss/total_loss", "loss/loss_mask", "lr", "val/segm_AP", "time/iteration"} <= set(scalars)
@@ -245,14 +250,14 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(mini_split, tmp_path, mon
         _train_mini(folder, paths, tmp_path / "model", eval_period=2)
     assert "at iteration 2" in caplog.text
     lines = [json.loads(line) for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
-    # the evaluation after iteration 1 survives the kill; nothing is logged twice
+    # the evaluation after iteration 2 survives the kill; nothing is logged twice
     assert [(line["iteration"], "segm_AP" in line) for line in lines] == [
-        (0, False),
         (1, False),
-        (1, True),
         (2, False),
+        (2, True),
         (3, False),
-        (3, True),
+        (4, False),
+        (4, True),
     ]
     assert_tensorboard_shows_the_metrics(tmp_path / "model")  # iterations 2 and 3 once each
     caplog.clear()
@@ -284,8 +289,8 @@ def test_detectron2_engine_trains_resumes_and_evaluates_on_coco_mini(mini_split,
     info = read_classes(tmp_path / "model", ["person", "sports ball"])
     assert info.engine == "detectron2" and info.source_ids == [1, 37]
     lines = [json.loads(line) for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
-    assert [line["iteration"] for line in lines if "total_loss" in line] == [0, 1, 2, 3]
-    assert [line["iteration"] for line in lines if "segm_AP" in line] == [1, 3]
+    assert [line["iteration"] for line in lines if "total_loss" in line] == [1, 2, 3, 4]
+    assert [line["iteration"] for line in lines if "segm_AP" in line] == [2, 4]
     assert lines[0]["lr"] == pytest.approx(1e-5 * 0.001)
     assert {"loss/loss_mask", "val/segm_AP"} <= set(assert_tensorboard_shows_the_metrics(tmp_path / "model"))
     reports = evaluate_mini(tmp_path / "model", paths, tmp_path, info.classes, "m.json", "c.csv")
@@ -374,8 +379,8 @@ def test_two_gloo_processes_train_in_step_and_write_one_checkpoint(mini_split, t
     model = tmp_path / "model"
     lines = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
     # rank 0 alone logs: each iteration once, losses averaged over both processes
-    assert [line["iteration"] for line in lines if "total_loss" in line] == [0, 1, 2, 3]
-    assert [line["iteration"] for line in lines if "segm_AP" in line] == [1, 3]
+    assert [line["iteration"] for line in lines if "total_loss" in line] == [1, 2, 3, 4]
+    assert [line["iteration"] for line in lines if "segm_AP" in line] == [2, 4]
     checkpoints = sorted(path.name for path in (model / "checkpoints").iterdir())
     best = json.loads((model / "best.json").read_text())["iteration"]
     assert checkpoints == [
@@ -402,7 +407,7 @@ def test_a_killed_two_process_run_resumes_on_one_process(mini_split, tmp_path, j
     _train_mini(folder, paths, tmp_path / "model")
     assert "model_0000002.pth at iteration 2" in job_log.read_text()
     lines = (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["iteration"] for line in lines] == [0, 1, 2, 3]
+    assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize(
@@ -903,29 +908,29 @@ def same_weights(path, state: dict) -> bool:
 
 def test_the_best_evaluation_is_kept_served_and_survives_a_kill(mini_split, tmp_path, monkeypatch):
     folder, paths = mini_split
-    values = {1: 0.1, 3: 0.3, 5: 0.2, 7: 0.25}
+    values = {2: 0.1, 4: 0.3, 6: 0.2, 8: 0.25}
     seen = scripted_evaluations(monkeypatch, values)
     train = {"iterations": 8, "eval_period": 2, "checkpoint_period": 2, "steps": []}
     _train_mini(folder, paths, tmp_path / "whole", **train)
     whole = tmp_path / "whole"
     best = json.loads((whole / "best.json").read_text())
     assert best == {
-        "iteration": 3,
+        "iteration": 4,
         "metric": "segm_AP",
         "value": 0.3,
-        "final_iteration": 7,
+        "final_iteration": 8,
         "kept": "model_best.pth",
     }
-    assert same_weights(whole / "model_best.pth", seen[3])  # the evaluated weights, not later ones
-    assert same_weights(whole / "model_final.pth", {k: v for k, v in seen[7].items()})
+    assert same_weights(whole / "model_best.pth", seen[4])  # the evaluated weights, not later ones
+    assert same_weights(whole / "model_final.pth", {k: v for k, v in seen[8].items()})
     assert read_classes(whole).model_file == "model_best.pth"
-    assert [p.name for p in (whole / "checkpoints").glob("best_*.pth")] == ["best_0000003.pth"]
+    assert [p.name for p in (whole / "checkpoints").glob("best_*.pth")] == ["best_0000004.pth"]
 
     real_step, calls = tv_train._step, {"n": 0}
 
     def dying_step(*args):
         calls["n"] += 1
-        if calls["n"] == 6:  # killed during iteration 5: the checkpoint at 4 holds best = 3
+        if calls["n"] == 6:  # killed during the 6th iteration: the checkpoint at 4 holds best = 4
             raise KeyboardInterrupt
         return real_step(*args)
 
@@ -943,7 +948,7 @@ def test_patience_stops_training_after_evaluations_without_improvement(
     mini_split, tmp_path, monkeypatch, caplog
 ):
     folder, paths = mini_split
-    scripted_evaluations(monkeypatch, {1: 0.1, 3: 0.3, 5: 0.2, 7: 0.25, 9: 0.9, 11: 0.95})
+    scripted_evaluations(monkeypatch, {2: 0.1, 4: 0.3, 6: 0.2, 8: 0.25, 10: 0.9, 12: 0.95})
     train = {"iterations": 12, "eval_period": 2, "checkpoint_period": 4, "steps": [], "patience": 2}
     with caplog.at_level(logging.INFO):
         _train_mini(folder, paths, tmp_path / "model", **train)
@@ -951,19 +956,19 @@ def test_patience_stops_training_after_evaluations_without_improvement(
         "stopping early after iteration 8: 2 evaluations without a better segm_AP than 0.3000" in caplog.text
     )
     lines = [json.loads(line) for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
-    assert [line["iteration"] for line in lines if "total_loss" in line] == list(range(8))
+    assert [line["iteration"] for line in lines if "total_loss" in line] == list(range(1, 9))
     state = json.loads((tmp_path / "model" / "checkpoints" / "state.json").read_text())
     assert state["finished"] and state["iteration"] == 8
-    assert json.loads((tmp_path / "model" / "best.json").read_text())["final_iteration"] == 7
+    assert json.loads((tmp_path / "model" / "best.json").read_text())["final_iteration"] == 8
 
 
 def test_keep_final_or_no_evaluation_serves_the_last_weights(mini_split, tmp_path, monkeypatch):
     folder, paths = mini_split
-    scripted_evaluations(monkeypatch, {1: 0.5, 3: 0.1})
+    scripted_evaluations(monkeypatch, {2: 0.5, 4: 0.1})
     _train_mini(folder, paths, tmp_path / "final", eval_period=2, keep="final")
     assert read_classes(tmp_path / "final").model_file == "model_final.pth"
     best = json.loads((tmp_path / "final" / "best.json").read_text())
-    assert (best["iteration"], best["kept"]) == (1, "model_final.pth")  # described, not served
+    assert (best["iteration"], best["kept"]) == (2, "model_final.pth")  # described, not served
     _train_mini(folder, paths, tmp_path / "none")  # TINY: eval_period 0
     assert read_classes(tmp_path / "none").model_file == "model_final.pth"
     assert json.loads((tmp_path / "none" / "best.json").read_text())["iteration"] is None
@@ -981,10 +986,10 @@ def test_detectron2_keeps_the_best_evaluation_and_stops_with_patience(
 
     def evaluate_now(trainer):
         weights = d2_train._bare(trainer.model).state_dict()
-        seen[trainer.iter] = {k: v.clone() for k, v in weights.items()}
+        seen[trainer.iter + 1] = {k: v.clone() for k, v in weights.items()}
         return {
-            "iteration": trainer.iter,
-            "segm_AP": {1: 0.2, 3: 0.1, 5: 0.05, 7: 0.9}[trainer.iter],
+            "iteration": trainer.iter + 1,
+            "segm_AP": {2: 0.2, 4: 0.1, 6: 0.05, 8: 0.9}[trainer.iter + 1],
             "bbox_AP": 0,
         }
 
@@ -1003,9 +1008,9 @@ def test_detectron2_keeps_the_best_evaluation_and_stops_with_patience(
     output = tmp_path / "model"
     assert "stopping early after iteration 6" in caplog.text
     lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    assert [line["iteration"] for line in lines if "total_loss" in line] == list(range(6))
+    assert [line["iteration"] for line in lines if "total_loss" in line] == list(range(1, 7))
     best = json.loads((output / "best.json").read_text())
-    assert (best["iteration"], best["value"], best["final_iteration"]) == (1, 0.2, 5)
+    assert (best["iteration"], best["value"], best["final_iteration"]) == (2, 0.2, 6)
     assert read_classes(output).model_file == "model_best.pth"
-    assert same_weights(output / "model_best.pth", seen[1])
+    assert same_weights(output / "model_best.pth", seen[2])
     assert same_weights(output / "model_final.pth", seen[5])

@@ -127,3 +127,24 @@ def test_the_installed_wheel_filters_a_real_file(installed, tmp_path):
     assert [category["name"] for category in output["categories"]] == ["sports ball"]
     assert len(output["annotations"]) == 3
     assert {annotation["category_id"] for annotation in output["annotations"]} == {1}
+
+
+def test_the_environment_without_extras_makes_a_snakemake_report(installed, tmp_path):
+    """`snakemake --report` needs pygments (and more): a runtime dependency, not a test extra's."""
+    _, bin_dir = installed
+    rule = [
+        "rule all:",
+        "    output:",
+        '        report("a.txt", caption="a.rst"),',
+        "    shell:",
+        '        "echo hi > {output}"',
+    ]
+    (tmp_path / "Snakefile").write_text("\n".join(rule) + "\n")
+    (tmp_path / "a.rst").write_text("A file.\n")
+    run = _run(bin_dir / "snakemake", "--cores", "1", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    report = _run(bin_dir / "snakemake", "--report", "report.html", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "report.html").stat().st_size > 10_000
+    probe = "import importlib.util as u; print(u.find_spec('pytest') is None)"  # no test extra here
+    assert _run(bin_dir / "python", "-c", probe, cwd=tmp_path).stdout.strip() == "True"

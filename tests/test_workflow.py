@@ -144,7 +144,7 @@ def test_the_default_main_job_trains_a_model_reaching_segm_ap_060(tmp_path):
     assert json.loads((model / "classes.json").read_text())["classes"] == ["person", "sports ball"]
     records = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in records if "total_loss" in r]) == config.get("train", {}).get("iterations", 400)
-    assert [r["iteration"] for r in records if "segm_AP" in r] == [199, 399]  # train.eval_period 200
+    assert [r["iteration"] for r in records if "segm_AP" in r] == [200, 400]  # train.eval_period 200
     assert list((model / "tensorboard").glob("events.out.tfevents.*"))  # tests/test_training.py reads them
     # the served weights are the best evaluation's, and evaluating them reproduces its AP
     best = json.loads((model / "best.json").read_text())
@@ -323,4 +323,4 @@ def test_train_num_gpus_2_runs_two_processes_inside_a_snakemake_job(tmp_path):
     assert "[rank 1] d2retrain.train.distributed: weights identical on all 2 processes" in log
     assert log.count("trained 4 iterations") == 1
     lines = (tmp_path / "results/person_ball/model/metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["iteration"] for line in lines] == [0, 1, 2, 3]
+    assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3, 4]

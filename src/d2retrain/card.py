@@ -13,9 +13,10 @@ import yaml
 
 from d2retrain import __version__
 from d2retrain.core.fileio import file_digest, write_text_atomic
+from d2retrain.core.htmlpage import html_page
 from d2retrain.model.cococlasses import coco_category_ids
 from d2retrain.model.specs import ClassInfo, read_classes
-from d2retrain.report import ap_notes, ap_table, html_page
+from d2retrain.report import ap_notes, ap_table
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +129,15 @@ def _data_section(inputs: CardInputs, counts: pd.DataFrame) -> str:
     for split, part in counts.groupby("split", sort=False):
         steps = list(dict.fromkeys(part["step"]))
         categories = list(dict.fromkeys(part["category"]))
-        cells = part.assign(cell=part["instances"].astype(str) + " (" + part["images"].astype(str) + ")")
+        cells = part.assign(cell=part["instances"].map(_count) + " (" + part["images"].map(_count) + ")")
         table = cells.pivot_table(index="category", columns="step", values="cell", aggfunc="first")
         lines += ["", f"**{split!s}**", "", _table(table.loc[categories, steps], index=True)]
     return "\n".join(lines)
+
+
+def _count(value: float) -> str:
+    """A count as an integer; an expected count per epoch (``balance: repeat``) with one decimal."""
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
 
 
 def _training_section(info: ClassInfo, config: dict, model_dir: str) -> str:
@@ -151,8 +157,8 @@ def _training_section(info: ClassInfo, config: dict, model_dir: str) -> str:
             else f", head surgery {'on' if model['head_surgery'] else 'off'}"
         ),
         f"- Engine: {info.engine}, architecture {info.architecture}",
-        f"- Trained {len(losses)} iterations of {solver['images_per_batch']} images "
-        f"(last iteration {best.get('final_iteration')}; {minutes:.1f} min of iterations), "
+        f"- Trained {best.get('final_iteration')} iterations of {solver['images_per_batch']} images "
+        f"({minutes:.1f} min of iterations), "
         f"base learning rate {solver['base_lr']}",
         f"- Input sizes: shortest edge {solver['min_size_train']} (cap {solver['max_size_train']}) in "
         f"training, {solver['min_size_test']} (cap {solver['max_size_test']}) at inference",

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from d2retrain.core.fileio import write_figure, write_text_atomic
+from d2retrain.core.htmlpage import html_page
 from d2retrain.data.images import read_image
 from d2retrain.data.records import load_records
 from d2retrain.infer.draw import draw_instances
@@ -18,13 +19,6 @@ from d2retrain.infer.draw import draw_instances
 logger = logging.getLogger(__name__)
 
 __all__ = ["ap_table", "ap_notes", "html_page", "write_ap_table", "write_prediction_grid"]
-
-_STYLE = """<style>
-body { font-family: sans-serif; margin: 1em; }
-table { border-collapse: collapse; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.8em; text-align: right; }
-th { background: #f0f0f0; }
-</style>"""
 
 
 def ap_table(metrics: dict[str, dict], per_class: pd.DataFrame) -> pd.DataFrame:
@@ -66,6 +60,7 @@ def ap_notes(metrics: dict[str, dict]) -> list[str]:
         notes.append(
             f"Retrained: {weights['file']}, the weights of iteration {weights['iteration']} ({which})."
         )
+    notes += [f"Warning: {warning}" for warning in retrained.get("warnings", [])]
     if "no_baseline" in retrained:
         notes.append(f"No baseline: {retrained['no_baseline']}.")
     elif "baseline" in metrics:
@@ -76,12 +71,6 @@ def ap_notes(metrics: dict[str, dict]) -> list[str]:
             f"{named}; its 'all classes' row covers those only."
         )
     return notes
-
-
-def html_page(title: str, body: str) -> str:
-    """A small standalone HTML page (the report embeds it): ``body`` is HTML, ``title`` text."""
-    head = f"<meta charset='utf-8'><title>{html.escape(title)}</title>{_STYLE}"
-    return f"<!DOCTYPE html><html><head>{head}</head><body>{body}</body></html>\n"
 
 
 def write_ap_table(metrics_path: str, per_class_path: str, html_path: str, title: str) -> None:

@@ -37,6 +37,13 @@ CPU_JOB = cluster_resources(gpu=False)
 GPU_JOB = cluster_resources(gpu=True)
 
 
+def weights_check_input(wildcards):
+    """The check_weights job's result, when base weights are set (none: nothing to check)."""
+    if str(config["model"]["weights"]) in ("", "none"):
+        return {}
+    return {"weights_check": f"results/{wildcards.subset}/checks/weights.json"}
+
+
 def subset_config(wildcards):
     return config["subsets"][wildcards.subset]
 

@@ -156,6 +156,12 @@ rule stats:
             category="1. Data",
             subcategory="{subset}",
         ),
+        checks=report(
+            "results/{subset}/stats/data_checks.html",
+            caption="../report/data_checks.rst",
+            category="1. Data",
+            subcategory="{subset}",
+        ),
     log:
         "logs/{subset}/stats.log",
     conda:
@@ -168,6 +174,10 @@ rule stats:
             name: config["datasets"][name].get("aliases", {})
             for name in subset_datasets(wildcards.subset)
         },
+        image_dirs=lambda wildcards: {
+            split: subset_files(wildcards.subset, split)["images"] for split in SPLITS
+        },
+        repeat_threshold=subset_value("repeat_threshold"),
         code=script_code("stats"),
     script:
         "../scripts/stats.py"

@@ -1,9 +1,30 @@
 # Training and evaluation: one model per subset, resumable, evaluated on the subset's val split.
+# Base weights are loaded once first (check_weights, priority: a bad setting fails in seconds,
+# while the data jobs need not wait for it).
+
+
+rule check_weights:
+    output:
+        "results/{subset}/checks/weights.json",
+    log:
+        "logs/{subset}/check_weights.log",
+    priority: 100
+    conda:
+        "../../envs/d2retrain.yaml"
+    resources:
+        **CPU_JOB,
+    params:
+        categories=subset_value("categories"),
+        model=config["model"],
+        code=script_code("check_weights"),
+    script:
+        "../scripts/check_weights.py"
 
 
 rule train:
     input:
         unpack(repeat_input),
+        unpack(weights_check_input),
         train="results/{subset}/data/train.json",
         val="results/{subset}/data/val.json",
         source=source_annotations,
@@ -58,6 +79,7 @@ rule evaluate:
     params:
         categories=subset_value("categories"),
         device=config["train"]["device"],
+        score_threshold=config["inference"]["score_threshold"],
         code=script_code("evaluate"),
     script:
         "../scripts/evaluate.py"

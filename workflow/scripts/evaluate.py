@@ -17,4 +17,5 @@ run_job(
     snakemake.output.per_class,
     device=snakemake.params.device,
     threads=snakemake.threads,
+    score_threshold=snakemake.params.score_threshold,
 )

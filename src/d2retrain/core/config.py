@@ -1,6 +1,7 @@
 """The configuration: its schema (package data), the defaults it holds (their one source), validation."""
 
 import copy
+import difflib
 import functools
 import importlib.resources
 import logging
@@ -21,7 +22,14 @@ __all__ = [
     "val_split_defaults",
     "allowed_values",
     "load_config",
+    "check_config",
+    "ConfigError",
 ]
+
+
+class ConfigError(D2RetrainError):
+    """A configuration breaks the schema (one line: where, what, what is allowed)."""
+
 
 # Package data: found the same way in a source checkout, an editable install and a wheel. The
 # Snakefile validates against this very file (src/d2retrain/core/config.schema.yaml).
@@ -77,15 +85,73 @@ def load_config(path: str | Path) -> dict[str, Any]:
         config = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
         raise D2RetrainError(f"{path}: cannot be read as YAML ({error})") from None
-    import jsonschema  # 40 ms: only commands that read a config pay it
-
-    schema = _schema()
-    partial = {**schema, "required": []}
-    try:
-        jsonschema.validate(config, partial)
-    except jsonschema.ValidationError as error:
-        where = "/".join(str(part) for part in error.absolute_path) or "top level"
-        raise D2RetrainError(f"{path}: {where}: {error.message}") from None
+    check_config(config, str(path), required=False)
     for section in ("model", "train", "inference"):
         config[section] = section_defaults(section) | config.get(section, {})
     return config
+
+
+def check_config(config: dict[str, Any], source: str = "config", required: bool = True) -> None:
+    """Check a configuration against the schema; the first problem as one line.
+
+    An unknown key names the nearest known one (``config: train.iteration is not a key; did you
+    mean train.iterations?``); a wrong value names the key, the value and what is allowed. No
+    schema dump.
+
+    Args:
+        config: The configuration (not changed).
+        source: What to call it in the message (a file name, or ``config``).
+        required: Whether keys the schema requires must be there (a partial config: no).
+
+    Raises:
+        ConfigError: The first problem found.
+    """
+    import jsonschema  # 40 ms: only commands that read a config pay it
+
+    schema = _schema() if required else {**_schema(), "required": []}
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(config))
+    if error is not None:
+        raise ConfigError(f"{source}: {_explained(error)}")
+
+
+def _explained(error: Any) -> str:
+    """One line for a jsonschema error: the key path, the value, what is allowed."""
+    where = ".".join(str(part) for part in error.absolute_path)
+    if error.validator == "additionalProperties":
+        known = list(error.schema.get("properties", {}))
+        unknown = [key for key in error.instance if key not in known]
+        if known and unknown:
+            key = f"{where}.{unknown[0]}" if where else str(unknown[0])
+            close = difflib.get_close_matches(str(unknown[0]), known, n=1, cutoff=0.5)
+            hint = (
+                f"did you mean {where + '.' if where else ''}{close[0]}?"
+                if close
+                else f"known: {', '.join(known)}"
+            )
+            return f"{key} is not a key; {hint}"
+    if error.validator in ("oneOf", "anyOf") and isinstance(error.instance, dict):
+        forms = [" + ".join(sub["required"]) for sub in error.validator_value if sub.get("required")]
+        has = ", ".join(map(str, error.instance)) or "nothing"
+        if forms:
+            return f"{where} needs {' or '.join(forms)}; it has {has}"
+    if error.validator == "required":
+        return f"{where or 'the top level'} lacks {error.message.split(' is a required')[0]}"
+    value = _short(error.instance)
+    allowed = {
+        "enum": lambda v: f"one of {', '.join(map(str, v))}",
+        "type": lambda v: f"of type {v if isinstance(v, str) else ' or '.join(v)}",
+        "minimum": lambda v: f">= {v}",
+        "maximum": lambda v: f"<= {v}",
+        "exclusiveMinimum": lambda v: f"> {v}",
+        "exclusiveMaximum": lambda v: f"< {v}",
+        "minItems": lambda v: f"a list of at least {v} item(s)",
+        "pattern": lambda v: f"matching {v}",
+    }.get(str(error.validator))
+    if allowed is not None:
+        return f"{where or 'the top level'} is {value}; expected {allowed(error.validator_value)}"
+    return f"{where or 'the top level'}: {_short(error.message, 160)}"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = value if isinstance(value, str) and limit > 60 else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

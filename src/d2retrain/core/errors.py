@@ -11,6 +11,7 @@ __all__ = [
     "CategoryError",
     "EmptyResultError",
     "UnsafePathError",
+    "WeightsError",
 ]
 
 
@@ -36,3 +37,7 @@ class EmptyResultError(D2RetrainError):
 
 class UnsafePathError(D2RetrainError):
     """A file name escapes the folder it must stay in."""
+
+
+class WeightsError(D2RetrainError):
+    """Base weights that cannot be found, fetched or trusted."""

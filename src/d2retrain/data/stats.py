@@ -1,18 +1,21 @@
 """Per-category instance and image counts at each data step, as a table and a bar chart."""
 
+import html
 import logging
 from collections.abc import Sequence
 
 import pandas as pd
 
 from d2retrain.core.fileio import write_figure, write_text_atomic
+from d2retrain.core.htmlpage import html_page
+from d2retrain.data.checks import data_warnings
 from d2retrain.data.coco import CocoDocument, read_coco
 from d2retrain.data.filtering import count_categories
 from d2retrain.data.repeat import expected_counts, read_repeat_factors
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["category_counts", "write_counts_csv", "plot_counts", "write_stats"]
+__all__ = ["category_counts", "write_counts_csv", "plot_counts", "write_data_checks", "write_stats"]
 
 COLUMNS = ["split", "dataset", "step", "category", "instances", "images"]
 REPEAT_STEP = "repeat"  # balance: repeat: expected per epoch
@@ -125,3 +128,25 @@ def write_stats(
     write_counts_csv(csv_path, table)
     plot_counts(png_path, table, title)
     return table
+
+
+def write_data_checks(
+    steps: dict[str, dict[str, str]],
+    image_dirs: dict[str, str],
+    html_path: str,
+    title: str,
+    repeat_threshold: float | None = None,
+) -> list[str]:
+    """Run the data checks (:func:`d2retrain.data.checks.data_warnings`), log the warnings and
+    write them as a page for the report's data section ("no warnings" when there is none).
+
+    Returns:
+        The warnings.
+    """
+    warnings = data_warnings(steps, image_dirs, repeat_threshold)
+    items = "".join(f"<li>{html.escape(warning)}</li>" for warning in warnings)
+    body = f"<ul>{items}</ul>" if warnings else "<p>No warnings: the checks found nothing to report.</p>"
+    heading = f"<h3>Data checks: {html.escape(title)}</h3>"
+    write_text_atomic(html_path, html_page(f"Data checks: {title}", heading + body))
+    logger.info("data checks: %d warning(s)", len(warnings))
+    return warnings

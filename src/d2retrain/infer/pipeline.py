@@ -245,7 +245,7 @@ def _infer(
         "%s model from %s on %s%s",
         engine,
         model_dir,
-        options.device,
+        getattr(predictor, "device", options.device),  # the device used, not "auto"
         f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "",
     )
 

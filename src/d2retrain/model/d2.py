@@ -183,6 +183,7 @@ class Detectron2Predictor:
         # MODEL.WEIGHTS is empty: DefaultPredictor loads nothing itself
         self._predictor = build_then_load(lambda: DefaultPredictor(cfg), weights, lambda built: built.model)
         self.model = self._predictor.model
+        self.device = cfg.MODEL.DEVICE  # auto resolved
 
     def __call__(self, image_bgr: np.ndarray) -> Instances:
         """Predict one BGR uint8 image."""

@@ -5,7 +5,6 @@ surgery, a predictor) and its training half (``d2retrain.train.<engine>``). Each
 one line: :data:`MODEL_ENGINES` here, ``d2retrain.train.engines.TRAIN_ENGINES`` there.
 """
 
-import importlib.util
 import json
 import logging
 import os
@@ -17,12 +16,14 @@ import numpy as np
 import torch
 import yaml
 
-from d2retrain.core.config import allowed_values
-from d2retrain.core.errors import D2RetrainError
+from d2retrain.core.config import section_defaults
+from d2retrain.core.errors import WeightsError
+from d2retrain.core.fileio import write_text_atomic
 from d2retrain.model.cococlasses import coco_category_ids
 from d2retrain.model.evaluation import evaluate, write_evaluation
 from d2retrain.model.exported import ExportedGraph
 from d2retrain.model.predictor import ModelPredictor
+from d2retrain.model.sources import ENGINES, resolve_engine
 from d2retrain.model.specs import ClassInfo, ModelSpec, SolverSpec, model_spec, read_classes, solver_spec
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ __all__ = [
     "PredictorFactory",
     "model_engine",
     "resolve_engine",
+    "check_weights",
     "load_predictor",
     "evaluate_model",
     "served_weights",
@@ -101,29 +103,6 @@ def model_engine(name: str) -> ModelEngine:
     return MODEL_ENGINES[name]()
 
 
-ENGINES = allowed_values("model.engine")  # auto and every registered engine (a test ties them)
-
-
-def resolve_engine(name: str, architecture: str = "") -> str:
-    """Turn ``auto`` into ``detectron2`` when it is importable and the architecture is not a
-    torchvision name, else ``torchvision``.
-
-    Raises:
-        D2RetrainError: The name is unknown, or detectron2 is asked for but missing.
-    """
-    available = importlib.util.find_spec("detectron2") is not None
-    if name == "auto":
-        return "detectron2" if available and not architecture.startswith("maskrcnn_") else "torchvision"
-    if name not in ENGINES:
-        raise D2RetrainError(f"model.engine {name!r} is unknown; use one of {', '.join(ENGINES)}")
-    if name == "detectron2" and not available:
-        raise D2RetrainError(
-            "model.engine is detectron2 but it is not installed; install it from its repository "
-            "or set model.engine: torchvision"
-        )
-    return name
-
-
 def read_model_config(model_dir: str | Path) -> tuple[ModelSpec, SolverSpec]:
     """The model and solver specs saved in a model folder's ``config.yaml``; keys added since the
     folder was written take their schema defaults, so older model folders still load."""
@@ -178,15 +157,19 @@ def evaluate_model(
     per_class_path: str,
     device: str = "auto",
     threads: int = 1,
+    score_threshold: float = 0.5,
 ) -> dict:
-    """Evaluate a model folder on a validation split and write the metrics files.
+    """Evaluate a model folder on a validation split and write the metrics files; warn (in the
+    log and in ``warnings`` of the report) when the model finds nothing at ``score_threshold`` (the
+    inference threshold) on any val image.
 
     Returns:
-        ``{"retrained": report}``.
+        ``{"retrained": report}``, and ``"baseline"`` when there is one.
     """
     torch.set_num_threads(max(1, threads))
     predictor, info = load_predictor(model_dir, classes, device=device)
-    reports = {"retrained": evaluate(predictor, val_json, val_images, info.classes)}
+    retrained = evaluate(predictor, val_json, val_images, info.classes, found_at=score_threshold)
+    reports = {"retrained": retrained | {"warnings": _found_nothing(retrained)}}
     reports["retrained"]["weights"] = served_weights(model_dir, info)
     baseline = _baseline_predictor(model_dir, info, device)
     if isinstance(baseline, str):
@@ -199,9 +182,25 @@ def evaluate_model(
     return reports
 
 
+def _found_nothing(report: dict) -> list[str]:
+    """The warning when the model finds nothing at the inference threshold on any val image."""
+    found = report["found"]
+    if found["images"] or not found["val_images"]:
+        return []
+    warning = (
+        f"the model finds nothing at score >= {found['score_threshold']:g} on any of the "
+        f"{found['val_images']} val images (segm AP {report['segm']['AP']:.3f}): train longer "
+        "(train.iterations), start from COCO weights (model.weights), check that the val images show "
+        "the classes, or lower inference.score_threshold"
+    )
+    logger.warning(warning)
+    return [warning]
+
+
 def served_weights(model_dir: str | os.PathLike[str], info: ClassInfo) -> dict:
-    """Which weights a model folder serves: ``{"file", "iteration", "best"}`` (iteration: the last
-    completed one, as in ``metrics.jsonl``; best: whether it is the best evaluation's)."""
+    """Which weights a model folder serves: ``{"file", "iteration", "best"}`` (iteration: the
+    iterations done when they were saved, as in ``metrics.jsonl``; best: whether they are the best
+    evaluation's)."""
     path = Path(model_dir) / "best.json"
     record = json.loads(path.read_text()) if path.is_file() else {}
     best = info.model_file == "model_best.pth"
@@ -232,3 +231,44 @@ def _baseline_predictor(
     covered = [name for name, coco_id in zip(info.classes, coco_ids, strict=True) if coco_id is not None]
     logger.info("baseline: the base weights %s on the COCO classes %s", spec.weights, ", ".join(covered))
     return predictor, covered
+
+
+def check_weights(model: dict, classes: Sequence[str], output: str | Path | None = None) -> dict:
+    """Load the configured base weights into the configured architecture as training will (the
+    engine's :meth:`ModelEngine.initial_state`, head surgery included): a bad file, an unreachable
+    URL or weights of another architecture fail here, in seconds, before training.
+
+    Args:
+        model: The config's ``model`` section.
+        classes: Class names in model order.
+        output: Where to write the result as JSON (None: not written).
+
+    Returns:
+        The engine, the weights, the tensors loaded and left at random, whether head surgery ran.
+
+    Raises:
+        WeightsError: The weights cannot be found, fetched or loaded.
+        D2RetrainError: The engine cannot be used.
+    """
+    model = section_defaults("model") | model
+    engine = resolve_engine(model["engine"], model["architecture"])
+    spec = model_spec(model, engine)
+    built = model_engine(engine).make_predictor(None, spec, solver_spec({}), len(classes), device="cpu")
+    state, surgery = model_engine(engine).initial_state(spec, classes, built.model)
+    result = {"engine": engine, "weights": spec.weights, "loaded": 0, "random": 0, "head_surgery": surgery}
+    if state is not None:
+        missing = built.model.load_state_dict(state, strict=False).missing_keys
+        if not set(state) & set(built.model.state_dict()):
+            raise WeightsError(
+                f"model.weights {spec.weights}: none of its tensors belongs to {spec.architecture}; "
+                "set model.weights to weights of that architecture"
+            )
+        result |= {"loaded": len(state), "random": len(missing)}
+    logger.info(
+        "model.weights %s load into %s (%s engine): %d tensors, %d left at random%s",
+        spec.weights, spec.architecture, engine, result["loaded"], result["random"],
+        ", COCO head rows by class name" if surgery else "",
+    )  # fmt: skip
+    if output is not None:
+        write_text_atomic(output, json.dumps(result, indent=1) + "\n")
+    return result

@@ -126,16 +126,32 @@ def evaluate(
     image_dir: str,
     classes: Sequence[str],
     only: Sequence[str] | None = None,
+    found_at: float = 0.5,
 ) -> dict:
     """Predict the split and compute bbox and segm AP (over ``only`` these classes when given).
 
+    Args:
+        predictor: The model.
+        annotations_json: The split's COCO file.
+        image_dir: Its images.
+        classes: Class names in model order.
+        only: The classes to evaluate (None: all).
+        found_at: Count the images with an instance of at least this score (the inference threshold).
+
     Returns:
-        ``{"bbox": {...}, "segm": {...}, "per_class": {kind: {class: AP}}}``.
+        ``{"bbox": {...}, "segm": {...}, "per_class": {kind: {class: AP}}, "found": {"score_threshold",
+        "images", "val_images"}}``.
     """
     results = predict_split(predictor, annotations_json, image_dir, classes)
     with contextlib.redirect_stdout(io.StringIO()):
         ground_truth = COCO(annotations_json)
+    found = {result["image_id"] for result in results if result["score"] >= found_at}
     report: dict = {"per_class": {}}
+    report["found"] = {
+        "score_threshold": found_at,
+        "images": len(found),
+        "val_images": len(ground_truth.imgs),
+    }
     for kind in ("bbox", "segm"):
         report[kind], report["per_class"][kind] = coco_ap(ground_truth, results, kind, classes, only)
     logger.info(
@@ -154,7 +170,7 @@ def progress_record(
         annotations_json: The val split.
         image_dir: Its images.
         classes: Class names in model order.
-        iteration: Index of the last completed iteration (as in the loss records).
+        iteration: Iterations done (as in the loss records: 1 after the first).
 
     Returns:
         ``{"iteration", "bbox_AP", "segm_AP", "bbox_AP50", "segm_AP50"}``.

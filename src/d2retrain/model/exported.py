@@ -325,6 +325,7 @@ class _OnnxRunner:
             self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
         except Exception as error:  # onnxruntime raises its own Fail/InvalidProtobuf classes
             raise ModelFolderError(f"{path}: onnxruntime cannot load it ({error}); export it again") from None
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.input = self.session.get_inputs()[0].name
         self.outputs = [output.name for output in self.session.get_outputs()]
 
@@ -372,6 +373,7 @@ class _ExportedPredictor:
 
     def __init__(self, runner: Any, contract: Contract, score_threshold: float, max_detections: int) -> None:
         self.runner, self.contract = runner, contract
+        self.device = str(runner.device)
         self.score_threshold, self.max_detections = score_threshold, max_detections
 
     def __call__(self, image_bgr: np.ndarray) -> Instances:

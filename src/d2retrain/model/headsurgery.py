@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from d2retrain.core.errors import D2RetrainError
+from d2retrain.core.errors import WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +26,6 @@ __all__ = [
 
 # Where pickled (.pkl) weights are trusted without model.trust_pickle: detectron2's model zoo.
 MODEL_ZOO_SOURCES = ("detectron2://", "https://dl.fbaipublicfiles.com/detectron2/")
-
-
-class WeightsError(D2RetrainError):
-    """Base weights that cannot be found, fetched or trusted."""
 
 
 def _unwrap(state: Mapping) -> dict[str, torch.Tensor]:
@@ -99,26 +95,26 @@ def load_state_dict_source(weights: str, torchvision_names: bool = False) -> dic
         if not Path(weights).is_file():
             raise WeightsError(f"model.weights {weights}: no such file")
         return load_tensor_file(weights)
-    try:
-        if weights.startswith(("http://", "https://")):
-            return _unwrap(torch.hub.load_state_dict_from_url(weights, map_location="cpu", weights_only=True))
-        if torchvision_names:
-            import torchvision
+    url = weights if weights.startswith(("http://", "https://")) else None
+    if url is None and torchvision_names:
+        import torchvision
 
-            try:
-                entry = torchvision.models.get_weight(weights)
-            except (ValueError, KeyError, AttributeError):
-                raise WeightsError(
-                    f"model.weights {weights!r}: not a file, URL or torchvision weights name "
-                    "(e.g. MaskRCNN_ResNet50_FPN_Weights.COCO_V1)"
-                ) from None
-            return _unwrap(entry.get_state_dict(progress=False))
+        try:
+            url = torchvision.models.get_weight(weights).url
+        except (ValueError, KeyError, AttributeError):
+            raise WeightsError(
+                f"model.weights {weights!r}: not a file, URL or torchvision weights name "
+                "(e.g. MaskRCNN_ResNet50_FPN_Weights.COCO_V1)"
+            ) from None
+    if url is None:
+        raise WeightsError(f"model.weights {weights!r}: not a file, an http(s) URL, or a known weights name")
+    try:
+        return _unwrap(torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True))
     except (urllib.error.URLError, OSError) as error:
         raise WeightsError(
-            f"model.weights {weights}: cannot be downloaded ({error}); offline, download the file "
-            "on a connected machine and set model.weights to its local path"
+            f"model.weights {weights}: cannot be downloaded ({error}); offline, download {url} on a "
+            "connected machine and set model.weights to the local file"
         ) from None
-    raise WeightsError(f"model.weights {weights!r}: not a file, an http(s) URL, or a known weights name")
 
 
 def subset_class_rows(

@@ -247,6 +247,7 @@ class TrainJob:
         threads: CPU threads for the job (shared by its processes).
         distributed: Processes and machines.
         repeat_factors: ``balance: repeat``'s factor file (:mod:`d2retrain.data.repeat`), or None.
+        keep_checkpoints: Periodic checkpoints kept on disk (the last; resuming needs one).
     """
 
     train_json: str
@@ -258,6 +259,7 @@ class TrainJob:
     model: ModelSpec
     solver: SolverSpec
     output_dir: str
+    keep_checkpoints: int
     device: str = "cpu"
     threads: int = 1
     distributed: DistributedSpec = DistributedSpec()
@@ -376,7 +378,7 @@ def model_spec(model: dict[str, Any], engine: str) -> ModelSpec:
 def solver_spec(train: dict[str, Any]) -> SolverSpec:
     """A :class:`SolverSpec` from the ``train`` section (defaults filled in)."""
     values = section_defaults("train") | train
-    for key in ("device", *LAUNCH_KEYS):
+    for key in ("device", "keep_checkpoints", *LAUNCH_KEYS):  # none of them changes the model
         values.pop(key)
     augment: dict[str, Any] = {
         k: tuple(v) if isinstance(v, list) else v for k, v in values.pop("augment", {}).items()

@@ -24,6 +24,7 @@ from d2retrain.train.loop import (
     loader_workers,
     log_early_stop,
 )
+from d2retrain.train.progress import Progress
 from d2retrain.train.samples import training_images
 
 logger = logging.getLogger(__name__)
@@ -133,10 +134,10 @@ class _StopEarly(BaseException):
 def _log_step(trainer) -> None:
     latest = {name: value for name, (value, _) in trainer.storage.latest().items()}
     losses = {k: float(v) for k, v in latest.items() if k.startswith("loss_")}
-    check_losses(losses, trainer.iter, trainer.max_loss)
+    check_losses(losses, trainer.iter + 1, trainer.max_loss)
     trainer.metrics.write(
         {
-            "iteration": trainer.iter,
+            "iteration": trainer.iter + 1,  # iterations done, as everywhere
             "total_loss": sum(losses.values()),
             **losses,
             "lr": float(latest.get("lr", 0.0)),
@@ -154,7 +155,7 @@ def _evaluate_now(trainer) -> dict:
         None, job.model, job.solver, len(job.classes), device=trainer.cfg.MODEL.DEVICE
     )
     predictor.model.load_state_dict(_bare(trainer.model).state_dict())
-    return progress_record(predictor, job.val_json, job.val_images, job.classes, trainer.iter)
+    return progress_record(predictor, job.val_json, job.val_images, job.classes, trainer.iter + 1)
 
 
 def _payload(trainer) -> dict:
@@ -239,7 +240,7 @@ def _train_process(job: TrainJob, fingerprint: str, image_ids: frozenset[int]) -
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train_name,), ()
     cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False  # negatives train; image_ids says which images
     cfg.DATALOADER.NUM_WORKERS = loader_workers(job.threads)
-    store = CheckpointStore(job.checkpoint_dir, fingerprint)
+    store = CheckpointStore(job.checkpoint_dir, fingerprint, job.keep_checkpoints)
     resume = store.resumable()
     distributed.barrier()  # every process has read the state before rank 0 may clear it
     if resume is None and distributed.is_main():
@@ -251,7 +252,9 @@ def _train_process(job: TrainJob, fingerprint: str, image_ids: frozenset[int]) -
     distributed.barrier()
     main = distributed.is_main()
     trainer.metrics = (
-        MetricsLog(store.folder / "metrics.jsonl", trainer.start_iter, tensorboard=job.tensorboard_dir)
+        MetricsLog(
+            store.folder / "metrics.jsonl", trainer.start_iter, job.tensorboard_dir, Progress.of(job.solver)
+        )
         if main
         else None
     )

@@ -12,6 +12,7 @@ import torch
 
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.core.fileio import atomic_open, remove_leftovers, write_figure
+from d2retrain.train.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -199,18 +200,27 @@ class MetricsLog:
     exactly ``metrics.jsonl``: a resumed run's repeated iterations appear once.
     """
 
-    def __init__(self, path: str | Path, resume_from: int, tensorboard: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        resume_from: int,
+        tensorboard: str | Path | None = None,
+        progress: Progress | None = None,
+    ) -> None:
         """Args:
         path: The live log (in the checkpoint folder).
-        resume_from: Keep only the lines of iterations before this one.
+        resume_from: Keep only the lines of the iterations up to this count (those the resumed
+            checkpoint holds; records count iterations done, 1 for the first).
         tensorboard: Folder of the event files (emptied first); None: no event files.
+        progress: Progress lines in the job log (None: none).
         """
         self.path = Path(path)
+        self.progress = progress
         kept = []
         if resume_from > 0 and self.path.exists():
             for line in self.path.read_text().splitlines():
                 try:
-                    if json.loads(line)["iteration"] < resume_from:
+                    if json.loads(line)["iteration"] <= resume_from:
                         kept.append(line)
                 except (ValueError, KeyError):
                     break  # a line cut by a kill ends the usable log
@@ -231,6 +241,8 @@ class MetricsLog:
         self._handle.write(json.dumps(record) + "\n")
         self._handle.flush()
         self._add_scalars(record)
+        if self.progress is not None:
+            self.progress.record(record)
 
     def _add_scalars(self, record: dict[str, Any]) -> None:
         if self._events is None:

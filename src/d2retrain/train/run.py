@@ -82,7 +82,7 @@ def _write_best(job: TrainJob, key: str, output: Path) -> str:
     else:
         (output / "model_best.pth").unlink(missing_ok=True)
     kept = "best" if job.solver.kept == "best" and best is not None else "final"
-    record["final_iteration"] = iterations - 1  # the last one, as in metrics.jsonl
+    record["final_iteration"] = iterations  # iterations done, as in metrics.jsonl
     record["kept"] = f"model_{kept}.pth"
     write_text_atomic(output / "best.json", json.dumps(record, indent=2) + "\n")
     if kept == "best":
@@ -144,6 +144,7 @@ def train_from_config(
         threads=threads,
         distributed=distributed_spec(train),
         repeat_factors=repeat_factors,
+        keep_checkpoints=(section_defaults("train") | train)["keep_checkpoints"],
     )
     logger.info("training %s with the %s engine (%s)", ", ".join(classes), engine, job.model.architecture)
     train_model(job)

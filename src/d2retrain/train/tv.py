@@ -21,6 +21,7 @@ from d2retrain.model.tv import TorchvisionPredictor, build_model, initial_state,
 from d2retrain.train import distributed
 from d2retrain.train.augment import TorchvisionAugment, torchvision_train_sizes
 from d2retrain.train.loop import CheckpointStore, MetricsLog, check_losses, loader_workers, log_early_stop
+from d2retrain.train.progress import Progress
 from d2retrain.train.samples import TrainSamples
 
 logger = logging.getLogger(__name__)
@@ -171,11 +172,13 @@ def _train_process(job: TrainJob, fingerprint: str) -> None:
     augment = TorchvisionAugment(job.solver)
     group = job.solver.images_per_batch  # batches of one orientation, as detectron2's loader makes
     samples = TrainSamples(records, job.solver.seed, job.solver.flip, augment, repeat, group)
-    store = CheckpointStore(job.checkpoint_dir, fingerprint)
+    store = CheckpointStore(job.checkpoint_dir, fingerprint, job.keep_checkpoints)
     run, start = _prepare(job, store)
     main = distributed.is_main()
     metrics = (
-        MetricsLog(store.folder / "metrics.jsonl", start, tensorboard=job.tensorboard_dir) if main else None
+        MetricsLog(store.folder / "metrics.jsonl", start, job.tensorboard_dir, Progress.of(job.solver))
+        if main
+        else None
     )
     iteration = start
     clock = time.perf_counter()
@@ -185,9 +188,9 @@ def _train_process(job: TrainJob, fingerprint: str) -> None:
         for images, targets in _loader(samples, job.solver, start, loader_workers(job.threads)):
             data_time = time.perf_counter() - clock
             losses = distributed.mean_over_ranks(_step(run, images, targets), run.device)
-            check_losses(losses, iteration, job.solver.max_loss)
+            check_losses(losses, iteration + 1, job.solver.max_loss)
             if metrics is not None:  # rank 0 alone logs, saves and evaluates
-                _log_step(metrics, run, losses, iteration, data_time, clock)
+                _log_step(metrics, run, losses, iteration + 1, data_time, clock)
             run.scheduler.step()
             iteration += 1
             bar.update(1)
@@ -196,7 +199,7 @@ def _train_process(job: TrainJob, fingerprint: str) -> None:
             if job.solver.eval_period and iteration % job.solver.eval_period == 0:
                 stop = False
                 if metrics is not None:
-                    record = _evaluate_now(job, run, iteration - 1)
+                    record = _evaluate_now(job, run, iteration)
                     metrics.write(record)
                     stop = store.record_evaluation(record, run.model.state_dict(), job.solver.patience)
                 if distributed.agree(stop, run.device):  # every rank stops at the same iteration

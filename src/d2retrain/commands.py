@@ -1,0 +1,216 @@
+"""What each ``d2retrain`` subcommand does with its parsed arguments (:mod:`d2retrain.cli` parses)."""
+
+import argparse
+import logging
+from pathlib import Path
+
+from d2retrain.core.errors import D2RetrainError
+from d2retrain.data.filtering import FilterOptions
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "run_categories",
+    "run_demo_data",
+    "run_filter",
+    "run_balance",
+    "run_merge",
+    "run_split",
+    "run_images",
+    "run_masks",
+    "run_stats",
+    "run_train",
+    "run_repeat_factors",
+    "run_evaluate",
+    "run_infer",
+    "run_export",
+]
+
+
+def run_demo_data(args: argparse.Namespace) -> None:
+    from d2retrain.data.demo import write_demo_dataset
+
+    write_demo_dataset(
+        args.output, seed=args.seed, train=args.train, val=args.val, video_frames=args.video_frames
+    )
+
+
+def run_filter(args: argparse.Namespace) -> None:
+    from d2retrain.data.prepare import filter_file
+
+    options = FilterOptions(
+        min_area=args.min_area, drop_crowd=args.drop_crowd, keep_empty_images=args.keep_empty_images
+    )
+    filter_file(args.input, args.output, args.categories, options, args.threads)
+
+
+def run_balance(args: argparse.Namespace) -> None:
+    from d2retrain.data.prepare import balance_file
+
+    balance_file(args.input, args.output, args.mode, args.threads)
+
+
+def run_merge(args: argparse.Namespace) -> None:
+    from d2retrain.data.merge import MergeSource, merge_files
+
+    aliases: dict[str, dict[str, str]] = {}
+    for dataset, pair in args.alias or []:
+        original, equals, renamed = pair.partition("=")
+        if not equals or not original or not renamed:
+            raise D2RetrainError(f"--alias {dataset} {pair!r}: expected DATASET NAME=NEW_NAME")
+        aliases.setdefault(dataset, {})[original] = renamed
+    names = [name for name, _, _ in args.dataset]
+    unknown = sorted(set(aliases) - set(names))
+    if unknown:
+        raise D2RetrainError(f"--alias names no --dataset: {', '.join(unknown)}")
+    sources = [
+        MergeSource(name, annotations, images, aliases.get(name, {}))
+        for name, annotations, images in args.dataset
+    ]
+    merge_files(sources, args.output, args.images_out, args.threads)
+
+
+def run_split(args: argparse.Namespace) -> None:
+    from d2retrain.data.split import split_file
+
+    train, val = args.output
+    split_file(args.input, train, val, args.val_fraction, args.seed)
+
+
+def run_images(args: argparse.Namespace) -> None:
+    from d2retrain.data.masks import copy_images
+
+    copy_images(args.input, args.image_dir, args.output, threads=args.threads)
+
+
+def run_masks(args: argparse.Namespace) -> None:
+    from d2retrain.data.masks import render_masks
+
+    render_masks(args.input, args.output, threads=args.threads)
+
+
+def run_stats(args: argparse.Namespace) -> None:
+    from d2retrain.data.stats import write_stats
+
+    steps: dict[str, dict[str, str]] = {}
+    for item in args.inputs:
+        label, _, path = item.partition("=")
+        split, _, step = label.rpartition(":")
+        if not path or not step:
+            raise D2RetrainError(
+                f"stats input {item!r}: expected SPLIT:STEP=FILE, e.g. train:filtered=out.json"
+            )
+        steps.setdefault(split or "train", {})[step] = path
+    write_stats(steps, args.categories, args.csv, args.png, title=", ".join(args.categories))
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from d2retrain.core.config import load_config
+    from d2retrain.train.run import train_from_config
+
+    config = load_config(args.config) if args.config else {"model": {}, "train": {}}
+    if args.iterations:
+        config["train"]["iterations"] = args.iterations
+    if args.num_gpus:
+        config["train"]["num_gpus"] = args.num_gpus
+    train_from_config(
+        model=config["model"],
+        train=config["train"],
+        classes=args.categories,
+        train_json=args.train_json,
+        train_images=args.train_images,
+        val_json=args.val_json,
+        val_images=args.val_images,
+        source_json=args.source_json or args.train_json,
+        output_dir=args.output,
+        threads=args.threads,
+        repeat_factors=args.repeat_factors,
+    )
+
+
+def run_repeat_factors(args: argparse.Namespace) -> None:
+    from d2retrain.data.repeat import write_repeat_factors
+
+    write_repeat_factors(args.input, args.output, args.threshold)
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    from d2retrain.model.engines import evaluate_model
+    from d2retrain.model.specs import read_classes
+
+    classes = read_classes(args.model).classes
+    out = Path(args.output)
+    evaluate_model(
+        args.model,
+        args.val_json,
+        args.val_images,
+        classes,
+        str(out / "metrics.json"),
+        str(out / "per_class.csv"),
+        device=args.device,
+        threads=args.threads,
+    )
+
+
+def run_infer(args: argparse.Namespace) -> int:
+    from d2retrain.infer.inputs import discover
+    from d2retrain.infer.pipeline import inference_options, run_inference
+
+    options = inference_options(
+        {
+            "score_threshold": args.score_threshold,
+            "max_detections": args.max_detections,
+            "device": args.device,
+            "save_frames": args.save_frames,
+            "max_frames": args.max_frames,
+            "batch_size": args.batch_size,
+        }
+    )
+    images = discover(args.images, "image")
+    videos = discover(args.videos, "video")
+    if not images and not videos:
+        raise D2RetrainError("nothing to infer: give images with -i and/or videos with -v")
+    statuses = run_inference(
+        args.model, images, videos, args.output, options, args.classes, threads=args.threads, reuse=args.reuse
+    )
+    if args.coco_out:
+        from d2retrain.infer.cocoout import write_predictions_coco
+        from d2retrain.model.exported import model_classes
+
+        classes, source_ids = model_classes(args.model)
+        write_predictions_coco(statuses, args.output, classes, source_ids, args.coco_out)
+    return 1 if any(status.status != "ok" for status in statuses) else 0
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from d2retrain.model.export import export_model
+
+    if (args.val_json is None) != (args.val_images is None):
+        raise D2RetrainError("give both --val-json and --val-images to verify the export, or neither")
+    export_model(
+        args.model,
+        args.format,
+        args.output,
+        args.val_json,
+        args.val_images,
+        reference_metrics=args.reference_metrics,
+        threads=args.threads,
+    )
+
+
+def run_categories(args: argparse.Namespace) -> None:
+    from d2retrain.data.catalog import candidate_classes, category_catalog
+    from d2retrain.data.coco import read_coco
+
+    document = read_coco(args.input)
+    if not args.categories:
+        catalog = category_catalog(document)
+        print(f"{args.input}: {len(document.images)} images, {len(catalog)} categories")
+        print(catalog.to_string(index=False))
+        return
+    found = candidate_classes(document, args.categories)
+    print(found.counts.to_string(index=False))
+    print(
+        f"images: {found.images} in the file, {found.with_any} with any of these classes (balance: none), "
+        f"{found.with_all} with every one (balance: all keeps {found.with_all / max(1, found.with_any):.0%})"
+    )
