@@ -13,6 +13,7 @@ CLIMBING = re.compile(r"(?<![\w./])((?:\.\./)+[\w\-][\w.\-]*(?:/[\w.\-]+)*)")
 # A Python path built above the repository: `REPO.parent`, or `parents[N]` past the file's depth.
 ABOVE_REPO = re.compile(r"\b(?:REPO|REPO_ROOT|ROOT)\.parent\b")
 PARENTS = re.compile(r"Path\(__file__\)\.resolve\(\)\.parents\[(\d+)\]")
+LINK = re.compile(r"\]\(([^)\s#]+)")
 # Paths in these files are read from the working directory (the repository's root), not the file's.
 FROM_THE_ROOT = {".md", ".yaml", ".yml", ".sh"}
 
@@ -41,8 +42,14 @@ def tracked_text_files() -> list[tuple[Path, str]]:
 def paths_leaving_the_repository(path: Path, text: str) -> list[str]:
     """Every data path named in ``text`` that resolves outside the repository's root."""
     root = REPO.resolve()
+    found = []
+    if path.suffix == ".md":  # a Markdown link is relative to its page, whatever the working directory
+        found += [
+            link for link in LINK.findall(text) if not (path.parent / link).resolve().is_relative_to(root)
+        ]
+        text = LINK.sub("](", text)
     bases = [path.parent] + ([REPO] if path.suffix in FROM_THE_ROOT else [])
-    found = [
+    found += [
         token
         for token in CLIMBING.findall(text)
         if any(not (base / token).resolve().is_relative_to(root) for base in bases)
@@ -76,6 +83,8 @@ def test_no_tracked_file_names_a_path_outside_the_repository():
         ("workflow/rules/x.smk", 'script: "../scripts/x.py"', []),
         ("workflow/rules/x.smk", 'script: "../../../x.py"', ["../../../x.py"]),
         ("README.md", "--configfile config/coco-mini.yaml", []),
+        ("docs/x.md", "figures in [benchmarks](../benchmarks/README.md#speed)", []),
+        ("docs/x.md", "see [there](../../elsewhere/notes.md)", ["../../elsewhere/notes.md"]),
         ("README.md", "snakemake --configfile ../elsewhere/config.yaml", ["../elsewhere/config.yaml"]),
         ("envs/x.yaml", "`-e ../..` would work only", []),
         ("tests/x.py", 'file_name="a/../../x.jpg"', []),

@@ -88,7 +88,7 @@ def test_changing_one_subsets_categories_replans_that_subset_only(demo_run):
     outputs = planned(demo_run, changed)
     assert outputs == {
         f"results/car/data/{name}.json" for name in ("train_filtered", "train", "val_filtered", "val")
-    } | {"results/car/stats/counts.csv", "results/car/stats/counts.png"}
+    } | {"results/car/stats/counts.csv", "results/car/stats/counts.png", "results/car/stats/data_checks.html"}
 
 
 def test_editing_an_input_json_replans_what_depends_on_it(demo_run):
@@ -229,7 +229,10 @@ def check_report(workdir: Path, config: dict) -> None:
     html = (workdir / "report.html").read_text()
     results, categories = report_contents(html, "results"), report_contents(html, "categories")
     base = "results/person_ball"
-    assert categories["1. Data"]["person_ball"] == [f"{base}/stats/counts.png"]
+    assert categories["1. Data"]["person_ball"] == [
+        f"{base}/stats/counts.png",
+        f"{base}/stats/data_checks.html",
+    ]
     assert categories["2. Training"]["person_ball"] == [f"{base}/model/loss.png"]
     assert categories["5. Model card"]["person_ball"] == [f"{base}/model/model_card.html"]
     card = embedded(results[f"{base}/model/model_card.html"]).decode()
