@@ -10,7 +10,7 @@ from conftest import ASSETS, COCO_MINI, REPO, VIDEO
 
 # A relative path that climbs (`../`, `../../`) and then names something: `../x.jpg`, not `../..`.
 CLIMBING = re.compile(r"(?<![\w./])((?:\.\./)+[\w\-][\w.\-]*(?:/[\w.\-]+)*)")
-# A Python path built above the repository: `REPO.parent`, or `parents[N]` past the file's depth.
+# A Python path built above the repository: the repository's `.parent`, or `parents[N]` past the file's depth.
 ABOVE_REPO = re.compile(r"\b(?:REPO|REPO_ROOT|ROOT)\.parent\b")
 PARENTS = re.compile(r"Path\(__file__\)\.resolve\(\)\.parents\[(\d+)\]")
 LINK = re.compile(r"\]\(([^)\s#]+)")
@@ -71,8 +71,8 @@ def test_no_tracked_file_names_a_path_outside_the_repository():
 @pytest.mark.parametrize(
     ("name", "text", "found"),
     [
-        ("config/x.yaml", "images: ../shared/data/coco-mini/val2017", ["../shared/data/coco-mini/val2017"]),
-        ("tests/x.py", 'DATA = REPO.parent / "shared" / "data"', ["REPO.parent"]),
+        ("config/x.yaml", "images: ../outside/coco-mini/val2017", ["../outside/coco-mini/val2017"]),
+        ("tests/x.py", 'DATA = ROOT.parent / "data"', ["ROOT.parent"]),
         (
             "tests/x.py",
             "Path(__file__).resolve().parents[2] / 'shared'",
