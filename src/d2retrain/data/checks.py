@@ -6,7 +6,7 @@ try; :func:`data_warnings` runs them all on a subset's files (the ``stats`` job 
 them beside the counts, for the report's data section).
 """
 
-import hashlib
+import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from d2retrain.core.fileio import file_digest
 from d2retrain.data.coco import CocoDocument, read_coco
 from d2retrain.data.filtering import count_categories
 from d2retrain.data.masks import resolve_image_path
@@ -71,13 +72,7 @@ def _same_bytes(
         path = resolve_image_path(train_dir, name)
         if path.is_file():
             sizes.setdefault(os.path.getsize(path), []).append(path)
-    digests: dict[Path, str] = {}
-
-    def digest(path: Path) -> str:
-        if path not in digests:
-            digests[path] = hashlib.sha256(path.read_bytes()).hexdigest()
-        return digests[path]
-
+    digest = functools.cache(file_digest)  # each file hashed once, only where sizes are equal
     same = set()
     for name in val_names:
         path = resolve_image_path(val_dir, name)
