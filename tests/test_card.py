@@ -1,6 +1,7 @@
 """The model card: written from a run's files, its tables equal to them, its limits derived from them."""
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -10,7 +11,7 @@ from d2retrain.card import CardInputs, model_card, write_model_card
 from d2retrain.core.fileio import file_digest
 from d2retrain.data.stats import COLUMNS
 from d2retrain.model.evaluation import write_evaluation
-from d2retrain.model.specs import ClassInfo, write_classes
+from d2retrain.model.folder import ClassInfo, ModelFolder
 
 CLASSES = ["person", "sports ball", "kite"]
 
@@ -28,7 +29,7 @@ def model_folder(root: Path) -> Path:
     info = ClassInfo(
         CLASSES, [3, 1, 7], "torchvision", "maskrcnn_resnet50_fpn", "coco.pth", "f" * 20, "model_best.pth"
     )
-    write_classes(folder / "classes.json", info)
+    ModelFolder(folder).write_classes(info)
     solver = {
         "images_per_batch": 4,
         "base_lr": 0.01,
@@ -40,12 +41,22 @@ def model_folder(root: Path) -> Path:
     model = {"weights": "coco.pth", "head_surgery": True, "coco_names": {"kite": "kite"}}
     (folder / "config.yaml").write_text(yaml.safe_dump({"model": model, "solver": solver}))
     (folder / "best.json").write_text(
-        json.dumps({"iteration": 200, "metric": "segm_AP", "value": 0.41, "final_iteration": 300})
+        json.dumps(
+            {
+                "iteration": 200,
+                "metric": "segm_AP",
+                "value": 0.41,
+                "final_iteration": 300,
+                "kept": "model_best.pth",
+                "served": "model.pth",
+            }
+        )
     )
     (folder / "metrics.jsonl").write_text(
         "".join(json.dumps({"iteration": i, "total_loss": 1.0, "time": 0.5}) + "\n" for i in range(1, 301))
     )
     (folder / "model_best.pth").write_bytes(b"weights" * 1000)
+    os.link(folder / "model_best.pth", folder / "model.pth")
     return folder
 
 
@@ -100,7 +111,7 @@ def test_the_card_tables_hold_the_runs_ap_classes_and_hashes(tmp_path):
     assert ap[("bbox", "sports ball")] == ["30.0", "20.0", "-10.0"]
     assert ap[("segm", "all classes")] == ["26.7", "23.3", "-3.3"]
     weights = file_digest(Path(inputs.model_dir) / "model_best.pth")
-    assert ["weights", "model_best.pth", weights] in table(card, "## Hashes")
+    assert ["weights", "model.pth", weights] in table(card, "## Hashes")
     assert ["val data", "val.json", file_digest(inputs.data["val"])] in table(card, "## Hashes")
     assert "Trained 300 iterations of 4 images (2.5 min of iterations)" in card
     assert "iteration 200, the best val segm_AP of the evaluations during training (0.410)" in card

@@ -176,7 +176,7 @@ def test_training_killed_with_sigkill_after_a_checkpoint_resumes_and_ends_at_the
     assert state["iteration"] in (3, 6, 9) and not state["finished"], (kill_after, state)
     for checkpoint in (model / "checkpoints").glob("model_*.pth"):  # each loads whole
         assert set(torch.load(checkpoint, weights_only=True)) >= {"model", "optimizer"}, checkpoint
-    assert not (model / "model_final.pth").exists()
+    assert not (model / "model_final.pth").exists() and not (model / "model.pth").exists()
     second = subprocess.run(command, capture_output=True, text=True, check=False)
     assert second.returncode == 0, second.stderr
     resumed = state["iteration"]

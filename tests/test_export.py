@@ -19,8 +19,8 @@ from d2retrain.data.images import read_image
 from d2retrain.model.engines import load_predictor
 from d2retrain.model.export import ExportError, export_model, verify_export
 from d2retrain.model.exported import CONTRACT, load_exported, read_contract
+from d2retrain.model.folder import ModelFolderError
 from d2retrain.model.instances import Instances
-from d2retrain.model.specs import ModelFolderError
 
 pytestmark = pytest.mark.slow  # every test here reads a model trained for it
 CLASSES = ["person", "sports ball"]

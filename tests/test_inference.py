@@ -569,11 +569,9 @@ def test_a_rerun_infers_only_the_files_whose_content_model_or_output_options_cha
 
     other = tmp_path / "other_model"  # another model: everything again
     shutil.copytree(model, other)
-    state = torch.load(other / "model_final.pth", weights_only=True)
+    state = torch.load(other / "model.pth", weights_only=True)  # the served weights
     state["model"]["roi_heads.box_predictor.cls_score.bias"] += 0.01
-    torch.save(state, other / "model_final.pth")
-    for served in other.glob("model_best.pth"):
-        shutil.copy(other / "model_final.pth", served)
+    torch.save(state, other / "model.pth")
     assert run(base | {"max_frames": 2, "score_threshold": 0.02}, other) == names | {"added"}
 
     kept = {p.name: json.loads(p.read_text())["instances"] for p in (out / "images").glob("[!.]*.json")}

@@ -15,8 +15,10 @@ from d2retrain.data.filtering import FilterOptions
 from d2retrain.data.prepare import filter_file
 from d2retrain.model import tv as tv_engine
 from d2retrain.model.engines import evaluate_model, resolve_engine
-from d2retrain.model.specs import distributed_spec, lr_factor, model_spec, read_classes, solver_spec
+from d2retrain.model.folder import ModelFolder
+from d2retrain.model.specs import model_spec, solver_spec
 from d2retrain.train import tv as tv_train
+from d2retrain.train.job import distributed_spec, lr_factor
 from d2retrain.train.loop import CheckpointStore, TrainingDivergedError, check_losses, scalar_tag
 from d2retrain.train.run import train_from_config
 
@@ -212,9 +214,9 @@ def test_torchvision_engine_trains_and_evaluates_on_coco_mini_from_scratch(mini_
     assert progress[-2].startswith("iteration 4/4  total_loss: ") and progress[-2].endswith("eta: 0:00:00")
     assert progress[-1].startswith("evaluation at iteration 4/4: segm AP ")  # one line per evaluation
     assert [p.name for p in (model / "checkpoints").glob("model_*.pth")] == ["model_0000004.pth"]  # keep 1
-    for name in ("model_final.pth", "classes.json", "config.yaml", "metrics.jsonl", "loss.png"):
+    for name in ("model.pth", "model_final.pth", "classes.json", "config.yaml", "metrics.jsonl", "loss.png"):
         assert (model / name).is_file(), name
-    info = read_classes(model, ["person", "sports ball"])
+    info = ModelFolder(model).read_classes(["person", "sports ball"])
     assert info.source_ids == [1, 37] and info.engine == "torchvision"
     lines = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "total_loss" in line]
@@ -286,7 +288,7 @@ def test_detectron2_engine_trains_resumes_and_evaluates_on_coco_mini(mini_split,
     model = D2_SMALL
     train = TINY | {"base_lr": 1e-5, "max_loss": 1e5, "eval_period": 2}
     train_from_config(model=model, train=train, **common)
-    info = read_classes(tmp_path / "model", ["person", "sports ball"])
+    info = ModelFolder(tmp_path / "model").read_classes(["person", "sports ball"])
     assert info.engine == "detectron2" and info.source_ids == [1, 37]
     lines = [json.loads(line) for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
     assert [line["iteration"] for line in lines if "total_loss" in line] == [1, 2, 3, 4]
@@ -395,7 +397,7 @@ def test_two_gloo_processes_train_in_step_and_write_one_checkpoint(mini_split, t
     assert log.count("checkpoint at iteration 2:") == 1 and log.count("best so far: segm_AP") in (1, 2)
     state = torch.load(model / "model_final.pth", weights_only=True)["model"]
     assert not any(key.startswith("module.") for key in state)  # the bare network, loadable alone
-    assert read_classes(model).engine == "torchvision"
+    assert ModelFolder(model).read_classes().engine == "torchvision"
 
 
 def test_a_killed_two_process_run_resumes_on_one_process(mini_split, tmp_path, job_log):
@@ -699,7 +701,8 @@ def test_a_source_file_with_other_category_ids_trains_exactly_the_same_model(min
         inputs = mini_inputs(paths, folder, source_json=str(source_json))
         train_from_config(model=model, train=TINY | {"iterations": 1}, **inputs)
         finals.append(torch.load(folder / "model_final.pth", weights_only=True)["model"])
-    assert read_classes(tmp_path / "renumbered").source_ids == [999, 963]  # classes.json keeps the file's ids
+    renumbered = ModelFolder(tmp_path / "renumbered").read_classes()
+    assert renumbered.source_ids == [999, 963]  # classes.json keeps the file's ids
     assert finals[0].keys() == finals[1].keys()
     assert all(torch.equal(finals[0][key], finals[1][key]) for key in finals[0])
 
@@ -922,10 +925,13 @@ def test_the_best_evaluation_is_kept_served_and_survives_a_kill(mini_split, tmp_
         "value": 0.3,
         "final_iteration": 8,
         "kept": "model_best.pth",
+        "served": "model.pth",
     }
     assert same_weights(whole / "model_best.pth", seen[4])  # the evaluated weights, not later ones
     assert same_weights(whole / "model_final.pth", {k: v for k, v in seen[8].items()})
-    assert read_classes(whole).model_file == "model_best.pth"
+    assert ModelFolder(whole).read_classes().model_file == "model_best.pth"
+    assert ModelFolder(whole).served_weights() == whole / "model.pth"
+    assert (whole / "model.pth").read_bytes() == (whole / "model_best.pth").read_bytes()
     assert [p.name for p in (whole / "checkpoints").glob("best_*.pth")] == ["best_0000004.pth"]
 
     real_step, calls = tv_train._step, {"n": 0}
@@ -968,11 +974,14 @@ def test_keep_final_or_no_evaluation_serves_the_last_weights(mini_split, tmp_pat
     folder, paths = mini_split
     scripted_evaluations(monkeypatch, {2: 0.5, 4: 0.1})
     _train_mini(folder, paths, tmp_path / "final", eval_period=2, keep="final")
-    assert read_classes(tmp_path / "final").model_file == "model_final.pth"
+    assert ModelFolder(tmp_path / "final").read_classes().model_file == "model_final.pth"
+    served = (tmp_path / "final" / "model.pth").read_bytes()
+    assert served == (tmp_path / "final" / "model_final.pth").read_bytes()
+    assert served != (tmp_path / "final" / "model_best.pth").read_bytes()
     best = json.loads((tmp_path / "final" / "best.json").read_text())
     assert (best["iteration"], best["kept"]) == (2, "model_final.pth")  # described, not served
     _train_mini(folder, paths, tmp_path / "none")  # TINY: eval_period 0
-    assert read_classes(tmp_path / "none").model_file == "model_final.pth"
+    assert ModelFolder(tmp_path / "none").read_classes().model_file == "model_final.pth"
     assert json.loads((tmp_path / "none" / "best.json").read_text())["iteration"] is None
     assert not (tmp_path / "none" / "model_best.pth").exists()
 
@@ -1013,6 +1022,7 @@ def test_detectron2_keeps_the_best_evaluation_and_stops_with_patience(
     assert [line["iteration"] for line in lines if "total_loss" in line] == list(range(1, 7))
     best = json.loads((output / "best.json").read_text())
     assert (best["iteration"], best["value"], best["final_iteration"]) == (2, 0.2, 6)
-    assert read_classes(output).model_file == "model_best.pth"
+    assert ModelFolder(output).read_classes().model_file == "model_best.pth"
+    assert (output / "model.pth").read_bytes() == (output / "model_best.pth").read_bytes()
     assert same_weights(output / "model_best.pth", seen[2])
     assert same_weights(output / "model_final.pth", seen[5])

@@ -151,6 +151,7 @@ def test_the_default_main_job_trains_a_model_reaching_segm_ap_060(tmp_path):
     logged = max((r for r in records if "segm_AP" in r), key=lambda r: r["segm_AP"])
     assert (best["iteration"], best["value"]) == (logged["iteration"], logged["segm_AP"])
     assert json.loads((model / "classes.json").read_text())["model_file"] == best["kept"] == "model_best.pth"
+    assert (model / "model.pth").read_bytes() == (model / "model_best.pth").read_bytes()  # served
     assert abs(metrics["segm"]["AP"] - best["value"]) <= 1e-6
     assert metrics["weights"] == {"file": "model_best.pth", "iteration": best["iteration"], "best": True}
     summary = pd.read_csv(tmp_path / "results/person_ball/inference/summary.csv")
@@ -202,8 +203,8 @@ def check_model_card(results: Path) -> None:
             ]
             assert cell == f"{row.instances} ({row.images})"
     assert steps == ["input", "filtered", "balanced"] and len(table) == 3
-    weights = hashlib.sha256((results / "model" / "model_best.pth").read_bytes()).hexdigest()
-    assert ["weights", "model_best.pth", weights] in markdown_rows(card, "## Hashes")
+    weights = hashlib.sha256((results / "model" / "model.pth").read_bytes()).hexdigest()
+    assert ["weights", "model.pth", weights] in markdown_rows(card, "## Hashes")
     assert markdown_rows(card, "## Classes")[1:] == [
         ["0", "person", "1", "1"],
         ["1", "sports ball", "37", "37"],
@@ -281,6 +282,16 @@ def test_adding_an_image_reruns_only_its_shard_and_retraining_reruns_all_inferen
     assert len(list((inferred / "images").glob("*.png"))) == 100
     assert planned_jobs(tmp_path, config) == {}
 
+    model = tmp_path / "results/person_ball/model"
+    served = (model / "model.pth").read_bytes()
+    (model / "model.pth").unlink()  # the served weights are declared: deleting them replans training
+    assert {"train", "evaluate"} <= set(planned_jobs(tmp_path, config))
+    snakemake(tmp_path, config, "--resources", "gpu=1")
+    assert "trained 4 iterations (0 this run)" in (tmp_path / "logs/person_ball/train.log").read_text()
+    assert (model / "model.pth").read_bytes() == served  # restored from the finished run, not retrained
+    for log in (tmp_path / "logs/person_ball").glob("infer_*.log"):  # the same weights: nothing re-inferred
+        assert re.search(r": 0 inferred, \d+ kept from an earlier run", log.read_text()), log
+
     shutil.copy(pictures / "demo_val_0007.jpg", pictures / "added one.jpg")
     shard = shard_of(InputFile.of(pictures / "added one.jpg", "image"), 4)
     assert planned_jobs(tmp_path, config) == {f"infer_{shard:02d}": 1, "inference_summary": 1, "all": 1}
@@ -319,7 +330,7 @@ def test_train_num_gpus_2_runs_two_processes_inside_a_snakemake_job(tmp_path):
     config["demo"] = {"root": "resources/demo", "train_images": 8, "val_images": 4, "video_frames": 4}
     config["train"] = {"iterations": 4, "num_gpus": 2, "eval_period": 0, "checkpoint_period": 2}
     config["inference"] = {"images": [], "videos": []}
-    target = "results/person_ball/model/model_final.pth"
+    target = "results/person_ball/model/model.pth"
     snakemake(tmp_path, config, target, "--resources", "gpu=2")
     log = (tmp_path / "logs/person_ball/train.log").read_text()
     assert "starting 2 training processes" in log

@@ -15,7 +15,7 @@ from d2retrain import __version__
 from d2retrain.core.fileio import file_digest, write_text_atomic
 from d2retrain.core.htmlpage import html_page
 from d2retrain.model.cococlasses import coco_category_ids
-from d2retrain.model.specs import ClassInfo, read_classes
+from d2retrain.model.folder import ClassInfo, ModelFolder
 from d2retrain.report import ap_notes, ap_table
 
 logger = logging.getLogger(__name__)
@@ -57,8 +57,9 @@ def model_card(subset: str, inputs: CardInputs) -> str:
         training length and best iteration, AP baseline vs retrained per class, hashes, intended
         use and known limits.
     """
-    info = read_classes(inputs.model_dir)
-    config = yaml.safe_load((Path(inputs.model_dir) / "config.yaml").read_text())
+    folder = ModelFolder(inputs.model_dir)
+    info = folder.read_classes()
+    config = folder.read_config()
     metrics = json.loads(Path(inputs.metrics).read_text())
     counts = pd.read_csv(inputs.counts)
     names = ", ".join(info.classes)
@@ -68,9 +69,9 @@ def model_card(subset: str, inputs: CardInputs) -> str:
         f"Written by d2retrain {__version__} from the run's own files; do not edit, rerun the workflow.",
         _classes_section(info, config["model"].get("coco_names", {})),
         _data_section(inputs, counts),
-        _training_section(info, config, inputs.model_dir),
+        _training_section(info, config, folder),
         _evaluation_section(metrics, pd.read_csv(inputs.per_class)),
-        _hashes_section(info, inputs),
+        _hashes_section(info, inputs, folder),
         _limits_section(info, config, metrics, counts, inputs.data["val"]),
     ]
     return "\n\n".join(sections) + "\n"
@@ -140,10 +141,11 @@ def _count(value: float) -> str:
     return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
 
 
-def _training_section(info: ClassInfo, config: dict, model_dir: str) -> str:
+def _training_section(info: ClassInfo, config: dict, folder: ModelFolder) -> str:
     model, solver = config["model"], config["solver"]
-    best = json.loads((Path(model_dir) / "best.json").read_text())
-    records = [json.loads(line) for line in (Path(model_dir) / "metrics.jsonl").read_text().splitlines()]
+    best = folder.read_best()
+    served = folder.served_record()
+    records = [json.loads(line) for line in folder.metrics.read_text().splitlines()]
     losses = [record for record in records if "total_loss" in record]
     minutes = sum(record.get("time", 0.0) for record in losses) / 60
     base = model["weights"]
@@ -163,13 +165,17 @@ def _training_section(info: ClassInfo, config: dict, model_dir: str) -> str:
         f"- Input sizes: shortest edge {solver['min_size_train']} (cap {solver['max_size_train']}) in "
         f"training, {solver['min_size_test']} (cap {solver['max_size_test']}) at inference",
     ]
-    if best.get("iteration") is not None:
+    if served["best"]:
         lines.append(
-            f"- Served weights: `{info.model_file}`, iteration {best['iteration']}, the best val "
-            f"{best['metric']} of the evaluations during training ({best['value']:.3f})"
+            f"- Served weights: `{folder.served.name}` (`{served['file']}`), iteration "
+            f"{served['iteration']}, the best val {best['metric']} of the evaluations during training "
+            f"({best['value']:.3f})"
         )
     else:
-        lines.append(f"- Served weights: `{info.model_file}`, the last iteration's")
+        lines.append(
+            f"- Served weights: `{folder.served.name}` (`{served['file']}`), the last iteration's "
+            f"({served['iteration']})"
+        )
     lines += [
         "",
         "Configuration (`config.yaml` of the model folder):",
@@ -187,12 +193,12 @@ def _evaluation_section(metrics: dict, per_class: pd.DataFrame) -> str:
     return "## Evaluation\n\nCOCO AP (%) on the val split, per class." + notes + "\n\n" + _table(table)
 
 
-def _hashes_section(info: ClassInfo, inputs: CardInputs) -> str:
-    files = {
+def _hashes_section(info: ClassInfo, inputs: CardInputs, folder: ModelFolder) -> str:
+    files: dict[str, str | os.PathLike[str]] = {
         "training data": inputs.data["train"],
         "val data": inputs.data["val"],
-        "config": os.path.join(inputs.model_dir, "config.yaml"),
-        "weights": os.path.join(inputs.model_dir, info.model_file),
+        "config": folder.config_file,
+        "weights": folder.served_weights(),
     }
     rows = [
         {"what": what, "file": Path(path).name, "SHA-256": file_digest(path)} for what, path in files.items()

@@ -136,9 +136,9 @@ def run_repeat_factors(args: argparse.Namespace) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> None:
     from d2retrain.model.engines import evaluate_model
-    from d2retrain.model.specs import read_classes
+    from d2retrain.model.folder import ModelFolder
 
-    classes = read_classes(args.model).classes
+    classes = ModelFolder(args.model).read_classes().classes
     out = Path(args.output)
     evaluate_model(
         args.model,

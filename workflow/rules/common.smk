@@ -13,8 +13,18 @@ from d2retrain.infer.inputs import (
 )
 from d2retrain.core.config import allowed_values, val_split_defaults
 from d2retrain.core.layout import DemoLayout
+from d2retrain.model.folder import ModelFolder
 
 SPLITS = ["train", "val"]
+
+
+def model_folder(subset="{subset}"):
+    """A subset's model folder (its file names are d2retrain.model.folder's); with the wildcard,
+    the paths the rules declare."""
+    return ModelFolder(f"results/{subset}/model")
+
+
+MODEL = model_folder()
 
 
 wildcard_constraints:
@@ -245,8 +255,8 @@ def data_outputs(subset):
 
 def model_outputs(subset):
     return [
-        f"results/{subset}/model/model_final.pth",
-        f"results/{subset}/model/MODEL_CARD.md",
+        str(model_folder(subset).served),
+        str(model_folder(subset).card),
         f"results/{subset}/eval/metrics.json",
         f"results/{subset}/eval/ap_table.html",
         f"results/{subset}/eval/predictions.png",
@@ -323,8 +333,8 @@ def shard_inputs(shard):
         if any(item.planned for item in files):
             checkpoints.demo_data.get()
         return {
-            "weights": f"results/{wildcards.subset}/model/model_final.pth",
-            "classes": f"results/{wildcards.subset}/model/classes.json",
+            "weights": str(model_folder(wildcards.subset).served),
+            "classes": str(model_folder(wildcards.subset).classes_file),
             "images": [item.path for item in files if item.kind == "image"],
             "videos": [item.path for item in files if item.kind == "video"],
         }

@@ -4,8 +4,8 @@
 
 rule export:
     input:
-        weights="results/{subset}/model/model_final.pth",
-        classes="results/{subset}/model/classes.json",
+        weights=str(MODEL.served),
+        classes=str(MODEL.classes_file),
         metrics="results/{subset}/eval/metrics.json",
         val="results/{subset}/data/val.json",
         val_images=images_of_split("val"),

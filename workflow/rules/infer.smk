@@ -38,7 +38,7 @@ rule inference_summary:
             "results/{{subset}}/inference/status/shard_{shard:02d}.json",
             shard=INFERENCE_SHARDS,
         ),
-        classes="results/{subset}/model/classes.json",
+        classes=str(MODEL.classes_file),
     output:
         coco="results/{subset}/inference/predictions_coco.json",
         csv=report(

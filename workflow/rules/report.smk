@@ -27,8 +27,8 @@ rule ap_table:
 
 rule prediction_grid:
     input:
-        weights="results/{subset}/model/model_final.pth",
-        classes="results/{subset}/model/classes.json",
+        weights=str(MODEL.served),
+        classes=str(MODEL.classes_file),
         val="results/{subset}/data/val.json",
         val_images=images_of_split("val"),
     output:
@@ -57,20 +57,20 @@ rule prediction_grid:
 
 rule model_card:
     input:
-        weights="results/{subset}/model/model_final.pth",
-        classes="results/{subset}/model/classes.json",
-        config="results/{subset}/model/config.yaml",
-        best="results/{subset}/model/best.json",
-        metrics_log="results/{subset}/model/metrics.jsonl",
+        weights=str(MODEL.served),
+        classes=str(MODEL.classes_file),
+        config=str(MODEL.config_file),
+        best=str(MODEL.best_file),
+        metrics_log=str(MODEL.metrics),
         metrics="results/{subset}/eval/metrics.json",
         per_class="results/{subset}/eval/per_class.csv",
         counts="results/{subset}/stats/counts.csv",
         train="results/{subset}/data/train.json",
         val="results/{subset}/data/val.json",
     output:
-        card="results/{subset}/model/MODEL_CARD.md",
+        card=str(MODEL.card),
         html=report(
-            "results/{subset}/model/model_card.html",
+            str(MODEL.card_html),
             caption="../report/model_card.rst",
             category="5. Model card",
             subcategory="{subset}",

@@ -31,13 +31,14 @@ rule train:
         train_images=images_of_split("train"),
         val_images=images_of_split("val"),
     output:
-        weights="results/{subset}/model/model_final.pth",
-        classes="results/{subset}/model/classes.json",
-        config="results/{subset}/model/config.yaml",
-        metrics="results/{subset}/model/metrics.jsonl",
-        best="results/{subset}/model/best.json",
+        served=str(MODEL.served),
+        final=str(MODEL.final_weights),
+        classes=str(MODEL.classes_file),
+        config=str(MODEL.config_file),
+        metrics=str(MODEL.metrics),
+        best=str(MODEL.best_file),
         loss=report(
-            "results/{subset}/model/loss.png",
+            str(MODEL.loss_plot),
             caption="../report/loss.rst",
             category="2. Training",
             subcategory="{subset}",
@@ -61,8 +62,8 @@ rule train:
 
 rule evaluate:
     input:
-        weights="results/{subset}/model/model_final.pth",
-        classes="results/{subset}/model/classes.json",
+        weights=str(MODEL.served),
+        classes=str(MODEL.classes_file),
         val="results/{subset}/data/val.json",
         val_images=images_of_split("val"),
     output:

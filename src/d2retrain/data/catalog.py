@@ -7,13 +7,25 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from d2retrain.core.errors import EmptyResultError
-from d2retrain.data.coco import CocoDocument
-from d2retrain.data.filtering import FilterOptions, balance_document, count_categories, filter_document
+from d2retrain.core.errors import CategoryError, EmptyResultError
+from d2retrain.data.coco import CocoDocument, read_coco
+from d2retrain.data.filtering import (
+    FilterOptions,
+    balance_document,
+    count_categories,
+    filter_document,
+    resolve_categories,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CandidateClasses", "candidate_classes", "category_catalog"]
+__all__ = [
+    "CandidateClasses",
+    "candidate_classes",
+    "category_catalog",
+    "check_class_list",
+    "source_category_ids",
+]
 
 
 def category_catalog(document: CocoDocument) -> pd.DataFrame:
@@ -61,3 +73,25 @@ def candidate_classes(document: CocoDocument, names: Sequence[str]) -> Candidate
         with_all = 0
     counts = pd.DataFrame(count_categories(filtered), columns=["category", "instances", "images"])
     return CandidateClasses(len(document.images), len(filtered.images), with_all, counts)
+
+
+def source_category_ids(annotations_json: str, classes: Sequence[str]) -> tuple[int, ...]:
+    """Original dataset ids of the named categories, as the filter's input file numbers them."""
+    return tuple(
+        category.id
+        for category in resolve_categories(read_coco(annotations_json).categories, classes, annotations_json)
+    )
+
+
+def check_class_list(annotations_json: str, classes: Sequence[str]) -> None:
+    """Refuse training when a filtered file's categories are not the class list, in order.
+
+    Raises:
+        CategoryError: The names or their order differ.
+    """
+    found = [category.name for category in read_coco(annotations_json).categories]
+    if found != list(classes):
+        raise CategoryError(
+            f"{annotations_json}: its categories are {found}, not the class list {list(classes)}; "
+            "rerun the filter with these categories"
+        )

@@ -25,8 +25,8 @@ from d2retrain.infer.summary import FileStatus
 from d2retrain.infer.video import infer_video
 from d2retrain.infer.videoio import ahead, yield_to_the_model
 from d2retrain.model.exported import is_export, load_exported, read_contract
+from d2retrain.model.folder import ModelFolder
 from d2retrain.model.instances import Instances, Predictor
-from d2retrain.model.specs import read_classes
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def _check_classes(model_dir: str | Path, expected_classes: Sequence[str]) -> No
     if is_export(model_dir):
         read_contract(model_dir, expected_classes)
     else:
-        read_classes(model_dir, expected_classes)
+        ModelFolder(model_dir).read_classes(expected_classes)
 
 
 def _reusable(

@@ -24,7 +24,7 @@ from d2retrain.core.fileio import file_digest, write_text_atomic
 from d2retrain.infer.inputs import InputFile, output_files
 from d2retrain.infer.summary import FileStatus
 from d2retrain.model.exported import is_export, model_classes, read_contract
-from d2retrain.model.specs import read_classes
+from d2retrain.model.folder import ModelFolder
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def made_from(model_dir: str | Path, options: dict[str, Any]) -> MadeFrom:
     if is_export(model_dir):
         weights = read_contract(model_dir).sha256
     else:
-        weights = file_digest(Path(model_dir) / read_classes(model_dir).model_file)
+        weights = file_digest(ModelFolder(model_dir).served_weights())
     names, category_ids = model_classes(model_dir)
     model = hashlib.sha256(json.dumps([weights, names, category_ids]).encode()).hexdigest()
     return MadeFrom(model, dict(options), code_hash(Path(__file__).with_name("pipeline.py")))

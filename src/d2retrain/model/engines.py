@@ -7,14 +7,12 @@ one line: :data:`MODEL_ENGINES` here, ``d2retrain.train.engines.TRAIN_ENGINES`` 
 
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
-import yaml
 
 from d2retrain.core.config import section_defaults
 from d2retrain.core.errors import WeightsError
@@ -22,9 +20,10 @@ from d2retrain.core.fileio import write_text_atomic
 from d2retrain.model.cococlasses import coco_category_ids
 from d2retrain.model.evaluation import evaluate, write_evaluation
 from d2retrain.model.exported import ExportedGraph
+from d2retrain.model.folder import ClassInfo, ModelFolder
 from d2retrain.model.predictor import ModelPredictor
 from d2retrain.model.sources import ENGINES, resolve_engine
-from d2retrain.model.specs import ClassInfo, ModelSpec, SolverSpec, model_spec, read_classes, solver_spec
+from d2retrain.model.specs import ModelSpec, SolverSpec, model_spec, solver_spec
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +37,6 @@ __all__ = [
     "check_weights",
     "load_predictor",
     "evaluate_model",
-    "served_weights",
     "read_model_config",
 ]
 
@@ -106,7 +104,7 @@ def model_engine(name: str) -> ModelEngine:
 def read_model_config(model_dir: str | Path) -> tuple[ModelSpec, SolverSpec]:
     """The model and solver specs saved in a model folder's ``config.yaml``; keys added since the
     folder was written take their schema defaults, so older model folders still load."""
-    record = yaml.safe_load((Path(model_dir) / "config.yaml").read_text())
+    record = ModelFolder(model_dir).read_config()
     model = dict(record["model"])
     return model_spec(model, model.pop("engine")), solver_spec(record["solver"])
 
@@ -133,11 +131,12 @@ def load_predictor(
     Raises:
         D2RetrainError: No ``classes.json``, other classes, or an engine not installed.
     """
-    info = read_classes(model_dir, expected_classes)
+    folder = ModelFolder(model_dir)
+    info = folder.read_classes(expected_classes)
     spec, solver = read_model_config(model_dir)
     resolve_engine(spec.engine)
     predictor = model_engine(spec.engine).make_predictor(
-        Path(model_dir) / info.model_file,
+        folder.served_weights(),
         spec,
         solver,
         len(info.classes),
@@ -170,7 +169,7 @@ def evaluate_model(
     predictor, info = load_predictor(model_dir, classes, device=device)
     retrained = evaluate(predictor, val_json, val_images, info.classes, found_at=score_threshold)
     reports = {"retrained": retrained | {"warnings": _found_nothing(retrained)}}
-    reports["retrained"]["weights"] = served_weights(model_dir, info)
+    reports["retrained"]["weights"] = ModelFolder(model_dir).served_record()
     baseline = _baseline_predictor(model_dir, info, device)
     if isinstance(baseline, str):
         reports["retrained"]["no_baseline"] = baseline
@@ -195,17 +194,6 @@ def _found_nothing(report: dict) -> list[str]:
     )
     logger.warning(warning)
     return [warning]
-
-
-def served_weights(model_dir: str | os.PathLike[str], info: ClassInfo) -> dict:
-    """Which weights a model folder serves: ``{"file", "iteration", "best"}`` (iteration: the
-    iterations done when they were saved, as in ``metrics.jsonl``; best: whether they are the best
-    evaluation's)."""
-    path = Path(model_dir) / "best.json"
-    record = json.loads(path.read_text()) if path.is_file() else {}
-    best = info.model_file == "model_best.pth"
-    iteration = record.get("iteration") if best else record.get("final_iteration")
-    return {"file": info.model_file, "iteration": iteration, "best": best}
 
 
 def _baseline_predictor(

@@ -38,8 +38,9 @@ from d2retrain.model.exported import (
     exported_predictor,
     write_contract,
 )
+from d2retrain.model.folder import ClassInfo, ModelFolder
 from d2retrain.model.instances import Instances, Predictor
-from d2retrain.model.specs import ClassInfo, ModelSpec, SolverSpec, read_classes
+from d2retrain.model.specs import ModelSpec, SolverSpec
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def export_model(
     if export_format not in FORMATS:
         raise ExportError(f"export format {export_format!r} is unknown; use one of {', '.join(FORMATS)}")
     torch.set_num_threads(max(1, threads))
-    info = read_classes(model_dir)
+    info = ModelFolder(model_dir).read_classes()
     spec, solver = read_model_config(model_dir)
     predictor, _ = load_predictor(
         model_dir, device="cpu", score_threshold=_EXPORT_SCORE, max_detections=_EXPORT_DETECTIONS
@@ -140,7 +141,7 @@ def _example_image(val_json: str | None, val_images: str | None, solver: SolverS
 
 
 def _source(model_dir: str | os.PathLike[str], info: ClassInfo) -> dict[str, Any]:
-    weights = Path(model_dir) / info.model_file
+    weights = ModelFolder(model_dir).served_weights()
     return {
         "model_dir": str(model_dir),
         "weights": info.model_file,

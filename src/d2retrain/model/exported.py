@@ -21,10 +21,10 @@ from PIL import Image
 
 from d2retrain.core.config import allowed_values
 from d2retrain.core.fileio import file_digest, write_text_atomic
+from d2retrain.model.folder import ModelFolder, ModelFolderError
 from d2retrain.model.instances import Instances, Predictor
 from d2retrain.model.paste import PASTE_METHODS, paste_masks
 from d2retrain.model.resize import RESIZE_RULES, resized_size
-from d2retrain.model.specs import ModelFolderError, read_classes
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def is_export(folder: str | os.PathLike[str]) -> bool:
             f"{folder}: its export failed verification (see {verify}) and has no {CONTRACT}: "
             "it is not usable; retrain, or export again"
         )
-    if not (Path(folder) / "classes.json").is_file():
+    if not ModelFolder(folder).classes_file.is_file():
         raise ModelFolderError(
             f"{folder}: neither a model folder (no classes.json, see d2retrain train) nor an export "
             f"folder (no {CONTRACT}, see d2retrain export)"
@@ -229,7 +229,7 @@ def model_classes(folder: str | os.PathLike[str]) -> tuple[list[str], list[int]]
     if is_export(folder):
         contract = read_contract(folder)
         return contract.classes, contract.source_ids
-    info = read_classes(folder)
+    info = ModelFolder(folder).read_classes()
     return info.classes, info.source_ids
 
 

@@ -1,45 +1,18 @@
-"""What shapes a model: engine, architecture, weights, solver; its fingerprint and classes.json."""
+"""What shapes a model: engine, architecture, weights, solver and augmentation (training jobs are
+:mod:`d2retrain.train.job`'s, the model folder :mod:`d2retrain.model.folder`'s)."""
 
 import dataclasses
-import hashlib
-import json
 import logging
-import os
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from d2retrain.core.config import section_defaults
-from d2retrain.core.errors import CategoryError, D2RetrainError
-from d2retrain.core.fileio import file_digest, write_text_atomic
-from d2retrain.data.coco import read_coco
-from d2retrain.data.filtering import resolve_categories
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "ModelSpec",
-    "SolverSpec",
-    "AugmentSpec",
-    "DistributedSpec",
-    "LAUNCH_KEYS",
-    "TrainJob",
-    "ClassInfo",
-    "ModelFolderError",
-    "fingerprint",
-    "lr_factor",
-    "read_classes",
-    "write_classes",
-    "source_category_ids",
-    "check_class_list",
-    "model_spec",
-    "solver_spec",
-    "distributed_spec",
-]
+__all__ = ["ModelSpec", "SolverSpec", "AugmentSpec", "LAUNCH_KEYS", "model_spec", "solver_spec"]
 
-
-class ModelFolderError(D2RetrainError):
-    """A model folder lacks classes.json, or was trained for other classes."""
+# Keys of the train section that say how many processes train, not what: left out of the solver.
+LAUNCH_KEYS = ("num_gpus", "num_machines", "machine_rank", "dist_url")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,200 +147,6 @@ class SolverSpec:
         return "best" if self.keep == "best" and self.eval_period > 0 else "final"
 
 
-LAUNCH_KEYS = ("num_gpus", "num_machines", "machine_rank", "dist_url")
-
-
-@dataclasses.dataclass(frozen=True)
-class DistributedSpec:
-    """How many processes train one model, and where they meet (detectron2's ``launch`` keys).
-
-    Not part of the fingerprint: a run killed on one GPU may resume on two.
-
-    Attributes:
-        num_gpus: Processes per machine, one per GPU (CPU processes with gloo when no GPU).
-        num_machines: Machines taking part.
-        machine_rank: This machine's rank, 0..num_machines-1.
-        dist_url: ``tcp://HOST:PORT`` of machine 0, or ``auto`` (a free local port; one machine).
-    """
-
-    num_gpus: int = 1
-    num_machines: int = 1
-    machine_rank: int = 0
-    dist_url: str = "auto"
-
-    @property
-    def world_size(self) -> int:
-        """All processes of the training."""
-        return self.num_gpus * self.num_machines
-
-    def check(self, images_per_batch: int) -> None:
-        """Refuse a launch that cannot work.
-
-        Raises:
-            D2RetrainError: The batch does not split evenly, the machine rank is out of
-                range, or several machines have no rendezvous address.
-        """
-        if images_per_batch % self.world_size:
-            raise D2RetrainError(
-                f"train.images_per_batch {images_per_batch} does not split evenly over "
-                f"{self.world_size} processes (num_gpus x num_machines); make it a multiple"
-            )
-        if not 0 <= self.machine_rank < self.num_machines:
-            raise D2RetrainError(
-                f"train.machine_rank {self.machine_rank} is not in 0..{self.num_machines - 1}"
-            )
-        if self.num_machines > 1 and self.dist_url == "auto":
-            raise D2RetrainError("train.dist_url must name machine 0 (tcp://HOST:PORT) when num_machines > 1")
-
-
-def lr_factor(solver: SolverSpec, iteration: int) -> float:
-    """detectron2's WarmupMultiStepLR factor at ``iteration`` (linear warmup from 0.001)."""
-    factor = solver.gamma ** sum(1 for step in solver.steps if step <= iteration)
-    if iteration < solver.warmup_iterations:
-        alpha = iteration / solver.warmup_iterations
-        factor *= 0.001 * (1 - alpha) + alpha
-    return factor
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainJob:
-    """Everything one training run needs.
-
-    Attributes:
-        train_json: Filtered (and balanced) training annotations, category ids 1..N.
-        train_images: Folder of the training images.
-        val_json: Filtered validation annotations.
-        val_images: Folder of the validation images.
-        classes: Class names in model order.
-        source_ids: Original dataset category id of each class.
-        model: Network and weights.
-        solver: Solver settings.
-        output_dir: The model folder (``results/<subset>/model``).
-        device: ``cpu``, ``cuda`` or ``cuda:N``.
-        threads: CPU threads for the job (shared by its processes).
-        distributed: Processes and machines.
-        repeat_factors: ``balance: repeat``'s factor file (:mod:`d2retrain.data.repeat`), or None.
-        keep_checkpoints: Periodic checkpoints kept on disk (the last; resuming needs one).
-    """
-
-    train_json: str
-    train_images: str
-    val_json: str
-    val_images: str
-    classes: tuple[str, ...]
-    source_ids: tuple[int, ...]
-    model: ModelSpec
-    solver: SolverSpec
-    output_dir: str
-    keep_checkpoints: int
-    device: str = "cpu"
-    threads: int = 1
-    distributed: DistributedSpec = DistributedSpec()
-    repeat_factors: str | None = None
-
-    @property
-    def threads_per_process(self) -> int:
-        """CPU threads of each training process: the job's threads, shared between them."""
-        return max(1, self.threads // self.distributed.num_gpus)
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        """Checkpoints and live metrics: beside the outputs, not Snakemake outputs."""
-        return Path(self.output_dir) / "checkpoints"
-
-    @property
-    def tensorboard_dir(self) -> Path:
-        """TensorBoard event files of the run (the scalars of ``metrics.jsonl``)."""
-        return Path(self.output_dir) / "tensorboard"
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassInfo:
-    """What ``classes.json`` records about a trained model."""
-
-    classes: list[str]
-    source_ids: list[int]
-    engine: str
-    architecture: str
-    weights: str
-    fingerprint: str
-    model_file: str = "model_final.pth"  # the trained weights the folder serves (train.keep)
-
-
-def fingerprint(job: TrainJob) -> str:
-    """Hash of everything that shapes the model: specs, classes and training data bytes.
-
-    A checkpoint is resumed only when its fingerprint equals the job's.
-    """
-    content = {
-        "model": dataclasses.asdict(job.model),
-        "solver": dataclasses.asdict(job.solver),
-        "classes": list(job.classes),
-        "source_ids": list(job.source_ids),
-        "train": file_digest(job.train_json),
-    }
-    if job.repeat_factors is not None:  # balance: repeat: the factors decide what trains
-        content["repeat_factors"] = file_digest(job.repeat_factors)
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def write_classes(path: str | os.PathLike[str], info: ClassInfo) -> None:
-    """Write ``classes.json`` atomically."""
-    write_text_atomic(path, json.dumps(dataclasses.asdict(info), indent=2) + "\n")
-
-
-def read_classes(model_dir: str | os.PathLike[str], expected: Sequence[str] | None = None) -> ClassInfo:
-    """Read a model folder's ``classes.json``, checking the classes when asked.
-
-    Args:
-        model_dir: The model folder.
-        expected: Class names the caller needs, in order; None skips the check.
-
-    Returns:
-        The recorded class information.
-
-    Raises:
-        ModelFolderError: The file is missing or unreadable, or its classes differ.
-    """
-    path = Path(model_dir) / "classes.json"
-    try:
-        info = ClassInfo(**json.loads(path.read_text()))
-    except FileNotFoundError:
-        raise ModelFolderError(
-            f"{path}: missing; is {model_dir} a folder written by d2retrain train?"
-        ) from None
-    except (ValueError, TypeError) as error:
-        raise ModelFolderError(f"{path}: unreadable ({error})") from None
-    if expected is not None and list(expected) != info.classes:
-        raise ModelFolderError(
-            f"{path}: the model was trained for classes {info.classes}, not {list(expected)}; "
-            "retrain it or point to the right model folder"
-        )
-    return info
-
-
-def source_category_ids(annotations_json: str, classes: Sequence[str]) -> tuple[int, ...]:
-    """Original dataset ids of the named categories, as the filter's input file numbers them."""
-    return tuple(
-        category.id
-        for category in resolve_categories(read_coco(annotations_json).categories, classes, annotations_json)
-    )
-
-
-def check_class_list(annotations_json: str, classes: Sequence[str]) -> None:
-    """Refuse training when a filtered file's categories are not the class list, in order.
-
-    Raises:
-        CategoryError: The names or their order differ.
-    """
-    found = [category.name for category in read_coco(annotations_json).categories]
-    if found != list(classes):
-        raise CategoryError(
-            f"{annotations_json}: its categories are {found}, not the class list {list(classes)}; "
-            "rerun the filter with these categories"
-        )
-
-
 def model_spec(model: dict[str, Any], engine: str) -> ModelSpec:
     """A :class:`ModelSpec` from the ``model`` section (defaults filled in) and a resolved engine."""
     values = section_defaults("model") | model
@@ -385,18 +164,3 @@ def solver_spec(train: dict[str, Any]) -> SolverSpec:
     }
     fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return SolverSpec(**fields, augment=AugmentSpec(**augment))
-
-
-def distributed_spec(train: dict[str, Any]) -> DistributedSpec:
-    """A :class:`DistributedSpec` from the launch keys of the ``train`` section."""
-    values = section_defaults("train") | train
-    spec = {key: values[key] for key in LAUNCH_KEYS}
-    if spec["machine_rank"] == -1:
-        try:
-            spec["machine_rank"] = int(os.environ["SLURM_NODEID"])
-        except (KeyError, ValueError):
-            raise D2RetrainError(
-                "train.machine_rank is -1 (from SLURM_NODEID) but SLURM_NODEID is not set; "
-                "run inside a SLURM job or give the machine's rank"
-            ) from None
-    return DistributedSpec(**spec)

@@ -13,9 +13,10 @@ from d2retrain.data.repeat import read_repeat_factors
 from d2retrain.model.d2 import Detectron2Predictor, build_config, initial_state
 from d2retrain.model.evaluation import progress_record
 from d2retrain.model.headsurgery import load_checkpoint
-from d2retrain.model.specs import SolverSpec, TrainJob
+from d2retrain.model.specs import SolverSpec
 from d2retrain.train import distributed
 from d2retrain.train.augment import detectron2_augmentations
+from d2retrain.train.job import TrainJob
 from d2retrain.train.loop import (
     CheckpointStore,
     MetricsLog,

@@ -14,7 +14,7 @@ import torch.multiprocessing as torch_mp
 
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.core.logutil import configure_logging
-from d2retrain.model.specs import DistributedSpec
+from d2retrain.train.job import DistributedSpec
 
 logger = logging.getLogger(__name__)
 

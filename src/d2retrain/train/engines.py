@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from d2retrain.model.specs import TrainJob
+from d2retrain.train.job import TrainJob
 
 logger = logging.getLogger(__name__)
 

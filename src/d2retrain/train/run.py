@@ -10,20 +10,13 @@ import yaml
 
 from d2retrain.core.config import section_defaults
 from d2retrain.core.fileio import atomic_open, write_bytes_atomic, write_text_atomic
+from d2retrain.data.catalog import check_class_list, source_category_ids
 from d2retrain.model.engines import resolve_engine
+from d2retrain.model.folder import ClassInfo, ModelFolder
 from d2retrain.model.headsurgery import load_checkpoint
-from d2retrain.model.specs import (
-    ClassInfo,
-    TrainJob,
-    check_class_list,
-    distributed_spec,
-    fingerprint,
-    model_spec,
-    solver_spec,
-    source_category_ids,
-    write_classes,
-)
+from d2retrain.model.specs import model_spec, solver_spec
 from d2retrain.train.engines import train_engine
+from d2retrain.train.job import TrainJob, distributed_spec, fingerprint
 from d2retrain.train.loop import BEST_METRIC, CheckpointStore, plot_metrics
 
 logger = logging.getLogger(__name__)
@@ -34,10 +27,10 @@ __all__ = ["train_model", "train_from_config"]
 def train_model(job: TrainJob) -> None:
     """Train (resuming a killed run of the same job) and write the model folder.
 
-    Writes ``model_final.pth`` (the last iteration's weights), ``best.json`` and, when there was
-    an evaluation during training, ``model_best.pth`` (the best one's), ``classes.json`` (naming the
-    file ``train.keep`` serves), ``config.yaml``, ``metrics.jsonl`` and ``loss.png`` into
-    ``job.output_dir``; checkpoints stay in ``checkpoints/`` beside them.
+    Writes the :class:`~d2retrain.model.folder.ModelFolder` ``job.output_dir``: the last iteration's
+    weights, the best evaluation's (when there were evaluations during training), the best record,
+    classes, config, metrics and loss plot, and last the served weights (``train.keep``'s choice);
+    checkpoints stay beside them.
 
     Raises:
         D2RetrainError: Bad input, unusable weights or a diverged loss.
@@ -47,16 +40,13 @@ def train_model(job: TrainJob) -> None:
     final = train_engine(job.model.engine).train(job, key)
     if job.distributed.machine_rank != 0:
         return  # machine 0 writes the model folder
-    output = Path(job.output_dir)
-    with atomic_open(output / "model_final.pth", durable=True) as handle:
+    folder = ModelFolder(job.output_dir)
+    with atomic_open(folder.final_weights, durable=True) as handle:
         torch.save({"model": load_checkpoint(final)["model"]}, handle)
-    model_file = _write_best(job, key, output)
-    write_text_atomic(output / "config.yaml", yaml.safe_dump(_config_record(job), sort_keys=False))
-    live_metrics = job.checkpoint_dir / "metrics.jsonl"
-    write_bytes_atomic(output / "metrics.jsonl", live_metrics.read_bytes())
-    plot_metrics(
-        output / "metrics.jsonl", output / "loss.png", f"{', '.join(job.classes)} ({job.model.engine})"
-    )
+    served = _write_best(job, key, folder)
+    write_text_atomic(folder.config_file, yaml.safe_dump(_config_record(job), sort_keys=False))
+    write_bytes_atomic(folder.metrics, (job.checkpoint_dir / folder.metrics.name).read_bytes())
+    plot_metrics(folder.metrics, folder.loss_plot, f"{', '.join(job.classes)} ({job.model.engine})")
     info = ClassInfo(
         list(job.classes),
         list(job.source_ids),
@@ -64,35 +54,37 @@ def train_model(job: TrainJob) -> None:
         job.model.architecture,
         job.model.weights,
         key,
-        model_file,
+        served.name,
     )
-    write_classes(output / "classes.json", info)
+    folder.write_classes(info)
+    folder.serve(served)  # last: the declared output appears once the folder is whole
 
 
-def _write_best(job: TrainJob, key: str, output: Path) -> str:
-    """``model_best.pth`` and ``best.json`` from the checkpoint store; returns the weights file the
+def _write_best(job: TrainJob, key: str, folder: ModelFolder) -> Path:
+    """``model_best.pth`` and ``best.json`` from the checkpoint store; returns the weights the
     folder serves (``train.keep``)."""
     store = CheckpointStore(job.checkpoint_dir, key)
     iterations = store.finished_run()
     best = store.best_weights()
     record: dict = {"iteration": None, "metric": BEST_METRIC, "value": None}
     if best is not None and store.best is not None:
-        write_bytes_atomic(output / "model_best.pth", best.read_bytes())
+        write_bytes_atomic(folder.best_weights, best.read_bytes())
         record = {field: store.best[field] for field in ("iteration", "metric", "value")}
     else:
-        (output / "model_best.pth").unlink(missing_ok=True)
-    kept = "best" if job.solver.kept == "best" and best is not None else "final"
+        folder.best_weights.unlink(missing_ok=True)
+    served = folder.best_weights if job.solver.kept == "best" and best is not None else folder.final_weights
     record["final_iteration"] = iterations  # iterations done, as in metrics.jsonl
-    record["kept"] = f"model_{kept}.pth"
-    write_text_atomic(output / "best.json", json.dumps(record, indent=2) + "\n")
-    if kept == "best":
+    record["kept"] = served.name
+    record["served"] = folder.served.name
+    folder.write_best(record)
+    if served == folder.best_weights:
         logger.info(
             "the model serves the best evaluation: %s %.4f at iteration %d",
             BEST_METRIC,
             record["value"],
             record["iteration"],
         )
-    return record["kept"]
+    return served
 
 
 def train_from_config(

@@ -16,10 +16,11 @@ from d2retrain.data.records import load_records
 from d2retrain.data.repeat import read_repeat_factors
 from d2retrain.model.evaluation import progress_record
 from d2retrain.model.headsurgery import load_checkpoint
-from d2retrain.model.specs import SolverSpec, TrainJob, lr_factor
+from d2retrain.model.specs import SolverSpec
 from d2retrain.model.tv import TorchvisionPredictor, build_model, initial_state, resolve_device
 from d2retrain.train import distributed
 from d2retrain.train.augment import TorchvisionAugment, torchvision_train_sizes
+from d2retrain.train.job import TrainJob, lr_factor
 from d2retrain.train.loop import CheckpointStore, MetricsLog, check_losses, loader_workers, log_early_stop
 from d2retrain.train.progress import Progress
 from d2retrain.train.samples import TrainSamples
@@ -153,7 +154,7 @@ def train(job: TrainJob, fingerprint: str) -> Path:
 
     Args:
         job: What to train on and how.
-        fingerprint: The job's fingerprint (see :func:`d2retrain.model.specs.fingerprint`).
+        fingerprint: The job's fingerprint (see :func:`d2retrain.train.job.fingerprint`).
 
     Returns:
         The final checkpoint.

@@ -1,0 +1,97 @@
+"""The model folder: one owner of its file names, the served weights, folders written before them."""
+
+import json
+import os
+
+import pytest
+
+from d2retrain.model.folder import ClassInfo, ModelFolder, ModelFolderError
+
+INFO = ClassInfo(["kite", "person"], [38, 1], "torchvision", "maskrcnn_resnet18_fpn", "none", "f" * 20)
+
+
+def trained_folder(path, served: str | None) -> ModelFolder:
+    """A folder as training writes it: final and best weights, classes and best record naming the
+    served file; ``served``: which weights ``model.pth`` links to (None: a folder written before it)."""
+    folder = ModelFolder(path)
+    path.mkdir()
+    folder.final_weights.write_bytes(b"final")
+    folder.best_weights.write_bytes(b"best")
+    folder.write_classes(ClassInfo(**{**INFO.__dict__, "model_file": served or "model_best.pth"}))
+    record = {
+        "iteration": 2,
+        "metric": "segm_AP",
+        "value": 0.5,
+        "final_iteration": 4,
+        "kept": "model_best.pth",
+    }
+    if served is not None:
+        folder.write_best(record | {"kept": served, "served": "model.pth"})
+        folder.serve(folder.path / served)
+    else:
+        folder.write_best(record | {"kept": "model_best.pth"})
+    return folder
+
+
+@pytest.mark.parametrize("served", ["model_best.pth", "model_final.pth"])
+def test_the_served_file_is_the_kept_weights_under_one_fixed_name(tmp_path, served):
+    folder = trained_folder(tmp_path / "model", served)
+    assert folder.served_weights() == tmp_path / "model" / "model.pth"
+    assert folder.served.read_bytes() == (tmp_path / "model" / served).read_bytes()
+    best = served == "model_best.pth"
+    assert folder.served_record() == {"file": served, "iteration": 2 if best else 4, "best": best}
+
+
+def test_serving_again_replaces_the_link_and_leaves_the_weights_alone(tmp_path):
+    folder = trained_folder(tmp_path / "model", "model_best.pth")
+    folder.serve(folder.final_weights)
+    assert folder.served.read_bytes() == b"final" and folder.best_weights.read_bytes() == b"best"
+    assert sorted(os.listdir(folder.path)) == [
+        "best.json",
+        "classes.json",
+        "model.pth",
+        "model_best.pth",
+        "model_final.pth",
+    ]  # no temporary left behind
+
+
+def test_a_deleted_served_file_fails_with_what_to_do(tmp_path):
+    folder = trained_folder(tmp_path / "model", "model_best.pth")
+    folder.served.unlink()
+    with pytest.raises(
+        ModelFolderError, match=r"model\.pth: missing; rerun training .* resumed, not trained"
+    ):
+        folder.served_weights()
+
+
+def test_a_folder_written_before_the_served_file_loads_the_weights_its_classes_name(tmp_path, caplog):
+    folder = trained_folder(tmp_path / "model", None)
+    with caplog.at_level("INFO"):
+        assert folder.served_weights() == folder.best_weights
+    assert "no model.pth (trained before it existed); loading model_best.pth" in caplog.text
+    folder.best_weights.unlink()
+    with pytest.raises(ModelFolderError, match="rerun training"):
+        folder.served_weights()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, r"classes\.json: missing; is .* a folder written by d2retrain train\?"),
+        ("{not json", r"classes\.json: unreadable"),
+        (json.dumps({"classes": ["kite"]}), r"classes\.json: unreadable"),
+    ],
+)
+def test_a_broken_classes_file_is_one_clear_error(tmp_path, content, message):
+    folder = ModelFolder(tmp_path)
+    if content is not None:
+        folder.classes_file.write_text(content)
+    with pytest.raises(ModelFolderError, match=message):
+        folder.read_classes()
+
+
+def test_other_classes_are_refused_with_both_lists(tmp_path):
+    folder = trained_folder(tmp_path / "model", "model_best.pth")
+    assert folder.read_classes(["kite", "person"]).source_ids == [38, 1]
+    with pytest.raises(ModelFolderError, match=r"trained for classes \['kite', 'person'\], not \['person'\]"):
+        folder.read_classes(["person"])
