@@ -1,6 +1,6 @@
 """Inference throughput: the workflow's per-shard jobs against a plain load-once loop, in one run.
 
-Images: 200 demo images through `run_inference` shard by shard, as the `infer_NN` jobs run it
+Images: 200 demo images through `infer_shard` shard by shard, as the `infer_NN` jobs run it
 (one model load per shard, decoding, drawing, PNG and JSON writing included) against a loop that
 loads the model once and predicts the same files. Video: `infer_video` (decode, infer, draw,
 encode overlapped) against the bare model on the same frames, decoded beforehand. Where
@@ -36,13 +36,15 @@ from alternating import alternating
 from d2retrain.data.demo import write_demo_dataset
 from d2retrain.data.filtering import FilterOptions
 from d2retrain.data.prepare import filter_file
-from d2retrain.infer.inputs import InputFile, shards
-from d2retrain.infer.pipeline import Labels, infer_images, infer_video, inference_options, run_inference
+from d2retrain.infer.inputs import InputFile
+from d2retrain.infer.pipeline import Labels, infer_images, infer_video, inference_options
 from d2retrain.infer.videoio import read_frames
 from d2retrain.model.engines import load_predictor, read_model_config
 from d2retrain.model.export import export_model
 from d2retrain.model.exported import load_exported
 from d2retrain.train.run import train_from_config
+from d2retrain.workflow.planning import shards
+from d2retrain.workflow.shard import infer_shard
 
 logger = logging.getLogger("bench_infer")
 
@@ -105,10 +107,9 @@ def bench_images(model: Path, folder: Path, count: int, shard_count: int, option
     def workflow() -> float:
         start = time.perf_counter()
         for shard, group in shards(files, shard_count).items():
-            status = folder / f"status_{shard}.json"
-            run_inference(
-                model, group, [], folder / "out", options, status_path=status, threads=torch.get_num_threads()
-            )
+            status = str(folder / "out" / "status" / f"shard_{shard:02d}.json")
+            images = [item.path for item in group]
+            infer_shard(str(model), images, [], status, options, CLASSES, torch.get_num_threads())
         return count / (time.perf_counter() - start)
 
     return _report(

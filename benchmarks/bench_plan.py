@@ -35,8 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from d2retrain.data.demo import write_demo_dataset  # noqa: E402
-from d2retrain.infer.inputs import InputFile, output_files, shards  # noqa: E402
+from d2retrain.infer.inputs import InputFile, output_files  # noqa: E402
 from d2retrain.infer.summary import FileStatus  # noqa: E402
+from d2retrain.workflow.planning import shards  # noqa: E402
 
 SHARDS = 4
 BARE = """\

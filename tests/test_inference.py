@@ -20,9 +20,11 @@ from pycocotools import mask as mask_utils
 
 from d2retrain.cli import main
 from d2retrain.core.errors import D2RetrainError
-from d2retrain.infer.inputs import InputFile, discover, shard_count, shard_of, shards
+from d2retrain.infer.inputs import InputFile, discover
 from d2retrain.infer.pipeline import inference_options, load_image, run_inference
 from d2retrain.infer.summary import write_summary
+from d2retrain.workflow.planning import shards
+from d2retrain.workflow.shard import infer_shard
 
 CLASSES = ["person", "sports ball"]
 # An untrained model scores everything low: a low threshold and a cap keep instances to draw.
@@ -219,9 +221,14 @@ def _bad_files(folder, layout):
 def test_bad_files_are_reported_and_never_stop_the_others(demo_model, tmp_path):
     model, layout = demo_model
     images, videos = _bad_files(tmp_path, layout)
-    status_path = tmp_path / "out" / "status.json"
-    statuses = run_inference(
-        model, images, videos, tmp_path / "out", inference_options(OPTIONS), CLASSES, status_path
+    status_path = tmp_path / "out" / "status" / "shard_00.json"  # a shard job of the workflow
+    statuses = infer_shard(
+        str(model),
+        [str(p) for p in images],
+        [str(p) for p in videos],
+        str(status_path),
+        inference_options(OPTIONS),
+        CLASSES,
     )
     by_name = {s.name: s for s in statuses}
     assert by_name["ünï cödé name"].status == "ok" and by_name["clip with space"].status == "ok"
@@ -289,17 +296,6 @@ def test_exif_orientation_is_applied_like_detectron2(tmp_path):
     assert load_image(tmp_path / "rotated.jpg").shape == (40, 20, 3)
 
 
-def test_discover_lists_folders_by_type_takes_globs_and_files_as_given(tmp_path):
-    for name in ("b.jpg", "a.PNG", "readme.txt", "c.mp4"):
-        (tmp_path / name).write_bytes(b"x")
-    assert [f.name for f in discover([str(tmp_path)], "image")] == ["a", "b"]
-    assert [f.name for f in discover([str(tmp_path / "*.txt")], "image")] == ["readme"]
-    assert [f.name for f in discover([str(tmp_path / "c.mp4"), str(tmp_path)], "video")] == ["c"]
-    planned = discover(["later/val"], "image", {"later/val/": ["x.jpg", "y.jpg"]})
-    assert [(f.path, f.planned) for f in planned] == [("later/val/x.jpg", True), ("later/val/y.jpg", True)]
-    assert not any(f.planned for f in discover([str(tmp_path)], "image", {str(tmp_path): ["z.jpg"]}))
-
-
 @pytest.mark.parametrize(
     ("specs", "message"),
     [(["missing/folder"], "neither a folder"), (["{d}/a.jpg", "{d}/sub/a.png"], "would both write")],
@@ -312,39 +308,12 @@ def test_discover_refuses_missing_inputs_and_clashing_names(tmp_path, specs, mes
         discover([spec.format(d=tmp_path) for spec in specs], "image")
 
 
-def test_shards_are_stable_when_files_are_added():
-    files = [InputFile(f"in/img_{i:03d}.jpg", "image", f"img_{i:03d}") for i in range(200)]
-    before = {item.name: shard for shard, group in shards(files, 4).items() for item in group}
-    after = shards([*files, InputFile("in/new.jpg", "image", "new")], 4)
-    moved = {
-        item.name for shard, group in after.items() for item in group if before.get(item.name, -1) != shard
-    }
-    assert moved == {"new"}
-    assert min(len(group) for group in after.values()) > 30  # a hash spreads the files
-    # the shard follows the output name, not the folder: moving the inputs moves no output
-    assert shard_of(InputFile("elsewhere/new.png", "image", "new"), 4) == shard_of(after_new(after), 4)
-
-
-@pytest.mark.parametrize(
-    ("files", "count"), [(0, 1), (25, 1), (1000, 1), (1001, 2), (2500, 4), (4001, 8), (100_000, 128)]
-)
-def test_auto_shards_are_one_per_1000_files_rounded_up_to_a_power_of_two(files, count):
-    assert shard_count(files, "auto") == count
-    assert shard_count(files, 3) == 3  # a number is taken as it is
-
-
-def test_auto_shards_keep_every_file_in_place_until_the_files_double():
-    files = [InputFile(f"in/img_{i:05d}.jpg", "image", f"img_{i:05d}") for i in range(3000)]
-    before = {item.name: shard for shard, group in shards(files, "auto").items() for item in group}
-    assert sorted(before.values()) == sorted(shard_of(item, 4) for item in files)
-    grown = shards([*files, *[InputFile(f"in/x{i}.jpg", "image", f"x{i}") for i in range(900)]], "auto")
-    assert all(
-        before[item.name] == shard for shard, group in grown.items() for item in group if item.name in before
-    )
-
-
-def after_new(groups: dict) -> InputFile:
-    return next(item for group in groups.values() for item in group if item.name == "new")
+def test_discover_lists_folders_by_type_takes_globs_and_files_as_given(tmp_path):
+    for name in ("b.jpg", "a.PNG", "readme.txt", "c.mp4"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [f.name for f in discover([str(tmp_path)], "image")] == ["a", "b"]
+    assert [f.name for f in discover([str(tmp_path / "*.txt")], "image")] == ["readme"]
+    assert [f.name for f in discover([str(tmp_path / "c.mp4"), str(tmp_path)], "video")] == ["c"]
 
 
 def test_infer_command_writes_outputs_and_exits_1_when_a_file_failed(demo_model, tmp_path, capsys):

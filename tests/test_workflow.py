@@ -271,7 +271,8 @@ def planned_jobs(workdir: Path, config: dict) -> dict[str, int]:
 
 def test_adding_an_image_reruns_only_its_shard_and_retraining_reruns_all_inference(tmp_path):
     from d2retrain.data.demo import write_demo_dataset
-    from d2retrain.infer.inputs import InputFile, shard_of
+    from d2retrain.infer.inputs import InputFile
+    from d2retrain.workflow.planning import shard_of
 
     pictures = write_demo_dataset(tmp_path / "pictures", train=1, val=100, video_frames=2).images("val")
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())

@@ -5,15 +5,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from d2retrain.core.codehash import code_hash
-from d2retrain.infer.inputs import (
-    check_pattern_safe,
-    discover,
-    first_missing_output,
+from d2retrain.core.config import allowed_values, val_split_defaults
+from d2retrain.model.folder import ModelFolder
+from d2retrain.workflow.planning import (
+    InferencePlan,
+    demo_planned_files,
+    lost_outputs,
     shards,
 )
-from d2retrain.core.config import allowed_values, val_split_defaults
-from d2retrain.core.layout import DemoLayout
-from d2retrain.model.folder import ModelFolder
 
 SPLITS = ["train", "val"]
 
@@ -271,45 +270,20 @@ def export_outputs(subset):
     ]
 
 
-def demo_planned_files():
-    """Files that demo_data writes, so inference may name them before they exist."""
-    demo = config["demo"]
-    layout = DemoLayout(Path(demo["root"]))
-    planned = {
-        str(layout.images(split)): layout.image_names(split, demo[f"{split}_images"])
-        for split in SPLITS
-    }
-    return planned | {str(layout.video): []}
-
-
-def inference_files():
-    """The configured images, then videos (resolved once, at parse time)."""
-    inference = config["inference"]
-    planned = demo_planned_files()
-    files = discover(inference["images"], "image", planned) + discover(
-        inference["videos"], "video", planned
-    )
-    check_pattern_safe(files)
-    return files
-
-
-INFERENCE_SHARDS = shards(inference_files(), config["inference"]["shards"])
-
-
-def lost_output(shard):
-    """The first output a finished shard has lost since it ran (in any subset), as a path
-    relative to the inference folder, or None. One folder listing per kind, not a lookup per file.
-    """
-    for subset in config["subsets"]:
-        folder = f"results/{subset}/inference"
-        if Path(folder, "status", f"shard_{shard:02d}.json").exists():
-            missing = first_missing_output(INFERENCE_SHARDS[shard], folder)
-            if missing is not None:
-                return missing
-    return None
-
-
-LOST_OUTPUTS = {shard: lost_output(shard) for shard in INFERENCE_SHARDS}
+# The inference files, found once at parse time; the demo's are planned before they exist.
+INFERENCE = InferencePlan(
+    config["inference"]["images"],
+    config["inference"]["videos"],
+    demo_planned_files(
+        config["demo"]["root"],
+        {split: config["demo"][f"{split}_images"] for split in SPLITS},
+    ),
+)
+INFERENCE_SHARDS = shards(INFERENCE.files, config["inference"]["shards"])
+# Per shard, an output lost since it ran (in any subset), relative to the inference folder.
+LOST_OUTPUTS = lost_outputs(
+    INFERENCE_SHARDS, [f"results/{subset}/inference" for subset in config["subsets"]]
+)
 
 
 def shard_outputs(shard):
@@ -330,7 +304,7 @@ def shard_inputs(shard):
     files = INFERENCE_SHARDS[shard]
 
     def lookup(wildcards):
-        if any(item.planned for item in files):
+        if INFERENCE.waits_for_a_rule(files):
             checkpoints.demo_data.get()
         return {
             "weights": str(model_folder(wildcards.subset).served),

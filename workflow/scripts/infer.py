@@ -3,19 +3,18 @@
 from pathlib import Path
 
 from d2retrain.core.logutil import run_job
-from d2retrain.infer.pipeline import inference_options, run_inference
+from d2retrain.infer.options import inference_options
+from d2retrain.workflow.shard import infer_shard
 
 snakemake = globals()["snakemake"]
 run_job(
     snakemake.log[0],
-    run_inference,
+    infer_shard,
     str(Path(snakemake.input.weights).parent),
     list(snakemake.input.images),
     list(snakemake.input.videos),
-    str(Path(snakemake.output.status).parent.parent),
+    snakemake.output.status,
     inference_options(snakemake.params.options),
-    expected_classes=list(snakemake.params.categories),
-    status_path=snakemake.output.status,
+    list(snakemake.params.categories),
     threads=snakemake.threads,
-    reuse=True,  # a file whose outputs were made from the same content, model and options is kept
 )

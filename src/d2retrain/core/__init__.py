@@ -3,6 +3,6 @@
 Errors a user can cause (:mod:`~d2retrain.core.errors`), atomic file writes
 (:mod:`~d2retrain.core.fileio`), logging for entry points (:mod:`~d2retrain.core.logutil`), the
 configuration's schema and defaults (:mod:`~d2retrain.core.config`, the schema is package data),
-the demo's file layout, work split over two processes (:mod:`~d2retrain.core.forked`) and the code
+work split over two processes (:mod:`~d2retrain.core.forked`) and the code
 hashes of the workflow's rules (:mod:`~d2retrain.core.codehash`). Imports nothing else of d2retrain.
 """

@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from d2retrain.core.fileio import atomic_open, write_bytes_atomic
-from d2retrain.core.layout import DemoLayout
+from d2retrain.data.layout import DemoLayout
 
 logger = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from d2retrain.core.errors import D2RetrainError, InputFileError
+from d2retrain.core.errors import InputFileError
 from d2retrain.core.fileio import remove_leftovers, write_bytes_atomic, write_text_atomic
 from d2retrain.data.images import read_image
 from d2retrain.infer.draw import draw_instances, error_card
-from d2retrain.infer.inputs import IMAGE_SUFFIXES, InputFile, first_missing_output
+from d2retrain.infer.inputs import IMAGE_SUFFIXES, InputFile
 from d2retrain.infer.options import DEPTH, InferenceOptions, Labels, batched, inference_options, png_bytes
 from d2retrain.infer.reuse import MadeFrom, forget, made_from, reusable, write_record
 from d2retrain.infer.summary import FileStatus
@@ -150,7 +150,6 @@ def run_inference(
     output_dir: str | Path,
     options: InferenceOptions,
     expected_classes: Sequence[str] | None = None,
-    status_path: str | Path | None = None,
     threads: int = 1,
     reuse: bool = False,
 ) -> list[FileStatus]:
@@ -164,7 +163,6 @@ def run_inference(
         output_dir: The inference folder.
         options: Threshold, detections, device, frames.
         expected_classes: Refuse a model trained for other classes.
-        status_path: Where to write the files' statuses as JSON (for the run summary).
         threads: CPU threads.
         reuse: Keep the outputs of files whose record says they were made from the same content,
             model, output options and code (:mod:`d2retrain.infer.reuse`); infer only the others.
@@ -197,13 +195,6 @@ def run_inference(
         len(bad),
         "".join(f"\n  {s.status}: {s.error}" for s in bad),
     )
-    if status_path is not None:
-        # The status file is the job's declared output: written last, and only when every file's
-        # outputs are there (the workflow does not declare them one by one).
-        missing = first_missing_output(files, output)
-        if missing is not None:
-            raise D2RetrainError(f"inference wrote no {output / missing}; the shard is not complete")
-        write_text_atomic(status_path, json.dumps([dataclasses.asdict(s) for s in statuses], indent=1) + "\n")
     return statuses
 
 

@@ -1,4 +1,4 @@
-"""Where the demo dataset's files live: importable by the Snakefile without heavy dependencies."""
+"""Where the demo dataset's files live (no heavy import: the workflow plans with it first)."""
 
 import dataclasses
 import logging
