@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ASSETS, COCO_MINI, REPO, VIDEO
+from helpers import ASSETS, COCO_MINI, REPO, VIDEO
 
 # A relative path that climbs (`../`, `../../`) and then names something: `../x.jpg`, not `../..`.
 CLIMBING = re.compile(r"(?<![\w./])((?:\.\./)+[\w\-][\w.\-]*(?:/[\w.\-]+)*)")

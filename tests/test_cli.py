@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import COCO_MINI, make_coco, write_json
+from helpers import COCO_MINI, make_coco, write_json
 
 from d2retrain.cli import main
 

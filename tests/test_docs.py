@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import COCO_MINI, REPO
+from helpers import COCO_MINI, REPO
 
 from d2retrain.cli import build_parser
 from d2retrain.core.config import check_config

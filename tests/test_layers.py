@@ -2,10 +2,10 @@
 
 import grimp
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 PACKAGE = REPO / "src" / "d2retrain"
-LAYERS = ("core", "data", "model", "train", "infer")
+LAYERS = ("core", "data", "model", "train", "infer", "workflow")  # workflow: on top, beside cli.py
 TOP = {"__init__.py", "cli.py", "commands.py", "report.py", "card.py"}
 
 

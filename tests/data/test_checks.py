@@ -4,7 +4,7 @@ import json
 import shutil
 
 import pytest
-from conftest import CATEGORIES, COCO_MINI, make_coco, write_json
+from helpers import CATEGORIES, COCO_MINI, make_coco, write_json
 
 from d2retrain.data.checks import balance_warnings, overlap_warnings, rare_class_warnings, repeat_warnings
 from d2retrain.data.coco import read_coco

@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import COCO_MINI
-from test_training import (
-    D2_SMALL,
-    TINY,
-    mini_inputs,
-    mini_split,  # noqa: F401  (the fixture, shared with the training tests)
-)
+from helpers import COCO_MINI
+from helpers.training import D2_SMALL, TINY, mini_inputs
 
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.data.masks import rasterize
@@ -194,7 +189,7 @@ AUGMENT_ALL = {"brightness": 0.3, "contrast": 0.3, "saturation": 0.3, "crop": 0.
 @pytest.mark.parametrize("engine", ["torchvision", pytest.param("detectron2", marks=pytest.mark.detectron2)])
 def test_a_training_with_every_augmentation_records_it_in_the_model_folder(
     engine,
-    mini_split,  # noqa: F811
+    mini_split,
     tmp_path,
 ):
     """Each engine trains with all of train.augment on; the folder's config.yaml gives it back (the

@@ -3,12 +3,12 @@
 import json
 import logging
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import COCO_MINI
+from helpers import COCO_MINI
+from helpers.training import D2_SMALL, TINY, mini_inputs
 
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.data.filtering import FilterOptions
@@ -21,30 +21,6 @@ from d2retrain.train import tv as tv_train
 from d2retrain.train.job import distributed_spec, lr_factor
 from d2retrain.train.loop import CheckpointStore, TrainingDivergedError, check_losses, scalar_tag
 from d2retrain.train.run import train_from_config
-
-TINY = {
-    "iterations": 4,
-    "images_per_batch": 2,
-    "checkpoint_period": 2,
-    "eval_period": 0,
-    "warmup_iterations": 2,
-    "steps": [3],
-    "min_size_train": [128],
-    "max_size_train": 200,
-    "min_size_test": 128,
-    "max_size_test": 200,
-    "base_lr": 0.005,
-    "device": "cpu",
-}
-
-
-# detectron2's R50-FPN with few proposals and regions: a few CPU seconds per iteration
-D2_SMALL = {
-    "engine": "detectron2",
-    "architecture": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
-    "rpn_post_nms_topk_train": 100,
-    "roi_batch_size_per_image": 32,
-}
 
 
 @pytest.mark.parametrize(
@@ -132,41 +108,6 @@ def test_head_surgery_keeps_the_chosen_classes_outputs_exactly(tmp_path):
     torch.testing.assert_close(deltas, full_deltas[:, rows], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(masks, full_masks[:, rows], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(logits, full_logits[:, :3], atol=1e-3), "rows 0..2 differ from the chosen ones"
-
-
-@pytest.fixture(scope="module")
-def mini_split(tmp_path_factory):
-    """coco-mini filtered to person + sports ball, as the workflow does; the val split is cut to its
-    images with a sports ball and 7 with persons only (10 of 39), so that the evaluations during
-    training that these tests make (each untrained model predicts 100 instances per photo) are quick."""
-    folder = tmp_path_factory.mktemp("mini")
-    paths = {}
-    for split in ("train", "val"):
-        source = COCO_MINI / "annotations" / f"instances_{split}2017.json"
-        filter_file(str(source), str(folder / f"{split}.json"), ["person", "sports ball"], FilterOptions())
-        paths[split] = str(folder / f"{split}.json")
-    val = json.loads(Path(paths["val"]).read_text())
-    ball = {a["image_id"] for a in val["annotations"] if a["category_id"] == 2}
-    persons_only = sorted(image["id"] for image in val["images"] if image["id"] not in ball)
-    kept = ball | set(persons_only[:7])
-    val["images"] = [image for image in val["images"] if image["id"] in kept]
-    val["annotations"] = [a for a in val["annotations"] if a["image_id"] in kept]
-    Path(paths["val"]).write_text(json.dumps(val))
-    return folder, paths
-
-
-def mini_inputs(paths: dict, output, **overrides) -> dict:
-    """The data arguments of train_from_config for the filtered coco-mini splits."""
-    return {
-        "classes": ["person", "sports ball"],
-        "train_json": paths["train"],
-        "train_images": str(COCO_MINI / "train2017"),
-        "val_json": paths["val"],
-        "val_images": str(COCO_MINI / "val2017"),
-        "source_json": str(COCO_MINI / "annotations/instances_train2017.json"),
-        "output_dir": str(output),
-        "threads": 2,
-    } | overrides
 
 
 def evaluate_mini(model_dir, paths: dict, folder, classes: list[str], metrics: str, per_class: str) -> dict:

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import COCO_MINI, VIDEO, mixed_photos, train_demo_model
+from helpers import COCO_MINI, VIDEO, mixed_photos, train_demo_model
 from pycocotools import mask as mask_utils
 
 from d2retrain.cli import main

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 
 from d2retrain.core.config import ConfigError, check_config, load_config
 

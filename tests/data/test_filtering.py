@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import COCO_MINI, TWO_CPUS, make_coco
+from helpers import COCO_MINI, TWO_CPUS, make_coco
 
 from d2retrain.core.errors import AnnotationError, CategoryError, EmptyResultError
 from d2retrain.data.coco import encode_coco, parse_coco, read_coco

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import COCO_MINI, REPO
+from helpers import COCO_MINI, REPO
 
 from d2retrain.infer.inputs import InputFile
 from d2retrain.infer.pipeline import InferenceOptions, Labels, infer_video

@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import make_coco, square
+from helpers import make_coco, square
 from hypothesis import HealthCheck, event, given, reject, settings
 from hypothesis import strategies as st
 from pycocotools import mask as mask_utils

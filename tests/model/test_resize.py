@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import COCO_MINI
+from helpers import COCO_MINI
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 

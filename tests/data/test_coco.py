@@ -6,7 +6,7 @@ import json
 import msgspec
 import numpy as np
 import pytest
-from conftest import TWO_CPUS, make_coco
+from helpers import TWO_CPUS, make_coco
 
 from d2retrain.core.errors import AnnotationError, InputFileError, UnsafePathError
 from d2retrain.data.coco import encode_coco, parse_coco, renumber_category

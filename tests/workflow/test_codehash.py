@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 
 from d2retrain.core.codehash import PACKAGE_ROOT, code_hash, import_closure, imported_names
 

@@ -8,8 +8,8 @@ import shutil
 import pandas as pd
 import pytest
 import yaml
-from conftest import COCO_MINI, REPO, write_json
-from test_workflow import planned_jobs, snakemake
+from helpers import COCO_MINI, REPO, write_json
+from helpers.workflow import planned_jobs, snakemake
 
 from d2retrain.cli import main
 from d2retrain.core.errors import D2RetrainError

@@ -6,7 +6,7 @@ import urllib.error
 
 import pytest
 import yaml
-from conftest import REPO, _detectron2_importable
+from helpers import REPO, detectron2_importable
 
 from d2retrain.core.errors import D2RetrainError, WeightsError
 from d2retrain.model.sources import check_weights_file, resolve_engine
@@ -30,7 +30,7 @@ def test_a_local_weights_file_must_exist_and_start_as_a_checkpoint(tmp_path):
         check_weights_file(fine)  # URLs and names are left to the check_weights job
 
 
-@pytest.mark.skipif(_detectron2_importable(), reason="detectron2 is installed here: auto picks it")
+@pytest.mark.skipif(detectron2_importable(), reason="detectron2 is installed here: auto picks it")
 def test_auto_with_a_detectron2_model_and_no_detectron2_says_so():
     with pytest.raises(
         D2RetrainError, match=r"is a detectron2 model, and model\.engine: auto found no detectron2"

@@ -10,7 +10,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from conftest import COCO_MINI, REPO, mixed_photos, train_demo_model
+from helpers import COCO_MINI, REPO, mixed_photos, train_demo_model
 from pycocotools import mask as mask_utils
 
 from d2retrain.cli import main

@@ -4,7 +4,7 @@ import os
 import threading
 
 import pytest
-from conftest import TWO_CPUS
+from helpers import TWO_CPUS
 
 from d2retrain.core.errors import AnnotationError
 from d2retrain.core.forked import in_two_halves

@@ -9,14 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import COCO_MINI, REPO, make_coco, write_json
-from test_training import (
-    D2_SMALL,
-    TINY,
-    mini_inputs,
-    mini_split,  # noqa: F401  (the fixture, shared with the training tests)
-)
-from test_workflow import snakemake
+from helpers import COCO_MINI, REPO, make_coco, write_json
+from helpers.training import D2_SMALL, TINY, mini_inputs
+from helpers.workflow import snakemake
 
 from d2retrain.cli import main
 from d2retrain.data.coco import read_coco
@@ -37,7 +32,7 @@ def test_factors_follow_the_lvis_rule_on_a_file_with_a_known_frequency(tmp_path)
 
 
 @pytest.mark.detectron2
-def test_factors_equal_detectron2s_on_coco_mini(mini_split):  # noqa: F811
+def test_factors_equal_detectron2s_on_coco_mini(mini_split):
     from detectron2.data.datasets import load_coco_json
     from detectron2.data.samplers import RepeatFactorTrainingSampler
 
@@ -84,7 +79,7 @@ def test_each_epoch_repeats_images_by_stochastic_rounding_in_a_resumable_order(t
     ]
 
 
-def test_the_torchvision_engine_trains_on_repeated_images(mini_split, tmp_path, caplog):  # noqa: F811
+def test_the_torchvision_engine_trains_on_repeated_images(mini_split, tmp_path, caplog):
     write_repeat_factors(mini_split[1]["train"], str(tmp_path / "factors.json"), 0.3)
     inputs = mini_inputs(mini_split[1], tmp_path / "model")
     with caplog.at_level(logging.INFO):
@@ -99,7 +94,7 @@ def test_the_torchvision_engine_trains_on_repeated_images(mini_split, tmp_path, 
 
 
 @pytest.mark.detectron2
-def test_detectron2_samples_by_the_same_factors(mini_split, tmp_path, monkeypatch):  # noqa: F811
+def test_detectron2_samples_by_the_same_factors(mini_split, tmp_path, monkeypatch):
     from detectron2.data import samplers
 
     used = {}

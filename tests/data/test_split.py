@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import COCO_MINI, REPO, make_coco, write_json
+from helpers import COCO_MINI, REPO, make_coco, write_json
+from helpers.workflow import planned_jobs, snakemake
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_workflow import planned_jobs, snakemake
 
 from d2retrain.cli import main
 from d2retrain.core.errors import D2RetrainError

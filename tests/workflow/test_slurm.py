@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DEMO_DATASET, REPO
-from slurm_cluster import (
+from helpers import DEMO_DATASET, REPO
+from helpers.slurm_cluster import (
     ACCOUNT,
     CPU_PARTITION,
     CPUS,

@@ -5,15 +5,14 @@ import hashlib
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import pandas as pd
 import pytest
 import yaml
-from conftest import COCO_MINI, DEMO_DATASET, REPO
+from helpers import COCO_MINI, DEMO_DATASET, REPO
+from helpers.workflow import planned_jobs, snakemake
 from pycocotools.coco import COCO
 
 pytestmark = pytest.mark.slow
@@ -25,15 +24,6 @@ TWO_SUBSETS = {
         "car": {"dataset": "demo", "categories": ["car", "person"], "balance": "none"},
     },
 }
-
-
-def snakemake(workdir: Path, config: dict, *args: str) -> str:
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir)]
-    command += ["--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout + result.stderr
 
 
 def planned(workdir: Path, config: dict) -> set[str]:
@@ -261,12 +251,6 @@ def check_report(workdir: Path, config: dict) -> None:
     assert results[video]["mime_type"] == "video/mp4"
     assert results[video]["labels"] == {"file": "demo", "kind": "video"}
     assert "Instances and images per category" in results[f"{base}/stats/counts.png"]["caption"]
-
-
-def planned_jobs(workdir: Path, config: dict) -> dict[str, int]:
-    """Rule name -> job count of the jobs a dry run plans."""
-    text = snakemake(workdir, config, "--dry-run")
-    return {rule: int(count) for rule, count in re.findall(r"^(\w+)\s+(\d+)$", text, re.M) if rule != "total"}
 
 
 def test_adding_an_image_reruns_only_its_shard_and_retraining_reruns_all_inference(tmp_path):

@@ -5,7 +5,7 @@ import os
 import cv2
 import numpy as np
 import pytest
-from conftest import make_coco, square, write_json
+from helpers import make_coco, square, write_json
 from pycocotools import mask as mask_utils
 
 from d2retrain.core.errors import AnnotationError, InputFileError, UnsafePathError

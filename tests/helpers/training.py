@@ -1,0 +1,66 @@
+"""Training settings and data the training tests share: a tiny schedule, a small detectron2 net,
+coco-mini filtered to person and sports ball."""
+
+import json
+from pathlib import Path
+
+from d2retrain.data.filtering import FilterOptions
+from d2retrain.data.prepare import filter_file
+from helpers import COCO_MINI
+
+TINY = {
+    "iterations": 4,
+    "images_per_batch": 2,
+    "checkpoint_period": 2,
+    "eval_period": 0,
+    "warmup_iterations": 2,
+    "steps": [3],
+    "min_size_train": [128],
+    "max_size_train": 200,
+    "min_size_test": 128,
+    "max_size_test": 200,
+    "base_lr": 0.005,
+    "device": "cpu",
+}
+
+
+# detectron2's R50-FPN with few proposals and regions: a few CPU seconds per iteration
+D2_SMALL = {
+    "engine": "detectron2",
+    "architecture": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
+    "rpn_post_nms_topk_train": 100,
+    "roi_batch_size_per_image": 32,
+}
+
+
+def write_mini_split(folder: Path) -> tuple[Path, dict[str, str]]:
+    """coco-mini filtered to person + sports ball, as the workflow does; the val split is cut to its
+    images with a sports ball and 7 with persons only (10 of 39), so that the evaluations during
+    training that these tests make (each untrained model predicts 100 instances per photo) are quick."""
+    paths = {}
+    for split in ("train", "val"):
+        source = COCO_MINI / "annotations" / f"instances_{split}2017.json"
+        filter_file(str(source), str(folder / f"{split}.json"), ["person", "sports ball"], FilterOptions())
+        paths[split] = str(folder / f"{split}.json")
+    val = json.loads(Path(paths["val"]).read_text())
+    ball = {a["image_id"] for a in val["annotations"] if a["category_id"] == 2}
+    persons_only = sorted(image["id"] for image in val["images"] if image["id"] not in ball)
+    kept = ball | set(persons_only[:7])
+    val["images"] = [image for image in val["images"] if image["id"] in kept]
+    val["annotations"] = [a for a in val["annotations"] if a["image_id"] in kept]
+    Path(paths["val"]).write_text(json.dumps(val))
+    return folder, paths
+
+
+def mini_inputs(paths: dict, output, **overrides) -> dict:
+    """The data arguments of train_from_config for the filtered coco-mini splits."""
+    return {
+        "classes": ["person", "sports ball"],
+        "train_json": paths["train"],
+        "train_images": str(COCO_MINI / "train2017"),
+        "val_json": paths["val"],
+        "val_images": str(COCO_MINI / "val2017"),
+        "source_json": str(COCO_MINI / "annotations/instances_train2017.json"),
+        "output_dir": str(output),
+        "threads": 2,
+    } | overrides

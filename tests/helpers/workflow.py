@@ -1,0 +1,25 @@
+"""Running the workflow for real in a test: snakemake on a config, what a dry run plans."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from helpers import REPO
+
+
+def snakemake(workdir: Path, config: dict, *args: str) -> str:
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir)]
+    command += ["--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def planned_jobs(workdir: Path, config: dict) -> dict[str, int]:
+    """Rule name -> job count of the jobs a dry run plans."""
+    text = snakemake(workdir, config, "--dry-run")
+    return {rule: int(count) for rule, count in re.findall(r"^(\w+)\s+(\d+)$", text, re.M) if rule != "total"}
