@@ -59,7 +59,8 @@ def test_a_deleted_served_file_fails_with_what_to_do(tmp_path):
     folder = trained_folder(tmp_path / "model", "model_best.pth")
     folder.served.unlink()
     with pytest.raises(
-        ModelFolderError, match=r"model\.pth: missing; rerun training .* resumed, not trained"
+        ModelFolderError,
+        match=r"model\.pth: missing; the workflow's next run serves it again .* link model_best\.pth",
     ):
         folder.served_weights()
 
@@ -70,7 +71,7 @@ def test_a_folder_written_before_the_served_file_loads_the_weights_its_classes_n
         assert folder.served_weights() == folder.best_weights
     assert "no model.pth (trained before it existed); loading model_best.pth" in caplog.text
     folder.best_weights.unlink()
-    with pytest.raises(ModelFolderError, match="rerun training"):
+    with pytest.raises(ModelFolderError, match="serves it again without training"):
         folder.served_weights()
 
 
@@ -95,3 +96,16 @@ def test_other_classes_are_refused_with_both_lists(tmp_path):
     assert folder.read_classes(["kite", "person"]).source_ids == [38, 1]
     with pytest.raises(ModelFolderError, match=r"trained for classes \['kite', 'person'\], not \['person'\]"):
         folder.read_classes(["person"])
+
+
+def test_serving_the_kept_weights_again_keeps_their_time_stamp(tmp_path):
+    """What the workflow's serve_model rule does after the served file was deleted: the same bytes
+    (inference keeps its outputs), a link to the weights rather than a copy."""
+    folder = trained_folder(tmp_path / "model", "model_best.pth")
+    folder.served.unlink()
+    assert folder.serve_kept() == folder.served
+    assert folder.served.read_bytes() == b"best"
+    assert folder.served.stat().st_ino == folder.best_weights.stat().st_ino  # a link, not a copy
+    folder.best_weights.unlink()
+    with pytest.raises(ModelFolderError, match=r"model_best\.pth: missing, and classes\.json names it"):
+        folder.serve_kept()

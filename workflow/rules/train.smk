@@ -31,7 +31,6 @@ rule train:
         train_images=images_of_split("train"),
         val_images=images_of_split("val"),
     output:
-        served=str(MODEL.served),
         final=str(MODEL.final_weights),
         classes=str(MODEL.classes_file),
         config=str(MODEL.config_file),
@@ -58,6 +57,27 @@ rule train:
         code=script_code("train"),
     script:
         "../scripts/train.py"
+
+
+# The served weights: a hard link to the weights training kept (train.keep), under the one name
+# every later rule reads. Deleted, it is served again in a second, without training.
+rule serve_model:
+    input:
+        final=str(MODEL.final_weights),
+        classes=str(MODEL.classes_file),
+        best=str(MODEL.best_file),
+    output:
+        served=str(MODEL.served),
+    log:
+        "logs/{subset}/serve_model.log",
+    conda:
+        "../../envs/d2retrain.yaml"
+    resources:
+        **CPU_JOB,
+    params:
+        code=script_code("serve_model"),
+    script:
+        "../scripts/serve_model.py"
 
 
 rule evaluate:

@@ -18,7 +18,8 @@ if __name__ == "__main__":  # training processes (train.num_gpus > 1) import thi
         val_json=snakemake.input.val,
         val_images=snakemake.input.val_images,
         source_json=snakemake.input.source,
-        output_dir=str(Path(snakemake.output.served).parent),
+        output_dir=str(Path(snakemake.output.final).parent),
         threads=snakemake.threads,
         repeat_factors=snakemake.input.get("train__repeat"),
+        serve=False,  # rule serve_model
     )

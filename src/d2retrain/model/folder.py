@@ -3,8 +3,8 @@
 Training writes the folder; evaluation, export, inference, the prediction grid and the model card
 read it. Only this module spells its file names. The served weights have one fixed name,
 :attr:`ModelFolder.served` (``model.pth``): a hard link to (or a copy of) the best evaluation's
-weights or the final ones, as ``train.keep`` says. The workflow declares that file as the train
-rule's output and as every consumer's input, so deleting it replans training.
+weights or the final ones, as ``train.keep`` says. The workflow declares that file as the output of
+its serve_model rule (after train) and as every consumer's input, so deleting it replans serving.
 """
 
 import dataclasses
@@ -183,12 +183,27 @@ class ModelFolder:
         link_or_copy(weights, self.served)
         logger.info("%s serves %s", self.served, weights.name)
 
+    def serve_kept(self) -> Path:
+        """Serve the weights training kept (``classes.json``'s ``model_file``: the best evaluation's
+        or the final ones, ``train.keep``); returns :attr:`served`.
+
+        Raises:
+            ModelFolderError: No ``classes.json``, or the kept file is missing.
+        """
+        kept = self.path / self.read_classes().model_file
+        if not kept.is_file():
+            raise ModelFolderError(
+                f"{kept}: missing, and classes.json names it as the weights training kept; rerun training"
+            )
+        self.serve(kept)
+        return self.served
+
     def served_weights(self) -> Path:
         """The weights to load: :attr:`served`, or in a folder written before it existed, the file its
         ``classes.json`` names (``model_file``).
 
         Raises:
-            ModelFolderError: Neither is there.
+            ModelFolderError: Neither is there (:attr:`served` deleted: :meth:`serve_kept`).
         """
         if self.served.is_file():
             return self.served
@@ -199,8 +214,8 @@ class ModelFolder:
             )
             return legacy
         raise ModelFolderError(
-            f"{self.served}: missing; rerun training (the workflow's train rule, or d2retrain train into "
-            f"{self.path}): a finished run of the same settings is resumed, not trained again"
+            f"{self.served}: missing; the workflow's next run serves it again without training (rule "
+            f"serve_model), or link {legacy.name} (the weights training kept) as {self.SERVED}"
         )
 
     def _knows_served(self) -> bool:

@@ -24,13 +24,13 @@ logger = logging.getLogger(__name__)
 __all__ = ["train_model", "train_from_config"]
 
 
-def train_model(job: TrainJob) -> None:
+def train_model(job: TrainJob, serve: bool = True) -> None:
     """Train (resuming a killed run of the same job) and write the model folder.
 
     Writes the :class:`~d2retrain.model.folder.ModelFolder` ``job.output_dir``: the last iteration's
     weights, the best evaluation's (when there were evaluations during training), the best record,
-    classes, config, metrics and loss plot, and last the served weights (``train.keep``'s choice);
-    checkpoints stay beside them.
+    classes, config, metrics and loss plot, and last (with ``serve``) the served weights
+    (``train.keep``'s choice, :meth:`ModelFolder.serve_kept`); checkpoints stay beside them.
 
     Raises:
         D2RetrainError: Bad input, unusable weights or a diverged loss.
@@ -57,7 +57,8 @@ def train_model(job: TrainJob) -> None:
         served.name,
     )
     folder.write_classes(info)
-    folder.serve(served)  # last: the declared output appears once the folder is whole
+    if serve:  # the workflow serves in a rule of its own (serve_model), from the folder's records
+        folder.serve_kept()
 
 
 def _write_best(job: TrainJob, key: str, folder: ModelFolder) -> Path:
@@ -99,6 +100,7 @@ def train_from_config(
     output_dir: str,
     threads: int = 1,
     repeat_factors: str | None = None,
+    serve: bool = True,
 ) -> None:
     """Build a :class:`TrainJob` from the ``model`` and ``train`` config sections and run it.
 
@@ -114,6 +116,7 @@ def train_from_config(
         output_dir: The model folder.
         threads: CPU threads.
         repeat_factors: ``balance: repeat``'s factor file (both engines sample by it), or None.
+        serve: Write the served weights (the workflow's serve_model rule does it instead).
 
     Raises:
         D2RetrainError: Bad configuration or input, unusable weights, or a diverged loss.
@@ -139,7 +142,7 @@ def train_from_config(
         keep_checkpoints=(section_defaults("train") | train)["keep_checkpoints"],
     )
     logger.info("training %s with the %s engine (%s)", ", ".join(classes), engine, job.model.architecture)
-    train_model(job)
+    train_model(job, serve)
 
 
 def _config_record(job: TrainJob) -> dict:
