@@ -15,12 +15,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
     With pytest-xdist (``tools/test.sh`` runs ``-n auto --dist loadgroup``): the tests of a
     module that share a module-scoped fixture (a finished workflow run, a cluster, a trained model)
-    run in one worker, so that the fixture is built once, not once per worker."""
+    run in one worker, so that the fixture is built once, not once per worker; so do all the tests
+    reading the session's main job (:func:`main_run`), whatever their module."""
     for item in items:
         if "detectron2" in item.keywords and not detectron2_importable():
             item.add_marker(pytest.mark.skip(reason="detectron2 is not importable in this environment"))
         definitions = getattr(item, "_fixtureinfo", None)
         if definitions is None:
+            continue
+        if "main_run" in item.fixturenames:  # one worker builds the shared main job, and reads it
+            item.add_marker(pytest.mark.xdist_group("main_run"))
             continue
         if any(
             chain[-1].scope == "module"
@@ -36,7 +40,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 # The longest tests and modules (`--durations`), in the order they should start.
 LONGEST = (
-    "test_the_default_main_job",
+    "test_the_default_main_job",  # builds main_run
     "test_slurm.py",
     "test_codehash.py",
     "test_export.py",
@@ -88,3 +92,16 @@ def mini_split(tmp_path_factory):
     from helpers.training import write_mini_split
 
     return write_mini_split(tmp_path_factory.mktemp("mini"))
+
+
+@pytest.fixture(scope="session")
+def main_run(tmp_path_factory) -> Path:
+    """The embedded default main job, finished, with both exports (``helpers.workflow.main_config``):
+    run once for the whole session and read by every test that needs a finished run of it (the
+    collection hook keeps them in one worker). A test that changes it works on
+    ``helpers.workflow.copy_run`` of it."""
+    from helpers.workflow import main_config, snakemake
+
+    workdir = tmp_path_factory.mktemp("main_run")
+    snakemake(workdir, main_config(), "--resources", "gpu=1")
+    return workdir

@@ -1,6 +1,8 @@
-"""Running the workflow for real in a test: snakemake on a config, what a dry run plans."""
+"""Running the workflow for real in a test: snakemake on a config, what a dry run plans, the main
+job's config, copies of a finished run."""
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,3 +25,17 @@ def planned_jobs(workdir: Path, config: dict) -> dict[str, int]:
     """Rule name -> job count of the jobs a dry run plans."""
     text = snakemake(workdir, config, "--dry-run")
     return {rule: int(count) for rule, count in re.findall(r"^(\w+)\s+(\d+)$", text, re.M) if rule != "total"}
+
+
+def main_config() -> dict:
+    """The embedded default as the README runs it, plus the opt-in exports (both formats)."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["export"] = {"formats": ["onnx", "torchscript"]}
+    return config
+
+
+def copy_run(source: Path, target: Path) -> Path:
+    """A copy of a finished run's folder (outputs, logs, Snakemake's records, time stamps kept), for
+    a test that changes it: a dry run there plans what it plans in ``source``."""
+    shutil.copytree(source, target, symlinks=True)
+    return target

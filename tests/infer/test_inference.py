@@ -327,6 +327,7 @@ def test_infer_command_writes_outputs_and_exits_1_when_a_file_failed(demo_model,
     assert (tmp_path / "out" / "videos" / "demo.mp4").is_file()
 
 
+@pytest.mark.slow
 def test_infer_command_writes_the_images_predictions_as_a_coco_dataset(demo_model, tmp_path):
     from pycocotools.coco import COCO
 
@@ -426,6 +427,7 @@ def assert_same_instances(found: list[dict], expected: list[dict], threshold: fl
         )
 
 
+@pytest.mark.slow
 def test_mixed_sizes_in_one_batch_would_change_predictions_so_batches_hold_one_input_size(
     demo_model, tmp_path
 ):
@@ -452,6 +454,7 @@ def assert_batches_predict_as_alone(predictor, images: list[np.ndarray], padded_
         np.testing.assert_allclose(got.boxes, expected.boxes, atol=0.01)
 
 
+@pytest.mark.slow
 def test_a_files_predictions_are_the_same_alone_at_every_batch_size_and_shard_count(demo_model, tmp_path):
     model, _ = demo_model
     photos = [InputFile.of(path, "image") for path in mixed_photos(tmp_path / "in")]

@@ -173,6 +173,7 @@ def test_torchvision_engine_trains_and_evaluates_on_coco_mini_from_scratch(mini_
     assert "sports ball" in (tmp_path / "c.csv").read_text()
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_from_its_last_checkpoint(mini_split, tmp_path, monkeypatch, caplog):
     folder, paths = mini_split
     real_step = tv_train._step
@@ -250,6 +251,7 @@ def test_detectron2_rejects_an_unknown_model_zoo_name(mini_split, tmp_path):
         train_from_config(model=model, train=TINY, **mini_inputs(paths, tmp_path / "m"))
 
 
+@pytest.mark.slow
 def test_coco_base_weights_give_a_baseline_beside_the_retrained_model(mini_split, tmp_path):
     _, paths = mini_split
     solver = solver_spec({"min_size_train": [128], "max_size_train": 200})
@@ -314,6 +316,7 @@ def job_log(tmp_path):
     handler.close()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_in_step_and_write_one_checkpoint(mini_split, tmp_path, job_log):
     folder, paths = mini_split
     _train_mini(folder, paths, tmp_path / "model", num_gpus=2, eval_period=2)
@@ -341,6 +344,7 @@ def test_two_gloo_processes_train_in_step_and_write_one_checkpoint(mini_split, t
     assert ModelFolder(model).read_classes().engine == "torchvision"
 
 
+@pytest.mark.slow
 def test_a_killed_two_process_run_resumes_on_one_process(mini_split, tmp_path, job_log):
     """The process count is not part of the fingerprint: a run killed on 2 GPUs may resume on 1."""
     folder, paths = mini_split
@@ -753,6 +757,7 @@ def test_a_batch_of_only_negatives_gives_a_finite_loss_and_gradients():
     assert gradients and all(torch.isfinite(g).all() for g in gradients)
 
 
+@pytest.mark.slow
 def test_keep_empty_images_trains_on_the_negatives_of_coco_mini(tmp_path, caplog):
     """The filter's keep_empty_images writes the images without a chosen category; training
     counts and uses them (and without the option, there are none)."""
@@ -852,6 +857,7 @@ def same_weights(path, state: dict) -> bool:
     return saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
 
 
+@pytest.mark.slow
 def test_the_best_evaluation_is_kept_served_and_survives_a_kill(mini_split, tmp_path, monkeypatch):
     folder, paths = mini_split
     values = {2: 0.1, 4: 0.3, 6: 0.2, 8: 0.25}
@@ -893,6 +899,7 @@ def test_the_best_evaluation_is_kept_served_and_survives_a_kill(mini_split, tmp_
     assert (killed / "model_best.pth").read_bytes() == (whole / "model_best.pth").read_bytes()
 
 
+@pytest.mark.slow
 def test_patience_stops_training_after_evaluations_without_improvement(
     mini_split, tmp_path, monkeypatch, caplog
 ):
@@ -911,6 +918,7 @@ def test_patience_stops_training_after_evaluations_without_improvement(
     assert json.loads((tmp_path / "model" / "best.json").read_text())["final_iteration"] == 8
 
 
+@pytest.mark.slow
 def test_keep_final_or_no_evaluation_serves_the_last_weights(mini_split, tmp_path, monkeypatch):
     folder, paths = mini_split
     scripted_evaluations(monkeypatch, {2: 0.5, 4: 0.1})

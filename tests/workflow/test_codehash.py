@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import REPO
+from helpers.workflow import copy_run, main_config
 
 from d2retrain.core.codehash import PACKAGE_ROOT, code_hash, import_closure, imported_names
 
@@ -136,9 +137,10 @@ def _rule_scripts(workdir: Path, rules: set[str]) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
-    """A copy of the workflow and package (edited freely), after a full run of a small demo."""
-    workdir = tmp_path_factory.mktemp("codehash")
+def full_run(main_run, tmp_path_factory):
+    """The session's finished main job, copied beside a copy of the workflow and package (edited
+    freely): a dry run there plans nothing until an edit."""
+    workdir = copy_run(main_run, tmp_path_factory.mktemp("codehash") / "run")
     for name in ("Snakefile", "workflow", "src", "config", "envs"):
         source = REPO / name
         if source.is_dir():
@@ -147,21 +149,9 @@ def full_run(tmp_path_factory):
             )
         else:
             shutil.copy(source, workdir / name)
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config["demo"] = {"root": "resources/demo", "train_images": 6, "val_images": 3, "video_frames": 3}
-    config["train"] = {
-        "iterations": 2,
-        "eval_period": 0,
-        "warmup_iterations": 1,
-        "steps": [],
-        "checkpoint_period": 2,
-    }
-    config["inference"] = config["inference"] | {"shards": 2}
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    rules = set(_planned_jobs(workdir))
-    _snakemake(workdir)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(main_config()))
     assert _planned_jobs(workdir) == {}
-    return workdir, _rule_scripts(workdir, rules)
+    return workdir, _rule_scripts(workdir, set(_planned_jobs(workdir, "--forceall")))
 
 
 def _holders(workdir: Path, rule_scripts: dict[str, str], module: str) -> tuple[str, ...]:

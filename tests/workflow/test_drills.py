@@ -91,8 +91,9 @@ def test_a_second_snakemake_on_the_same_results_is_refused_with_the_lock_message
         inference={"images": [], "videos": []},
         train={"iterations": 20, "eval_period": 0, "checkpoint_period": 10},
     )
+    target = "results/person_ball/model/model_final.pth"  # up to training: the runs meet there
     first = subprocess.Popen(
-        snakemake_command(tmp_path, config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        snakemake_command(tmp_path, config, target), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         lock = tmp_path / ".snakemake" / "locks"
@@ -103,14 +104,14 @@ def test_a_second_snakemake_on_the_same_results_is_refused_with_the_lock_message
         # Snakemake checks for incomplete outputs before it takes the lock: while a job of the first
         # run is writing, a plain second run stops on that job's incomplete marker instead.
         second = subprocess.run(
-            snakemake_command(tmp_path, config), capture_output=True, text=True, check=False
+            snakemake_command(tmp_path, config, target), capture_output=True, text=True, check=False
         )
         assert second.returncode != 0
         said = second.stdout + second.stderr
         assert "Directory cannot be locked" in said or "IncompleteFilesException" in said, said
         # Told to rerun incomplete jobs, the second run reaches the lock and is refused there.
         third = subprocess.run(
-            snakemake_command(tmp_path, config, "--rerun-incomplete"),
+            snakemake_command(tmp_path, config, target, "--rerun-incomplete"),
             capture_output=True,
             text=True,
             check=False,
@@ -120,7 +121,9 @@ def test_a_second_snakemake_on_the_same_results_is_refused_with_the_lock_message
         assert "Directory cannot be locked" in third.stdout + third.stderr, third.stdout + third.stderr
     finally:
         assert first.wait(timeout=600) == 0  # the first run is not disturbed
-    check = subprocess.run(snakemake_command(tmp_path, config, "--dry-run"), capture_output=True, text=True)
+    check = subprocess.run(
+        snakemake_command(tmp_path, config, target, "--dry-run"), capture_output=True, text=True
+    )
     assert "Nothing to be done" in check.stdout + check.stderr, check.stdout + check.stderr
     assert json.loads((tmp_path / "results/person_ball/model/classes.json").read_text())["classes"]
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 from helpers import COCO_MINI, DEMO_DATASET, REPO
-from helpers.workflow import planned_jobs, snakemake
+from helpers.workflow import main_config, planned_jobs, snakemake
 from pycocotools.coco import COCO
 
 pytestmark = pytest.mark.slow
@@ -121,16 +121,14 @@ def test_coco_mini_workflow_matches_pycocotools(tmp_path):
             assert kept == counts_by_pycocotools(path, names)
 
 
-def test_the_default_main_job_trains_a_model_reaching_segm_ap_060(tmp_path):
+def test_the_default_main_job_trains_a_model_reaching_segm_ap_060(main_run):
     """The embedded default, as the README runs it (plus the opt-in export): data, training on the
     CPU, evaluation, inference, model card, exports verified against the evaluation."""
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config["export"] = {"formats": ["onnx", "torchscript"]}
-    snakemake(tmp_path, config, "--resources", "gpu=1")
-    metrics = json.loads((tmp_path / "results/person_ball/eval/metrics.json").read_text())["retrained"]
+    workdir, config = main_run, main_config()
+    metrics = json.loads((workdir / "results/person_ball/eval/metrics.json").read_text())["retrained"]
     assert metrics["segm"]["AP"] >= 0.60, metrics["segm"]  # 0.670 on 2 cores (README)
     assert metrics["bbox"]["AP"] >= 0.60, metrics["bbox"]
-    model = tmp_path / "results/person_ball/model"
+    model = workdir / "results/person_ball/model"
     assert json.loads((model / "classes.json").read_text())["classes"] == ["person", "sports ball"]
     records = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in records if "total_loss" in r]) == config.get("train", {}).get("iterations", 400)
@@ -144,26 +142,24 @@ def test_the_default_main_job_trains_a_model_reaching_segm_ap_060(tmp_path):
     assert (model / "model.pth").read_bytes() == (model / "model_best.pth").read_bytes()  # served
     assert abs(metrics["segm"]["AP"] - best["value"]) <= 1e-6
     assert metrics["weights"] == {"file": "model_best.pth", "iteration": best["iteration"], "best": True}
-    summary = pd.read_csv(tmp_path / "results/person_ball/inference/summary.csv")
+    summary = pd.read_csv(workdir / "results/person_ball/inference/summary.csv")
     assert len(summary) == 24 + 1 and set(summary.status) == {"ok"}  # demo val images + demo video
     assert summary[summary.kind == "video"].frames.item() == 40
     assert summary.instances.sum() > 24  # a trained model finds the demo's objects at score 0.5
-    predictions = COCO(str(tmp_path / "results/person_ball/inference/predictions_coco.json"))
+    predictions = COCO(str(workdir / "results/person_ball/inference/predictions_coco.json"))
     assert len(predictions.imgs) == 24  # the images, not the video
     assert len(predictions.anns) == summary[summary.kind == "image"].instances.sum()
     categories = [(c["name"], c["source_id"]) for c in predictions.cats.values()]
     assert categories == [("person", 1), ("sports ball", 37)]
     for export_format in ("onnx", "torchscript"):
-        verify = json.loads(
-            (tmp_path / f"results/person_ball/export/{export_format}/verify.json").read_text()
-        )
-        val_images = len(json.loads((tmp_path / "results/person_ball/data/val.json").read_text())["images"])
+        verify = json.loads((workdir / f"results/person_ball/export/{export_format}/verify.json").read_text())
+        val_images = len(json.loads((workdir / "results/person_ball/data/val.json").read_text())["images"])
         assert verify["passed"] and verify["images"] == val_images >= 20 and verify["same_share"] >= 0.95
         assert verify["ap"]["reference"] == {kind: metrics[kind]["AP"] for kind in ("bbox", "segm")}
         assert max(verify["ap_difference"].values()) <= 0.005
-    check_model_card(tmp_path / "results/person_ball")
-    assert "Nothing to be done" in snakemake(tmp_path, config, "--dry-run")
-    check_report(tmp_path, config)
+    check_model_card(workdir / "results/person_ball")
+    assert "Nothing to be done" in snakemake(workdir, config, "--dry-run")
+    check_report(workdir, config)
 
 
 def markdown_rows(text: str, heading: str) -> list[list[str]]:
