@@ -1,11 +1,17 @@
 """Training settings and data the training tests share: a tiny schedule, a small detectron2 net,
-coco-mini filtered to person and sports ball."""
+coco-mini filtered to person and sports ball, a tiny training on it, its evaluation and curves."""
 
 import json
+from collections import defaultdict
 from pathlib import Path
+
+import pytest
 
 from d2retrain.data.filtering import FilterOptions
 from d2retrain.data.prepare import filter_file
+from d2retrain.model.engines import evaluate_model
+from d2retrain.train.loop import scalar_tag
+from d2retrain.train.run import train_from_config
 from helpers import COCO_MINI
 
 TINY = {
@@ -64,3 +70,39 @@ def mini_inputs(paths: dict, output, **overrides) -> dict:
         "output_dir": str(output),
         "threads": 2,
     } | overrides
+
+
+def evaluate_mini(model_dir, paths: dict, folder, classes: list[str], metrics: str, per_class: str) -> dict:
+    """Evaluate a model folder on the filtered coco-mini val split, writing into ``folder``."""
+    return evaluate_model(
+        str(model_dir),
+        paths["val"],
+        str(COCO_MINI / "val2017"),
+        classes,
+        str(folder / metrics),
+        str(folder / per_class),
+        device="cpu",
+    )
+
+
+def assert_tensorboard_shows_the_metrics(model_dir) -> dict[str, list]:
+    """The event files under ``model_dir/tensorboard`` hold exactly the scalars of ``metrics.jsonl``
+    (each iteration once, even after a resume); returns them by tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(model_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    shown = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    expected = defaultdict(list)
+    for line in (model_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        for key, value in record.items():
+            if key != "iteration":
+                expected[scalar_tag(key)].append((record["iteration"], pytest.approx(value, rel=1e-6)))
+    assert shown == expected
+    return shown
+
+
+def train_mini(folder, paths, output, **train) -> None:
+    model = {"engine": "torchvision", "architecture": "maskrcnn_resnet18_fpn"}
+    train_from_config(model=model, train=TINY | train, **mini_inputs(paths, output))
