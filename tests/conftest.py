@@ -5,6 +5,12 @@ import os
 import threading
 from pathlib import Path
 
+# OpenMP threads that wait by sleeping, not spinning (before torch is imported here or in a
+# subprocess): two test workers share two cores, and PyTorch's spinning threads beside another busy
+# process made a 2-thread training 2.8x slower (10.2 s against 3.6 s for 10 ResNet-18 steps on this
+# machine, benchmarks/README.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 from helpers import detectron2_importable, make_coco, write_json
 
