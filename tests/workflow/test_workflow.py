@@ -133,7 +133,7 @@ def test_the_default_main_job_trains_a_model_reaching_segm_ap_060(main_run):
     records = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in records if "total_loss" in r]) == config.get("train", {}).get("iterations", 400)
     assert [r["iteration"] for r in records if "segm_AP" in r] == [200, 400]  # train.eval_period 200
-    assert list((model / "tensorboard").glob("events.out.tfevents.*"))  # tests/train/test_training.py reads them
+    assert list((model / "tensorboard").glob("events.out.tfevents.*"))  # test_training.py reads them
     # the served weights are the best evaluation's, and evaluating them reproduces its AP
     best = json.loads((model / "best.json").read_text())
     logged = max((r for r in records if "segm_AP" in r), key=lambda r: r["segm_AP"])
