@@ -117,6 +117,11 @@ class ModelFolder:
         return self.path / "checkpoints"
 
     @property
+    def live_metrics(self) -> Path:
+        """The run's ``metrics.jsonl`` as it trains (in :attr:`checkpoints`, kept across resumes)."""
+        return self.checkpoints / self.metrics.name
+
+    @property
     def tensorboard(self) -> Path:
         """TensorBoard event files of the run."""
         return self.path / "tensorboard"

@@ -253,9 +253,7 @@ def _train_process(job: TrainJob, fingerprint: str, image_ids: frozenset[int]) -
     distributed.barrier()
     main = distributed.is_main()
     trainer.metrics = (
-        MetricsLog(
-            store.folder / "metrics.jsonl", trainer.start_iter, job.tensorboard_dir, Progress.of(job.solver)
-        )
+        MetricsLog(job.folder.live_metrics, trainer.start_iter, job.tensorboard_dir, Progress.of(job.solver))
         if main
         else None
     )

@@ -113,14 +113,19 @@ class TrainJob:
         return max(1, self.threads // self.distributed.num_gpus)
 
     @property
+    def folder(self) -> ModelFolder:
+        """The model folder the job writes."""
+        return ModelFolder(self.output_dir)
+
+    @property
     def checkpoint_dir(self) -> Path:
         """Checkpoints and live metrics: beside the outputs, not Snakemake outputs."""
-        return ModelFolder(self.output_dir).checkpoints
+        return self.folder.checkpoints
 
     @property
     def tensorboard_dir(self) -> Path:
         """TensorBoard event files of the run (the scalars of ``metrics.jsonl``)."""
-        return ModelFolder(self.output_dir).tensorboard
+        return self.folder.tensorboard
 
 
 def fingerprint(job: TrainJob) -> str:

@@ -45,7 +45,7 @@ def train_model(job: TrainJob, serve: bool = True) -> None:
         torch.save({"model": load_checkpoint(final)["model"]}, handle)
     served = _write_best(job, key, folder)
     write_text_atomic(folder.config_file, yaml.safe_dump(_config_record(job), sort_keys=False))
-    write_bytes_atomic(folder.metrics, (job.checkpoint_dir / folder.metrics.name).read_bytes())
+    write_bytes_atomic(folder.metrics, folder.live_metrics.read_bytes())
     plot_metrics(folder.metrics, folder.loss_plot, f"{', '.join(job.classes)} ({job.model.engine})")
     info = ClassInfo(
         list(job.classes),

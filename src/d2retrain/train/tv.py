@@ -177,7 +177,7 @@ def _train_process(job: TrainJob, fingerprint: str) -> None:
     run, start = _prepare(job, store)
     main = distributed.is_main()
     metrics = (
-        MetricsLog(store.folder / "metrics.jsonl", start, job.tensorboard_dir, Progress.of(job.solver))
+        MetricsLog(job.folder.live_metrics, start, job.tensorboard_dir, Progress.of(job.solver))
         if main
         else None
     )
