@@ -136,6 +136,7 @@ def fake_inference(workdir: Path, config: Path, pictures: Path) -> None:
         status.parent.mkdir(parents=True, exist_ok=True)
         status.write_text(json.dumps(statuses))
     (folder / "summary.csv").touch()
+    (folder / "predictions_coco.json").touch()
     (folder / "drawn").mkdir(exist_ok=True)
     snakemake(workdir, "--configfile", str(config), "--touch")
 
