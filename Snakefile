@@ -3,11 +3,11 @@
 import sys
 from pathlib import Path
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-from d2retrain.core.config import ConfigError, check_config
+from d2retrain.core.config import ConfigError, check_config, with_defaults
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.model.sources import check_model_setting
 
@@ -17,11 +17,11 @@ if not config:
 
 
 # The schema is package data of d2retrain, which reads the same file: a problem is one line
-# (check_config), then Snakemake's validate fills the defaults in; the engine and a local weights
-# file are checked too. Any of them stops the run before its first job.
+# (check_config), then the defaults are filled in as the CLI fills them (with_defaults); the engine
+# and a local weights file are checked too. Any of them stops the run before its first job.
 try:
     check_config(config)
-    validate(config, "src/d2retrain/core/config.schema.yaml")
+    config.update(with_defaults(config))
     check_model_setting(config["model"])
 except D2RetrainError as error:
     sys.exit(str(error) if isinstance(error, ConfigError) else f"config: {error}")

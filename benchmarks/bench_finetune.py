@@ -34,11 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from d2retrain.core.config import with_defaults
 from d2retrain.data.demo import write_demo_dataset
 from d2retrain.data.filtering import FilterOptions
 from d2retrain.data.prepare import filter_file
 from d2retrain.model import tv as tv_engine
-from d2retrain.model.specs import model_spec, read_classes, solver_spec
+from d2retrain.model.folder import ModelFolder
+from d2retrain.model.specs import model_spec, solver_spec
 from d2retrain.train.run import train_from_config
 
 logger = logging.getLogger("bench_finetune")
@@ -81,10 +83,13 @@ def coco_shaped_start(demo, folder: Path, iterations: int) -> Path:
         threads=torch.get_num_threads(),
     )
     trained = torch.load(folder / "pretrained" / "model_final.pth", weights_only=True)["model"]
-    coco_ids = read_classes(folder / "pretrained").source_ids  # person 1, car 3, sports ball 37
+    coco_ids = ModelFolder(folder / "pretrained").read_classes().source_ids  # person 1, car 3, sports ball 37
     torch.manual_seed(0)
-    solver = solver_spec({})
-    full = tv_engine.build_model(model_spec(ARCHITECTURE, "torchvision"), COCO_ROWS - 1, solver).state_dict()
+    config = with_defaults({"model": ARCHITECTURE})
+    solver = solver_spec(config["train"])
+    full = tv_engine.build_model(
+        model_spec(config["model"], "torchvision"), COCO_ROWS - 1, solver
+    ).state_dict()
     state = {}
     for key, value in trained.items():
         if key.endswith("num_batches_tracked"):

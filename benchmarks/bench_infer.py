@@ -62,7 +62,12 @@ def _quick_model(root: Path, engine: str, architecture: str, test_size: int) -> 
         filter_file(str(layout.annotations(split)), files[split], CLASSES, FilterOptions())
     output = root / f"model_{engine}_{Path(architecture).stem}"
     train_from_config(
-        model={"engine": engine, "architecture": architecture},
+        model={
+            "engine": engine,
+            "architecture": architecture,
+            "min_size_test": test_size,
+            "max_size_test": 2 * test_size,
+        },
         train={
             "iterations": 1,
             "images_per_batch": 2,
@@ -70,8 +75,6 @@ def _quick_model(root: Path, engine: str, architecture: str, test_size: int) -> 
             "warmup_iterations": 0,
             "steps": [],
             "eval_period": 0,
-            "min_size_test": test_size,
-            "max_size_test": 2 * test_size,
             "device": "cpu",
         },
         classes=CLASSES,

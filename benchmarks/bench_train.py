@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from d2retrain.core.config import section_defaults
+from d2retrain.core.config import section_defaults, with_defaults
 from d2retrain.data.records import load_records
 from d2retrain.model.engines import resolve_engine
 from d2retrain.model.specs import model_spec, solver_spec
@@ -35,9 +35,10 @@ def plain_torchvision(paths: dict, iterations: int, train: dict) -> float:
     """The obvious torchvision loop: build, SGD, iterate. Returns seconds for the timed iterations."""
     from d2retrain.model.tv import build_model
 
-    solver = solver_spec(train)
+    config = with_defaults({"train": train})
+    solver = solver_spec(config["train"])
     torch.manual_seed(solver.seed)
-    model = build_model(model_spec({}, "torchvision"), len(CLASSES), solver).train()
+    model = build_model(model_spec(config["model"], "torchvision"), len(CLASSES), solver).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=solver.base_lr, momentum=0.9, weight_decay=1e-4)
     samples = TrainSamples(load_records(paths["train"], paths["train_images"]), solver.seed, solver.flip)
     loader = torch.utils.data.DataLoader(
@@ -64,10 +65,11 @@ def plain_detectron2(paths: dict, iterations: int, train: dict, model: dict) -> 
     from d2retrain.model.d2 import build_config
     from d2retrain.train.d2 import register_split
 
-    solver = solver_spec(train)
+    config = with_defaults({"model": model, "train": train})
+    solver = solver_spec(config["train"])
     marks = {}
     with tempfile.TemporaryDirectory() as output:
-        cfg = build_config(model_spec(model, "detectron2"), solver, len(CLASSES), "auto", output)
+        cfg = build_config(model_spec(config["model"], "detectron2"), len(CLASSES), "auto", solver, output)
         cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (
             (register_split("bench_train", paths["train"], paths["train_images"], CLASSES),),
             (),
@@ -132,7 +134,7 @@ def main() -> None:
         "steps": [],
         "base_lr": 0.002,
     }
-    timed = (args.iterations - 2) * solver_spec(train).images_per_batch
+    timed = (args.iterations - 2) * with_defaults({"train": train})["train"]["images_per_batch"]
     ours = _workflow(paths, args.iterations, train, model)
     plain = (
         plain_torchvision(paths, args.iterations, train)

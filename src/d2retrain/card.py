@@ -163,7 +163,7 @@ def _training_section(info: ClassInfo, config: dict, folder: ModelFolder) -> str
         f"({minutes:.1f} min of iterations), "
         f"base learning rate {solver['base_lr']}",
         f"- Input sizes: shortest edge {solver['min_size_train']} (cap {solver['max_size_train']}) in "
-        f"training, {solver['min_size_test']} (cap {solver['max_size_test']}) at inference",
+        f"training, {model['min_size_test']} (cap {model['max_size_test']}) at inference",
     ]
     if served["best"]:
         lines.append(
@@ -211,14 +211,14 @@ def _hashes_section(info: ClassInfo, inputs: CardInputs, folder: ModelFolder) ->
 
 
 def _limits_section(info: ClassInfo, config: dict, metrics: dict, counts: pd.DataFrame, val_json: str) -> str:
-    solver = config["solver"]
+    solver, test_size = config["solver"], config["model"]["min_size_test"]
     lines = [
         "## Intended use and known limits",
         "",
         f"- For finding {', '.join(info.classes)} in images like the training data above. Every other "
         "kind of object was never seen as such: it is missed, or taken for one of these classes.",
         f"- Trained at a shortest edge of {min(solver['min_size_train'])}-{max(solver['min_size_train'])} "
-        f"pixels, inferred at {solver['min_size_test']}: objects far smaller than those in training are "
+        f"pixels, inferred at {test_size}: objects far smaller than those in training are "
         "found less well.",
     ]
     if config["model"]["weights"] == "none":

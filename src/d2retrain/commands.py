@@ -105,10 +105,10 @@ def run_stats(args: argparse.Namespace) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from d2retrain.core.config import load_config
+    from d2retrain.core.config import load_config, with_defaults
     from d2retrain.train.run import train_from_config
 
-    config = load_config(args.config) if args.config else {"model": {}, "train": {}}
+    config = load_config(args.config) if args.config else with_defaults({})
     if args.iterations:
         config["train"]["iterations"] = args.iterations
     if args.num_gpus:

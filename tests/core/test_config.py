@@ -8,7 +8,7 @@ import pytest
 import yaml
 from helpers import REPO
 
-from d2retrain.core.config import ConfigError, check_config, load_config
+from d2retrain.core.config import ConfigError, check_config, load_config, with_defaults
 
 DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 
@@ -45,6 +45,10 @@ def changed(section: str, value) -> dict:
             "config: datasets.d needs train + val or all + val_split; it has all",
         ),
         (changed("train", {"zzz": 1}), "config: train.zzz is not a key; known: "),
+        (
+            changed("train", {"iterations": 5, "min_size_test": 800}),
+            "config: train.min_size_test moved to model.min_size_test; rename the key",
+        ),
     ],
 )
 def test_a_config_error_is_one_line_naming_the_key_and_what_is_allowed(config, message):
@@ -78,3 +82,33 @@ def test_the_workflow_stops_before_any_job_with_that_one_line(tmp_path):
     lines = (result.stdout + result.stderr).strip().splitlines()
     assert lines == ["config: train.iteration is not a key; did you mean train.iterations?"]
     assert not (tmp_path / "resources").exists() and not (tmp_path / "results").exists()
+
+
+def test_defaults_are_filled_at_every_depth_without_changing_what_was_given():
+    config = changed("subsets", {"s": {"dataset": "d", "categories": ["cat"]}})
+    config["datasets"] = {
+        "d": {"all": {"images": "i", "annotations": "a.json"}, "val_split": {"fraction": 0.2}}
+    }
+    config["train"] = {"iterations": 7, "augment": {"crop": 0.5}}
+    before = copy.deepcopy(config)
+    full = with_defaults(config)
+    assert config == before  # a copy
+    assert full["train"]["iterations"] == 7 and full["train"]["eval_period"] == 200
+    assert full["train"]["augment"] == {
+        "brightness": 0, "contrast": 0, "saturation": 0, "crop": 0.5, "scale_jitter": None
+    }  # fmt: skip
+    assert full["model"]["min_size_test"] == 192 and full["inference"]["batch_size"] >= 1
+    assert full["subsets"]["s"]["balance"] == "all"
+    assert full["datasets"]["d"]["val_split"] == {"fraction": 0.2, "seed": 0}
+
+
+def test_the_workflow_and_the_cli_fill_the_same_defaults_as_snakemakes_validate_did(tmp_path):
+    from snakemake.utils import validate
+
+    config = changed("train", {"iterations": 3, "augment": {}})
+    config["model"] = {"min_size_test": 160}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    by_snakemake = copy.deepcopy(config)
+    validate(by_snakemake, str(REPO / "src" / "d2retrain" / "core" / "config.schema.yaml"))
+    assert with_defaults(config) == load_config(path) == by_snakemake

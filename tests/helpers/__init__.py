@@ -37,6 +37,14 @@ def detectron2_importable() -> bool:
     return True
 
 
+def filled(section: str, values: dict | None = None) -> dict:
+    """A config section with the schema's defaults filled in as the CLI and the Snakefile fill them
+    (``with_defaults``): what the spec builders take."""
+    from d2retrain.core.config import with_defaults
+
+    return with_defaults({section: values or {}})[section]
+
+
 TWO_CPUS = hasattr(os, "fork") and len(os.sched_getaffinity(0)) >= 2
 
 

@@ -23,12 +23,12 @@ TINY = {
     "steps": [3],
     "min_size_train": [128],
     "max_size_train": 200,
-    "min_size_test": 128,
-    "max_size_test": 200,
     "base_lr": 0.005,
     "device": "cpu",
 }
 
+TINY_TEST = {"min_size_test": 128, "max_size_test": 200}
+"""The test-time sizes (model section) that go with :data:`TINY`'s training sizes."""
 
 # detectron2's R50-FPN with few proposals and regions: a few CPU seconds per iteration
 D2_SMALL = {
@@ -36,6 +36,7 @@ D2_SMALL = {
     "architecture": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
     "rpn_post_nms_topk_train": 100,
     "roi_batch_size_per_image": 32,
+    **TINY_TEST,
 }
 
 
@@ -104,5 +105,5 @@ def assert_tensorboard_shows_the_metrics(model_dir) -> dict[str, list]:
 
 
 def train_mini(folder, paths, output, **train) -> None:
-    model = {"engine": "torchvision", "architecture": "maskrcnn_resnet18_fpn"}
+    model = {"engine": "torchvision", "architecture": "maskrcnn_resnet18_fpn", **TINY_TEST}
     train_from_config(model=model, train=TINY | train, **mini_inputs(paths, output))

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import COCO_MINI, VIDEO, mixed_photos, train_demo_model
+from helpers import COCO_MINI, VIDEO, filled, mixed_photos, train_demo_model
 from pycocotools import mask as mask_utils
 
 from d2retrain.cli import main
@@ -44,7 +44,7 @@ def test_each_image_gets_a_drawn_png_and_coco_results_json(demo_model, tmp_path,
     model, layout = demo_model
     images = sorted(layout.images("val").glob("*.jpg"))
     with caplog.at_level(logging.INFO):
-        options = inference_options(OPTIONS | {"device": "auto"})
+        options = inference_options(filled("inference", OPTIONS | {"device": "auto"}))
         statuses = run_inference(model, images, [], tmp_path, options, CLASSES)
     assert re.search(
         rf"torchvision model from {re.escape(str(model))} on (cpu|cuda)\b", caplog.text
@@ -77,11 +77,10 @@ def test_a_loaded_model_skips_random_init_and_predicts_as_one_built_the_slow_way
     predictor, _ = load_predictor(model, device="cpu", score_threshold=0.01, max_detections=5)
     assert {name: getattr(torch.nn.init, name) for name in init_functions} == init_functions  # restored
 
-    spec, solver = read_model_config(model)
-    slow = build_model(spec, len(CLASSES), solver)  # randomly initialised, then loaded
+    spec = read_model_config(model)
+    slow = build_model(spec, len(CLASSES))  # randomly initialised, then loaded
     slow.load_state_dict(torch.load(model / "model_final.pth", weights_only=True)["model"])
     slow.roi_heads.score_thresh, slow.roi_heads.detections_per_img = 0.01, 5
-    slow.transform.min_size, slow.transform.max_size = (solver.min_size_test,), solver.max_size_test
     loaded = predictor.model.state_dict()
     assert all(torch.equal(value, loaded[key]) for key, value in slow.state_dict().items())
     image = load_image(sorted(layout.images("val").glob("*.jpg"))[0])
@@ -98,16 +97,19 @@ def test_a_loaded_detectron2_model_skips_random_init_and_predicts_as_one_built_t
     import torch
 
     from d2retrain.model.d2 import Detectron2Predictor
-    from d2retrain.model.specs import model_spec, solver_spec
+    from d2retrain.model.specs import model_spec
 
-    spec = model_spec({"architecture": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"}, "detectron2")
-    solver = solver_spec({"min_size_test": 192, "max_size_test": 256})
+    architecture = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
+    spec = model_spec(
+        filled("model", {"architecture": architecture, "min_size_test": 192, "max_size_test": 256}),
+        "detectron2",
+    )
     options = {"device": "cpu", "score_threshold": 0.0, "max_detections": 5}
     torch.manual_seed(0)  # some random draws find nothing in the image
-    slow = Detectron2Predictor(None, spec, solver, len(CLASSES), **options)  # randomly initialised
+    slow = Detectron2Predictor(None, spec, len(CLASSES), **options)  # randomly initialised
     torch.save({"model": slow.model.state_dict()}, tmp_path / "model.pth")
     init_functions = {name: getattr(torch.nn.init, name) for name in ("kaiming_uniform_", "normal_", "ones_")}
-    loaded = Detectron2Predictor(tmp_path / "model.pth", spec, solver, len(CLASSES), **options)
+    loaded = Detectron2Predictor(tmp_path / "model.pth", spec, len(CLASSES), **options)
     assert {name: getattr(torch.nn.init, name) for name in init_functions} == init_functions  # restored
     state = loaded.model.state_dict()
     assert all(torch.equal(value, state[key]) for key, value in slow.model.state_dict().items())
@@ -143,7 +145,7 @@ def test_reading_ahead_and_writing_behind_run_at_the_lowest_priority_and_the_mod
 
 def test_the_real_video_gives_h264_yuv420p_with_its_rate_and_frame_count(demo_model, tmp_path):
     model, _ = demo_model
-    options = inference_options(OPTIONS | {"max_frames": 12, "save_frames": True})
+    options = inference_options(filled("inference", OPTIONS | {"max_frames": 12, "save_frames": True}))
     (status,) = run_inference(model, [], [VIDEO], tmp_path, options, CLASSES)
     assert (status.status, status.frames) == ("ok", 12)
     output = tmp_path / "videos" / "one-by-one-person-detection.mp4"
@@ -159,7 +161,7 @@ def test_the_real_video_gives_h264_yuv420p_with_its_rate_and_frame_count(demo_mo
     assert lines[3]["time"] == pytest.approx(0.3)
     frames = sorted((tmp_path / "videos").glob(f"{VIDEO.stem}_frame_*.png"))
     assert [f.name for f in frames] == [f"{VIDEO.stem}_frame_{i:04d}.png" for i in range(12)]
-    shorter = inference_options(OPTIONS | {"max_frames": 3, "save_frames": True})
+    shorter = inference_options(filled("inference", OPTIONS | {"max_frames": 3, "save_frames": True}))
     run_inference(model, [], [VIDEO], tmp_path, shorter, CLASSES)  # a rerun drops the stale frames
     assert len(list((tmp_path / "videos").glob(f"{VIDEO.stem}_frame_*.png"))) == 3
 
@@ -179,7 +181,7 @@ def test_temporaries_a_killed_run_left_of_its_files_are_removed_and_others_kept(
         (tmp_path / folder).mkdir()
         for name in left[folder] + others[folder]:
             (tmp_path / folder / name).write_bytes(b"partial")
-    options = inference_options(OPTIONS | {"max_frames": 2})
+    options = inference_options(filled("inference", OPTIONS | {"max_frames": 2}))
     statuses = run_inference(model, [image], [VIDEO], tmp_path, options, CLASSES)
     assert [s.status for s in statuses] == ["ok", "ok"]
     for folder in ("images", "videos"):
@@ -197,7 +199,9 @@ def test_an_odd_sized_video_is_padded_to_even_for_yuv420p(demo_model, tmp_path):
             frame = av.VideoFrame.from_ndarray(np.full((49, 65, 3), 120, np.uint8), format="bgr24")
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
-    (status,) = run_inference(model, [], [odd], tmp_path / "out", inference_options(OPTIONS), CLASSES)
+    (status,) = run_inference(
+        model, [], [odd], tmp_path / "out", inference_options(filled("inference", OPTIONS)), CLASSES
+    )
     assert status.status == "ok" and status.frames == 3
     with av.open(str(tmp_path / "out" / "videos" / "odd.mp4")) as container:
         assert (container.streams.video[0].width, container.streams.video[0].height) == (66, 50)
@@ -227,7 +231,7 @@ def test_bad_files_are_reported_and_never_stop_the_others(demo_model, tmp_path):
         [str(p) for p in images],
         [str(p) for p in videos],
         str(status_path),
-        inference_options(OPTIONS),
+        inference_options(filled("inference", OPTIONS)),
         CLASSES,
     )
     by_name = {s.name: s for s in statuses}
@@ -276,7 +280,9 @@ def test_a_video_cut_short_keeps_its_frames_and_says_it_was_truncated(demo_model
         out.mux(stream.encode())
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(source.read_bytes()[: source.stat().st_size * 2 // 3])
-    (status,) = run_inference(model, [], [cut], tmp_path / "out", inference_options(OPTIONS), CLASSES)
+    (status,) = run_inference(
+        model, [], [cut], tmp_path / "out", inference_options(filled("inference", OPTIONS)), CLASSES
+    )
     assert status.status == "truncated" and 0 < status.frames < 30, status
     lines = [
         json.loads(line) for line in (tmp_path / "out" / "videos" / "cut.jsonl").read_text().splitlines()
@@ -462,7 +468,13 @@ def test_a_files_predictions_are_the_same_alone_at_every_batch_size_and_shard_co
 
     def predicted(folder: Path, batch_size: int, count: int) -> dict[str, list[dict]]:
         for group in shards(photos, count).values():
-            run_inference(model, group, [], folder, inference_options(options | {"batch_size": batch_size}))
+            run_inference(
+                model,
+                group,
+                [],
+                folder,
+                inference_options(filled("inference", options | {"batch_size": batch_size})),
+            )
         return {
             item.name: json.loads((folder / "images" / f"{item.name}.json").read_text())["instances"]
             for item in photos
@@ -480,7 +492,9 @@ def test_a_files_predictions_are_the_same_alone_at_every_batch_size_and_shard_co
 
 
 def predicted_one(model: Path, item: InputFile, folder: Path, options: dict) -> dict[str, list[dict]]:
-    run_inference(model, [item], [], folder, inference_options(options | {"batch_size": 1}))
+    run_inference(
+        model, [item], [], folder, inference_options(filled("inference", options | {"batch_size": 1}))
+    )
     return {item.name: json.loads((folder / "images" / f"{item.name}.json").read_text())["instances"]}
 
 
@@ -489,13 +503,13 @@ def test_detectron2_batches_hold_one_input_size_too(tmp_path):
     import torch
 
     from d2retrain.model.d2 import Detectron2Predictor
-    from d2retrain.model.specs import model_spec, solver_spec
+    from d2retrain.model.specs import model_spec
 
-    spec = model_spec({"architecture": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"}, "detectron2")
-    solver = solver_spec({"min_size_test": 192, "max_size_test": 360})
+    architecture = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
+    spec = model_spec(filled("model", {"architecture": architecture}), "detectron2")  # 192, cap 360
     torch.manual_seed(0)  # random weights: many low-score instances to compare
     predictor = Detectron2Predictor(
-        None, spec, solver, len(CLASSES), device="cpu", score_threshold=0.0, max_detections=100
+        None, spec, len(CLASSES), device="cpu", score_threshold=0.0, max_detections=100
     )
     images = [load_image(path) for path in mixed_photos(tmp_path)]
     inputs = [{"image": predictor.input_tensor(i), "height": i.shape[0], "width": i.shape[1]} for i in images]
@@ -517,7 +531,13 @@ def test_a_rerun_infers_only_the_files_whose_content_model_or_output_options_cha
         before = {p.name: p.stat().st_ino for p in out.rglob("*") if p.is_file()}
         images = sorted(folder.glob("*.jpg"))
         statuses = run_inference(
-            model_dir, images, [video], out, inference_options(options), CLASSES, reuse=True
+            model_dir,
+            images,
+            [video],
+            out,
+            inference_options(filled("inference", options)),
+            CLASSES,
+            reuse=True,
         )
         assert {s.status for s in statuses} == {"ok"} and len(statuses) == len(images) + 1
         written = {p.name for p in out.rglob("*") if p.is_file() and before.get(p.name) != p.stat().st_ino}
@@ -548,7 +568,7 @@ def test_a_rerun_infers_only_the_files_whose_content_model_or_output_options_cha
 
     kept = {p.name: json.loads(p.read_text())["instances"] for p in (out / "images").glob("[!.]*.json")}
     fresh = tmp_path / "fresh"  # what was kept equals what a run without reuse writes
-    options = inference_options(base | {"max_frames": 2, "score_threshold": 0.02})
+    options = inference_options(filled("inference", base | {"max_frames": 2, "score_threshold": 0.02}))
     run_inference(other, sorted(folder.glob("*.jpg")), [], fresh, options, CLASSES)
     for name, records in kept.items():
         assert_same_instances(records, json.loads((fresh / "images" / name).read_text())["instances"], 0.02)
@@ -560,7 +580,7 @@ def test_outputs_of_inputs_no_longer_there_are_removed_and_only_those(demo_model
     model, layout = demo_model
     images = [InputFile.of(path, "image") for path in sorted(layout.images("val").glob("*.jpg"))]
     videos = [InputFile.of(layout.video, "video")]
-    options = inference_options(OPTIONS | {"max_frames": 2, "save_frames": True})
+    options = inference_options(filled("inference", OPTIONS | {"max_frames": 2, "save_frames": True}))
     run_inference(model, images, videos, tmp_path, options, CLASSES, reuse=True)
     (tmp_path / "images" / "mine.txt").write_text("a user's file")
     assert remove_stale(tmp_path, images + videos) == 0

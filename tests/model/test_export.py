@@ -287,14 +287,14 @@ def detectron2_model(tmp_path_factory):
         "eval_period": 0,
         "min_size_train": [192],
         "max_size_train": 256,
-        "min_size_test": 192,
-        "max_size_test": 256,
     }
     model = {
         "engine": "detectron2",
         "architecture": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
         "rpn_post_nms_topk_train": 100,
         "roi_batch_size_per_image": 32,
+        "min_size_test": 192,
+        "max_size_test": 256,
     }
     folder, layout, files = train_demo_model(
         root, {"train": 8, "val": 6, "video_frames": 2}, train, CLASSES, model

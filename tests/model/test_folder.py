@@ -109,3 +109,19 @@ def test_serving_the_kept_weights_again_keeps_their_time_stamp(tmp_path):
     folder.best_weights.unlink()
     with pytest.raises(ModelFolderError, match=r"model_best\.pth: missing, and classes\.json names it"):
         folder.serve_kept()
+
+
+def test_a_folder_written_when_test_sizes_were_the_solvers_loads_them_as_the_models(tmp_path):
+    import yaml
+
+    from d2retrain.model.engines import read_model_config
+
+    old = {
+        "model": {"engine": "torchvision", "architecture": "maskrcnn_resnet18_fpn", "weights": "none"},
+        "solver": {"iterations": 10, "min_size_test": 800, "max_size_test": 1333},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    record = ModelFolder(tmp_path).read_config()
+    assert record["model"]["min_size_test"] == 800 and "min_size_test" not in record["solver"]
+    spec = read_model_config(tmp_path)  # keys added since (freeze_at, coco_names...) take their defaults
+    assert (spec.min_size_test, spec.max_size_test, spec.freeze_at, spec.coco_names) == (800, 1333, 2, {})

@@ -6,7 +6,7 @@ import urllib.error
 
 import pytest
 import yaml
-from helpers import REPO, detectron2_importable
+from helpers import REPO, detectron2_importable, filled
 
 from d2retrain.core.errors import D2RetrainError, WeightsError
 from d2retrain.model.sources import check_weights_file, resolve_engine
@@ -46,8 +46,8 @@ def coco_shaped_checkpoint(path):
     from d2retrain.model.specs import model_spec, solver_spec
     from d2retrain.model.tv import build_model
 
-    spec = model_spec({"architecture": "maskrcnn_resnet18_fpn"}, "torchvision")
-    torch.save({"model": build_model(spec, 90, solver_spec({})).state_dict()}, path)
+    spec = model_spec(filled("model", {"architecture": "maskrcnn_resnet18_fpn"}), "torchvision")
+    torch.save({"model": build_model(spec, 90, solver_spec(filled("train", {}))).state_dict()}, path)
     return path
 
 

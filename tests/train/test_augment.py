@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import COCO_MINI
+from helpers import COCO_MINI, filled
 from helpers.training import D2_SMALL, TINY, mini_inputs
 
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.data.masks import rasterize
 from d2retrain.data.records import load_records
-from d2retrain.model.engines import read_model_config
+from d2retrain.model.folder import ModelFolder
 from d2retrain.model.specs import solver_spec
 from d2retrain.train.augment import TorchvisionAugment, jitter_size
 from d2retrain.train.run import train_from_config
@@ -72,7 +72,7 @@ def check_aligned(image_rgb: np.ndarray, masks: np.ndarray, boxes: np.ndarray, b
 
 
 def torchvision_samples(folder, augment: dict, flip: bool) -> TrainSamples:
-    solver = solver_spec(SIZES | {"augment": augment})
+    solver = solver_spec(filled("train", SIZES | {"augment": augment}))
     records = load_records(str(folder / "painted.json"), str(folder))
     return TrainSamples(records, seed=3, flip=flip, augment=TorchvisionAugment(solver))
 
@@ -97,7 +97,7 @@ def test_torchvision_augmentations_keep_image_masks_and_boxes_aligned(painted, c
         assert all(np.array_equal(a, b) for a, b in zip((image, masks, boxes), again, strict=True))
         sizes.add((image.shape[:2], torchvision_sample(plain, position)[0].shape[:2]))
     if "jitter" in case:
-        side = jitter_size(solver_spec(SIZES))
+        side = jitter_size(solver_spec(filled("train", SIZES)))
         assert {size for size, _ in sizes} == {(side, side)}  # LSJ: squares the model keeps
     elif "crop" in case:
         assert all(size[0] <= full[0] and size[1] <= full[1] for size, full in sizes)
@@ -126,7 +126,7 @@ def detectron2_sample(folder, augment: dict, flip: bool, seed: int):
 
     from d2retrain.train.augment import detectron2_augmentations
 
-    solver = solver_spec(SIZES | {"flip": flip, "augment": augment})
+    solver = solver_spec(filled("train", SIZES | {"flip": flip, "augment": augment}))
     augmentations, recompute = detectron2_augmentations(solver)
     mapper = DatasetMapper(
         is_train=True,
@@ -156,7 +156,7 @@ def test_detectron2_augmentations_keep_image_masks_and_boxes_aligned(painted, ca
         # boxes are polygon extents (given, or recomputed after a crop): a few px off the raster
         check_aligned(image, masks[keep], boxes[keep], box_tolerance=4)
         if "jitter" in case:
-            side = jitter_size(solver_spec(SIZES))
+            side = jitter_size(solver_spec(filled("train", SIZES)))
             assert image.shape[:2] == (side, side)
 
 
@@ -198,6 +198,6 @@ def test_a_training_with_every_augmentation_records_it_in_the_model_folder(
     train = TINY | {"iterations": 2, "steps": [], "augment": AUGMENT_ALL}
     inputs = mini_inputs(mini_split[1], tmp_path / "model")
     train_from_config(model=model, train=train, **inputs)
-    _, solver = read_model_config(tmp_path / "model")
-    assert solver.augment == solver_spec(train).augment
+    solver = solver_spec(ModelFolder(tmp_path / "model").read_config()["solver"])
+    assert solver.augment == solver_spec(filled("train", train)).augment
     assert solver.augment.scale_jitter == (0.5, 1.5)

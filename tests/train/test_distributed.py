@@ -5,6 +5,7 @@ import logging
 
 import pytest
 import torch
+from helpers import filled
 from helpers.training import (
     TINY,
     mini_inputs,
@@ -93,10 +94,10 @@ def test_impossible_launches_are_refused_before_training(launch, words, mini_spl
 
 def test_machine_rank_minus_one_comes_from_slurm(monkeypatch):
     monkeypatch.setenv("SLURM_NODEID", "1")
-    assert distributed_spec({"num_machines": 2, "machine_rank": -1}).machine_rank == 1
+    assert distributed_spec(filled("train", {"num_machines": 2, "machine_rank": -1})).machine_rank == 1
     monkeypatch.delenv("SLURM_NODEID")
     with pytest.raises(D2RetrainError, match="SLURM_NODEID is not set"):
-        distributed_spec({"machine_rank": -1})
+        distributed_spec(filled("train", {"machine_rank": -1}))
 
 
 @pytest.mark.detectron2

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import filled
 
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.model.engines import resolve_engine
@@ -15,7 +16,7 @@ from d2retrain.train.loop import CheckpointStore, TrainingDivergedError, check_l
     [(0, 0.001), (50, 0.5005), (100, 1.0), (299, 1.0), (300, 0.1), (370, 0.01), (399, 0.01)],
 )
 def test_lr_factor_follows_detectron2_warmup_multistep(iteration, expected):
-    solver = solver_spec({"warmup_iterations": 100, "steps": [300, 370]})
+    solver = solver_spec(filled("train", {"warmup_iterations": 100, "steps": [300, 370]}))
     assert lr_factor(solver, iteration) == pytest.approx(expected)
 
 
@@ -25,7 +26,7 @@ def test_lr_factor_equals_detectron2s_scheduler():
     from detectron2.solver.lr_scheduler import WarmupParamScheduler as Warmup
     from fvcore.common.param_scheduler import MultiStepParamScheduler
 
-    solver = solver_spec({"warmup_iterations": 100, "steps": [300, 370], "iterations": 400})
+    solver = solver_spec(filled("train", {"warmup_iterations": 100, "steps": [300, 370], "iterations": 400}))
     schedule = Warmup(
         MultiStepParamScheduler([1, 0.1, 0.01], milestones=[300, 370], num_updates=400),
         0.001,

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from helpers import COCO_MINI
+from helpers import COCO_MINI, filled
 from helpers.training import (
     D2_SMALL,
     TINY,
@@ -183,8 +183,8 @@ def test_negatives_train_and_crowd_only_images_do_not(tmp_path, caplog):
 
 def test_a_batch_of_only_negatives_gives_a_finite_loss_and_gradients():
     torch.manual_seed(0)
-    spec = model_spec({"architecture": "maskrcnn_resnet18_fpn"}, "torchvision")
-    model = tv_engine.build_model(spec, 2, solver_spec(TINY))
+    spec = model_spec(filled("model", {"architecture": "maskrcnn_resnet18_fpn"}), "torchvision")
+    model = tv_engine.build_model(spec, 2, solver_spec(filled("train", TINY)))
     model.train()
     empty = {
         "boxes": torch.zeros((0, 4)),
@@ -258,7 +258,9 @@ def test_detectron2_trains_on_the_same_images_negatives_included(tmp_path, caplo
     assert sorted(trained) == [1, 2, 4] and trained[2] == []  # as the torchvision engine trains
     DatasetCatalog.remove(name)
 
-    cfg = build_config(model_spec(model, "detectron2"), solver_spec(train), 1, "cpu")
+    cfg = build_config(
+        model_spec(filled("model", model), "detectron2"), 1, "cpu", solver_spec(filled("train", train))
+    )
     network = build_detectron2_model(cfg)
     network.train()
     from detectron2.structures import Boxes, Instances

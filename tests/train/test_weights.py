@@ -4,8 +4,7 @@ import json
 
 import pytest
 import torch
-import yaml
-from helpers import COCO_MINI
+from helpers import COCO_MINI, filled
 from helpers.training import (
     TINY,
     evaluate_mini,
@@ -23,13 +22,14 @@ from d2retrain.train.run import train_from_config
 
 def test_head_surgery_keeps_the_chosen_classes_outputs_exactly(tmp_path):
     torch.manual_seed(0)
-    solver = solver_spec({"min_size_train": [128], "max_size_train": 200})
-    full_spec = model_spec({"architecture": "maskrcnn_resnet18_fpn"}, "torchvision")
+    solver = solver_spec(filled("train", {"min_size_train": [128], "max_size_train": 200}))
+    full_spec = model_spec(filled("model", {"architecture": "maskrcnn_resnet18_fpn"}), "torchvision")
     full = tv_engine.build_model(full_spec, 90, solver).eval()  # 91 rows: a COCO-shaped model
     torch.save({"model": full.state_dict()}, tmp_path / "coco.pth")
     ids = [37, 1]  # sports ball, person: the rows head surgery must pick, by name
     spec = model_spec(
-        {"architecture": "maskrcnn_resnet18_fpn", "weights": str(tmp_path / "coco.pth")}, "torchvision"
+        filled("model", {"architecture": "maskrcnn_resnet18_fpn", "weights": str(tmp_path / "coco.pth")}),
+        "torchvision",
     )
     subset = tv_engine.build_model(spec, len(ids), solver).eval()
     state, surgery = tv_engine.initial_state(spec, ["sports ball", "person"], subset)
@@ -59,9 +59,9 @@ def test_head_surgery_keeps_the_chosen_classes_outputs_exactly(tmp_path):
 @pytest.mark.slow
 def test_coco_base_weights_give_a_baseline_beside_the_retrained_model(mini_split, tmp_path):
     _, paths = mini_split
-    solver = solver_spec({"min_size_train": [128], "max_size_train": 200})
+    solver = solver_spec(filled("train", {"min_size_train": [128], "max_size_train": 200}))
     coco_shaped = tv_engine.build_model(
-        model_spec({"architecture": "maskrcnn_resnet18_fpn"}, "torchvision"), 90, solver
+        model_spec(filled("model", {"architecture": "maskrcnn_resnet18_fpn"}), "torchvision"), 90, solver
     )
     torch.save({"model": coco_shaped.state_dict()}, tmp_path / "coco.pth")
     model = {"architecture": "maskrcnn_resnet18_fpn", "weights": str(tmp_path / "coco.pth")}
@@ -125,16 +125,21 @@ def test_detectron2_loads_a_local_pkl_only_with_trust_pickle_and_a_pth_without_p
     from d2retrain.model import d2 as d2_engine
     from d2retrain.model.headsurgery import WeightsError
 
-    spec = model_spec({"architecture": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"}, "detectron2")
-    predictor = d2_engine.Detectron2Predictor(None, spec, solver_spec(TINY), 2, device="cpu")
+    spec = model_spec(
+        filled("model", {"architecture": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"}),
+        "detectron2",
+    )
+    predictor = d2_engine.Detectron2Predictor(None, spec, 2, device="cpu")
     name, tensor = next(iter(predictor.model.state_dict().items()))
     marker = tmp_path / "ran"
     with open(tmp_path / "weights.pkl", "wb") as handle:
         pickle.dump({"model": {name: np.full(tensor.shape, 0.5, np.float32)}, "__author__": "x"}, handle)
     local = str(tmp_path / "weights.pkl")
     with pytest.raises(WeightsError, match=r"model\.trust_pickle: true"):
-        d2_engine.initial_state(model_spec({"weights": local}, "detectron2"), ["person"], predictor.model)
-    trusted = model_spec({"weights": local, "trust_pickle": True}, "detectron2")
+        d2_engine.initial_state(
+            model_spec(filled("model", {"weights": local}), "detectron2"), ["person"], predictor.model
+        )
+    trusted = model_spec(filled("model", {"weights": local, "trust_pickle": True}), "detectron2")
     state, _ = d2_engine.initial_state(trusted, ["person"], predictor.model)
     assert float(state[name].flatten()[0]) == 0.5
     torch.save(
@@ -142,25 +147,18 @@ def test_detectron2_loads_a_local_pkl_only_with_trust_pickle_and_a_pth_without_p
     )
     with pytest.raises(WeightsError, match="runs no code"):
         d2_engine.initial_state(
-            model_spec({"weights": str(tmp_path / "w.pth")}, "detectron2"), ["person"], predictor.model
+            model_spec(filled("model", {"weights": str(tmp_path / "w.pth")}), "detectron2"),
+            ["person"],
+            predictor.model,
         )
     assert not marker.exists()
     torch.save({"model": {name: torch.full(tensor.shape, 0.25)}}, tmp_path / "w.pth")
     state, _ = d2_engine.initial_state(
-        model_spec({"weights": str(tmp_path / "w.pth")}, "detectron2"), ["person"], predictor.model
+        model_spec(filled("model", {"weights": str(tmp_path / "w.pth")}), "detectron2"),
+        ["person"],
+        predictor.model,
     )
     assert float(state[name].flatten()[0]) == 0.25
-
-
-def test_a_model_folder_written_before_newer_keys_still_loads(tmp_path):
-    from d2retrain.model.engines import read_model_config
-
-    solver = {k: v for k, v in TINY.items() if k not in ("device", "eval_period")}
-    record = {"model": {"engine": "torchvision", "architecture": "maskrcnn_resnet18_fpn", "weights": "none"}}
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(record | {"solver": solver}))
-    model, loaded = read_model_config(tmp_path)
-    assert (model.engine, model.trust_pickle, model.head_surgery) == ("torchvision", False, True)
-    assert (loaded.iterations, loaded.eval_period, loaded.clip_gradients) == (4, 200, 1.0)
 
 
 def _torchvision_coco_checkpoint(path) -> dict:
@@ -203,14 +201,17 @@ def test_a_torchvision_coco_checkpoint_loads_strictly_with_frozen_norms_and_free
     published = _torchvision_coco_checkpoint(tmp_path / "coco.pth")
     assert not [key for key in published if key.endswith("num_batches_tracked")]
     spec = model_spec(
-        {
-            "architecture": "maskrcnn_resnet50_fpn",
-            "weights": str(tmp_path / "coco.pth"),
-            "freeze_at": freeze_at,
-        },
+        filled(
+            "model",
+            {
+                "architecture": "maskrcnn_resnet50_fpn",
+                "weights": str(tmp_path / "coco.pth"),
+                "freeze_at": freeze_at,
+            },
+        ),
         "torchvision",
     )
-    model = tv_engine.build_model(spec, 90, solver_spec(TINY))
+    model = tv_engine.build_model(spec, 90, solver_spec(filled("train", TINY)))
     model.load_state_dict(published, strict=True)
     body = model.backbone.body
     assert not [m for m in body.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -220,8 +221,10 @@ def test_a_torchvision_coco_checkpoint_loads_strictly_with_frozen_norms_and_free
 
 
 def test_from_scratch_norms_train_and_nothing_is_frozen():
-    spec = model_spec({"architecture": "maskrcnn_resnet50_fpn", "weights": "none"}, "torchvision")
-    model = tv_engine.build_model(spec, 2, solver_spec(TINY))
+    spec = model_spec(
+        filled("model", {"architecture": "maskrcnn_resnet50_fpn", "weights": "none"}), "torchvision"
+    )
+    model = tv_engine.build_model(spec, 2, solver_spec(filled("train", TINY)))
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.body.modules())
     assert all(_body_trainable(model).values())
 
@@ -240,8 +243,10 @@ def test_fine_tuning_at_a_zero_learning_rate_gives_the_same_predictions_after_1_
         "engine": "torchvision",
         "architecture": "maskrcnn_resnet50_fpn",
         "weights": str(tmp_path / "coco.pth"),
+        "min_size_test": 96,
+        "max_size_test": 160,
     }
-    sizes = {"min_size_train": [96], "max_size_train": 160, "min_size_test": 96, "max_size_test": 160}
+    sizes = {"min_size_train": [96], "max_size_train": 160}
     train = TINY | sizes | {"base_lr": 1e-12, "warmup_iterations": 0, "steps": [], "checkpoint_period": 100}
     images = [read_image(path) for path in sorted((COCO_MINI / "val2017").glob("*.jpg"))[:4]]
     predictions, finals = [], []
@@ -271,9 +276,9 @@ def test_fine_tuning_at_a_zero_learning_rate_gives_the_same_predictions_after_1_
 def _coco_shaped_small(path) -> None:
     """The demo network with COCO's 91 rows, saved as base weights."""
     torch.manual_seed(1)
-    solver = solver_spec({"min_size_train": [128], "max_size_train": 200})
+    solver = solver_spec(filled("train", {"min_size_train": [128], "max_size_train": 200}))
     full = tv_engine.build_model(
-        model_spec({"architecture": "maskrcnn_resnet18_fpn"}, "torchvision"), 90, solver
+        model_spec(filled("model", {"architecture": "maskrcnn_resnet18_fpn"}), "torchvision"), 90, solver
     )
     torch.save({"model": full.state_dict()}, path)
 
@@ -296,8 +301,8 @@ def test_head_surgery_finds_coco_rows_by_name_and_leaves_other_classes_at_random
         "weights": str(tmp_path / "coco.pth"),
         "coco_names": aliases,
     }
-    spec = model_spec(model, "torchvision")
-    subset = tv_engine.build_model(spec, len(classes), solver_spec(TINY))
+    spec = model_spec(filled("model", model), "torchvision")
+    subset = tv_engine.build_model(spec, len(classes), solver_spec(filled("train", TINY)))
     own = {key: value.clone() for key, value in subset.state_dict().items()}
     state, surgery = tv_engine.initial_state(spec, classes, subset)
     assert surgery
@@ -310,13 +315,15 @@ def test_head_surgery_finds_coco_rows_by_name_and_leaves_other_classes_at_random
 def test_classes_that_are_no_coco_category_get_no_surgery_and_an_unknown_alias_is_refused(tmp_path):
     _coco_shaped_small(tmp_path / "coco.pth")
     weights = {"architecture": "maskrcnn_resnet18_fpn", "weights": str(tmp_path / "coco.pth")}
-    spec = model_spec(weights, "torchvision")
-    subset = tv_engine.build_model(spec, 2, solver_spec(TINY))
+    spec = model_spec(filled("model", weights), "torchvision")
+    subset = tv_engine.build_model(spec, 2, solver_spec(filled("train", TINY)))
     _, surgery = tv_engine.initial_state(spec, ["widget", "gizmo"], subset)
     assert not surgery
     with pytest.raises(D2RetrainError, match="not COCO categories"):
         tv_engine.initial_state(
-            model_spec(weights | {"coco_names": {"widget": "gadget"}}, "torchvision"), ["widget"], subset
+            model_spec(filled("model", weights | {"coco_names": {"widget": "gadget"}}), "torchvision"),
+            ["widget"],
+            subset,
         )
 
 
@@ -386,13 +393,17 @@ def test_classes_named_outside_coco_get_no_baseline(tmp_path):
 def test_detectron2_head_surgery_finds_coco_rows_by_name_with_background_last(tmp_path):
     from d2retrain.model import d2 as d2_engine
 
-    spec = model_spec({"architecture": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"}, "detectron2")
-    coco = d2_engine.Detectron2Predictor(None, spec, solver_spec(TINY), 80, device="cpu").model.state_dict()
+    spec = model_spec(
+        filled("model", {"architecture": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"}),
+        "detectron2",
+    )
+    coco = d2_engine.Detectron2Predictor(None, spec, 80, device="cpu").model.state_dict()
     torch.save(coco, tmp_path / "coco.pth")
     tuned = model_spec(
-        {"architecture": spec.architecture, "weights": str(tmp_path / "coco.pth")}, "detectron2"
+        filled("model", {"architecture": spec.architecture, "weights": str(tmp_path / "coco.pth")}),
+        "detectron2",
     )
-    subset = d2_engine.Detectron2Predictor(None, tuned, solver_spec(TINY), 2, device="cpu").model
+    subset = d2_engine.Detectron2Predictor(None, tuned, 2, device="cpu").model
     own = {key: value.clone() for key, value in subset.state_dict().items()}
     state, surgery = d2_engine.initial_state(tuned, ["widget", "sports ball"], subset)
     assert surgery

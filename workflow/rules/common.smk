@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from d2retrain.core.codehash import code_hash
-from d2retrain.core.config import allowed_values, val_split_defaults
+from d2retrain.core.config import allowed_values
 from d2retrain.model.folder import ModelFolder
 from d2retrain.workflow.planning import (
     InferencePlan,
@@ -181,13 +181,10 @@ def merge_sources(wildcards):
 
 
 def val_split_setting(key):
-    """Params function: `fraction` or `seed` of the dataset's val_split (schema defaults)."""
+    """Params function: `fraction` or `seed` of the dataset's val_split (defaults filled)."""
 
     def lookup(wildcards):
-        settings = (
-            val_split_defaults() | config["datasets"][wildcards.dataset]["val_split"]
-        )
-        return settings[key]
+        return config["datasets"][wildcards.dataset]["val_split"][key]
 
     return lookup
 

@@ -21,6 +21,8 @@ __all__ = [
     "subset_defaults",
     "val_split_defaults",
     "allowed_values",
+    "MOVED_KEYS",
+    "with_defaults",
     "load_config",
     "check_config",
     "ConfigError",
@@ -75,8 +77,41 @@ def allowed_values(key: str) -> tuple[str, ...]:
     return tuple(node["items"]["enum"] if node.get("type") == "array" else node["enum"])
 
 
+# Keys that moved: old dotted path -> new one. A config with an old key fails naming the new one.
+MOVED_KEYS = {
+    "train.min_size_test": "model.min_size_test",
+    "train.max_size_test": "model.max_size_test",
+}
+
+
+def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a configuration with the schema's defaults filled in, at every depth (sections,
+    their nested objects, each subset and dataset): the one place defaults are filled, for the CLI
+    (:func:`load_config`), the Snakefile, the Python API and model folders written by older versions.
+    The configuration is not checked here (:func:`check_config` does that)."""
+    return _filled(_schema(), copy.deepcopy(config))
+
+
+def _filled(node: dict[str, Any], value: Any) -> Any:
+    if "$ref" in node:  # local references only: #/$defs/<name>
+        node = _schema()["$defs"][node["$ref"].rsplit("/", 1)[1]]
+    if not isinstance(value, dict) or node.get("type") != "object":
+        return value
+    properties = node.get("properties", {})
+    for key, sub in properties.items():
+        if key not in value and "default" in sub:
+            value[key] = copy.deepcopy(sub["default"])
+        if key in value:
+            value[key] = _filled(sub, value[key])
+    extra = node.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key in value.keys() - properties.keys():
+            value[key] = _filled(extra, value[key])
+    return value
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a config file, check it against the schema and fill the section defaults.
+    """Read a config file, check it against the schema and fill the defaults (:func:`with_defaults`).
 
     Raises:
         D2RetrainError: The file is missing, not YAML, or breaks the schema.
@@ -86,9 +121,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
     except (OSError, yaml.YAMLError) as error:
         raise D2RetrainError(f"{path}: cannot be read as YAML ({error})") from None
     check_config(config, str(path), required=False)
-    for section in ("model", "train", "inference"):
-        config[section] = section_defaults(section) | config.get(section, {})
-    return config
+    return with_defaults(config)
 
 
 def check_config(config: dict[str, Any], source: str = "config", required: bool = True) -> None:
@@ -104,9 +137,14 @@ def check_config(config: dict[str, Any], source: str = "config", required: bool 
         required: Whether keys the schema requires must be there (a partial config: no).
 
     Raises:
-        ConfigError: The first problem found.
+        ConfigError: The first problem found; a key that moved names its new place.
     """
     import jsonschema  # 40 ms: only commands that read a config pay it
+
+    for old, new in MOVED_KEYS.items():
+        section, key = old.split(".")
+        if isinstance(config.get(section), dict) and key in config[section]:
+            raise ConfigError(f"{source}: {old} moved to {new}; rename the key (same meaning and value)")
 
     schema = _schema() if required else {**_schema(), "required": []}
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(config))

@@ -8,7 +8,6 @@ from typing import Any, TypeVar
 import cv2
 import numpy as np
 
-from d2retrain.core.config import section_defaults
 from d2retrain.core.errors import InputFileError
 from d2retrain.model.evaluation import to_coco_results
 from d2retrain.model.instances import Instances
@@ -44,9 +43,8 @@ class InferenceOptions:
 
 def inference_options(inference: dict[str, Any]) -> InferenceOptions:
     """:class:`InferenceOptions` from the config's ``inference`` section (schema defaults filled in)."""
-    values = section_defaults("inference") | inference
     return InferenceOptions(
-        **{field.name: values[field.name] for field in dataclasses.fields(InferenceOptions)}
+        **{field.name: inference[field.name] for field in dataclasses.fields(InferenceOptions)}
     )
 
 

@@ -45,8 +45,10 @@ HEAD_LAYERS = {
 }
 
 
-def build_config(spec: ModelSpec, solver: SolverSpec, num_classes: int, device: str, output_dir: str = ""):
-    """A detectron2 ``CfgNode`` from the workflow's specs.
+def build_config(
+    spec: ModelSpec, num_classes: int, device: str, solver: SolverSpec | None = None, output_dir: str = ""
+):
+    """A detectron2 ``CfgNode`` from the workflow's specs (``solver``: training's keys, None to predict).
 
     Raises:
         D2RetrainError: The architecture is neither a config file nor a model-zoo name.
@@ -78,7 +80,10 @@ def build_config(spec: ModelSpec, solver: SolverSpec, num_classes: int, device: 
     cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = spec.roi_batch_size_per_image
     cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = spec.rpn_post_nms_topk_train
     cfg.MODEL.RPN.POST_NMS_TOPK_TEST = spec.rpn_post_nms_topk_test
-    _set_solver(cfg, solver)
+    cfg.INPUT.MIN_SIZE_TEST = spec.min_size_test
+    cfg.INPUT.MAX_SIZE_TEST = spec.max_size_test
+    if solver is not None:
+        _set_solver(cfg, solver)
     cfg.OUTPUT_DIR = output_dir
     return cfg
 
@@ -101,8 +106,6 @@ def _set_solver(cfg, solver: SolverSpec) -> None:
     cfg.SOLVER.AMP.ENABLED = solver.amp and cfg.MODEL.DEVICE.startswith("cuda")
     cfg.INPUT.MIN_SIZE_TRAIN = tuple(solver.min_size_train)
     cfg.INPUT.MAX_SIZE_TRAIN = solver.max_size_train
-    cfg.INPUT.MIN_SIZE_TEST = solver.min_size_test
-    cfg.INPUT.MAX_SIZE_TEST = solver.max_size_test
     cfg.INPUT.RANDOM_FLIP = "horizontal" if solver.flip else "none"
     cfg.SEED = solver.seed
     cfg.TEST.EVAL_PERIOD = solver.eval_period  # run by the workflow's hook, not DefaultTrainer.test
@@ -167,7 +170,6 @@ class Detectron2Predictor:
         self,
         weights: str | Path | None,
         spec: ModelSpec,
-        solver: SolverSpec,
         num_classes: int,
         device: str = "auto",
         score_threshold: float = 0.05,
@@ -176,7 +178,7 @@ class Detectron2Predictor:
         """Args: as :class:`d2retrain.model.tv.TorchvisionPredictor`."""
         from detectron2.engine import DefaultPredictor
 
-        cfg = build_config(spec, solver, num_classes, device)
+        cfg = build_config(spec, num_classes, device)
         cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = score_threshold
         cfg.TEST.DETECTIONS_PER_IMAGE = max_detections
         self.cfg = cfg

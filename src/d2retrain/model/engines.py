@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from d2retrain.core.config import section_defaults
+from d2retrain.core.config import with_defaults
 from d2retrain.core.errors import WeightsError
 from d2retrain.core.fileio import write_text_atomic
 from d2retrain.model.cococlasses import coco_category_ids
@@ -23,7 +23,7 @@ from d2retrain.model.exported import ExportedGraph
 from d2retrain.model.folder import ClassInfo, ModelFolder
 from d2retrain.model.predictor import ModelPredictor
 from d2retrain.model.sources import ENGINES, resolve_engine
-from d2retrain.model.specs import ModelSpec, SolverSpec, model_spec, solver_spec
+from d2retrain.model.specs import ModelSpec, model_spec
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ class PredictorFactory(Protocol):
         self,
         weights: str | Path | None,
         spec: ModelSpec,
-        solver: SolverSpec,
         num_classes: int,
         device: str = "auto",
         score_threshold: float = 0.05,
@@ -101,12 +100,11 @@ def model_engine(name: str) -> ModelEngine:
     return MODEL_ENGINES[name]()
 
 
-def read_model_config(model_dir: str | Path) -> tuple[ModelSpec, SolverSpec]:
-    """The model and solver specs saved in a model folder's ``config.yaml``; keys added since the
-    folder was written take their schema defaults, so older model folders still load."""
-    record = ModelFolder(model_dir).read_config()
-    model = dict(record["model"])
-    return model_spec(model, model.pop("engine")), solver_spec(record["solver"])
+def read_model_config(model_dir: str | Path) -> ModelSpec:
+    """The model spec saved in a model folder's ``config.yaml``; keys added since the folder was
+    written take their schema defaults, so older model folders still load."""
+    model = with_defaults({"model": ModelFolder(model_dir).read_config()["model"]})["model"]
+    return model_spec(model, model["engine"])
 
 
 def load_predictor(
@@ -133,12 +131,11 @@ def load_predictor(
     """
     folder = ModelFolder(model_dir)
     info = folder.read_classes(expected_classes)
-    spec, solver = read_model_config(model_dir)
+    spec = read_model_config(model_dir)
     resolve_engine(spec.engine)
     predictor = model_engine(spec.engine).make_predictor(
         folder.served_weights(),
         spec,
-        solver,
         len(info.classes),
         device=device,
         score_threshold=score_threshold,
@@ -201,13 +198,13 @@ def _baseline_predictor(
 ) -> tuple[ModelPredictor, list[str]] | str:
     """The COCO base model restricted to the classes (head surgery at iteration 0) and the classes
     it covers (those named as COCO categories), or why there is none."""
-    spec, solver = read_model_config(model_dir)
+    spec = read_model_config(model_dir)
     if not spec.pretrained:
         return "trained from scratch (model.weights: none): there are no base weights to compare with"
     if not spec.head_surgery:
         return "model.head_surgery is off: the base weights have no rows for these classes"
     engine = model_engine(spec.engine)
-    predictor = engine.make_predictor(None, spec, solver, len(info.classes), device=device)
+    predictor = engine.make_predictor(None, spec, len(info.classes), device=device)
     state, surgery = engine.initial_state(spec, info.classes, predictor.model)
     if state is None or not surgery:
         return (
@@ -238,10 +235,10 @@ def check_weights(model: dict, classes: Sequence[str], output: str | Path | None
         WeightsError: The weights cannot be found, fetched or loaded.
         D2RetrainError: The engine cannot be used.
     """
-    model = section_defaults("model") | model
+    model = with_defaults({"model": model})["model"]
     engine = resolve_engine(model["engine"], model["architecture"])
     spec = model_spec(model, engine)
-    built = model_engine(engine).make_predictor(None, spec, solver_spec({}), len(classes), device="cpu")
+    built = model_engine(engine).make_predictor(None, spec, len(classes), device="cpu")
     state, surgery = model_engine(engine).initial_state(spec, classes, built.model)
     result = {"engine": engine, "weights": spec.weights, "loaded": 0, "random": 0, "head_surgery": surgery}
     if state is not None:

@@ -40,7 +40,7 @@ from d2retrain.model.exported import (
 )
 from d2retrain.model.folder import ClassInfo, ModelFolder
 from d2retrain.model.instances import Instances, Predictor
-from d2retrain.model.specs import ModelSpec, SolverSpec
+from d2retrain.model.specs import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def export_model(
         raise ExportError(f"export format {export_format!r} is unknown; use one of {', '.join(FORMATS)}")
     torch.set_num_threads(max(1, threads))
     info = ModelFolder(model_dir).read_classes()
-    spec, solver = read_model_config(model_dir)
+    spec = read_model_config(model_dir)
     predictor, _ = load_predictor(
         model_dir, device="cpu", score_threshold=_EXPORT_SCORE, max_detections=_EXPORT_DETECTIONS
     )
@@ -98,7 +98,7 @@ def export_model(
     output.mkdir(parents=True, exist_ok=True)
     for stale in (CONTRACT, "verify.json"):  # an earlier export's: the folder is not usable until verified
         (output / stale).unlink(missing_ok=True)
-    example = _example_image(val_json, val_images, solver)
+    example = _example_image(val_json, val_images, spec)
     path = output / f"model.{export_format}"
     graph = write_through_temporary(
         path,
@@ -117,7 +117,7 @@ def export_model(
         )
     else:
         exported = exported_predictor(output, contract, "cpu", _EXPORT_SCORE, _EXPORT_DETECTIONS, threads)
-        sizes = other_sizes(solver.min_size_test, solver.max_size_test)
+        sizes = other_sizes(spec.min_size_test, spec.max_size_test)
         record = verify_export(
             predictor, exported, val_json, val_images, info.classes, reference_metrics, sizes
         )
@@ -130,13 +130,13 @@ def export_model(
     return record
 
 
-def _example_image(val_json: str | None, val_images: str | None, solver: SolverSpec) -> np.ndarray:
+def _example_image(val_json: str | None, val_images: str | None, spec: ModelSpec) -> np.ndarray:
     """A real val image to trace with, or a noise image of the test size."""
     if val_json is not None and val_images is not None:
         records = load_records(val_json, val_images, require_annotations=False)
         if records:
             return read_image(records[0].path)
-    side = solver.min_size_test
+    side = spec.min_size_test
     return np.random.default_rng(0).integers(0, 256, (side, side * 4 // 3, 3), np.uint8)
 
 

@@ -166,13 +166,19 @@ class ModelFolder:
         write_text_atomic(self.classes_file, json.dumps(dataclasses.asdict(info), indent=2) + "\n")
 
     def read_config(self) -> dict[str, Any]:
-        """``config.yaml`` as written by training: ``model``, ``solver``, ``classes``, the data."""
+        """``config.yaml`` as written by training: ``model``, ``solver``, ``classes``, the data.
+        Test-time input sizes are the model's; a folder written before they moved keeps them
+        with the solver, and they are moved on reading."""
         try:
-            return yaml.safe_load(self.config_file.read_text())
+            record = yaml.safe_load(self.config_file.read_text())
         except FileNotFoundError:
             raise ModelFolderError(
                 f"{self.config_file}: missing; is {self.path} a folder written by d2retrain train?"
             ) from None
+        for key in ("min_size_test", "max_size_test"):
+            if key in record.get("solver", {}):
+                record["model"].setdefault(key, record["solver"].pop(key))
+        return record
 
     def read_best(self) -> dict[str, Any]:
         """``best.json`` (empty when there is none)."""

@@ -1,11 +1,14 @@
-"""What shapes a model: engine, architecture, weights, solver and augmentation (training jobs are
-:mod:`d2retrain.train.job`'s, the model folder :mod:`d2retrain.model.folder`'s)."""
+"""What shapes a model: engine, architecture, weights, test-time input sizes, solver and
+augmentation (training jobs are :mod:`d2retrain.train.job`'s, the model folder
+:mod:`d2retrain.model.folder`'s).
+
+The specs are built from configuration sections whose defaults are filled in
+(:func:`d2retrain.core.config.with_defaults`); they restate no default.
+"""
 
 import dataclasses
 import logging
 from typing import Any
-
-from d2retrain.core.config import section_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +34,8 @@ class ModelSpec:
             (detectron2 ``ROI_HEADS.BATCH_SIZE_PER_IMAGE``).
         rpn_post_nms_topk_train: Proposals kept per image in training.
         rpn_post_nms_topk_test: Proposals kept per image at inference.
+        min_size_test: Shortest edge of the image the network sees at evaluation and inference.
+        max_size_test: Longest-edge cap at evaluation and inference.
         trust_pickle: Load pickled ``.pkl`` weights from sources other than detectron2's
             model zoo (they can run code).
         freeze_at: Fine-tuning (base weights given): backbone stages kept as loaded, detectron2's
@@ -47,9 +52,11 @@ class ModelSpec:
     roi_batch_size_per_image: int
     rpn_post_nms_topk_train: int
     rpn_post_nms_topk_test: int
-    trust_pickle: bool = False
-    freeze_at: int = 2
-    coco_names: dict[str, str] = dataclasses.field(default_factory=dict)
+    min_size_test: int
+    max_size_test: int
+    trust_pickle: bool
+    freeze_at: int
+    coco_names: dict[str, str]
 
     @property
     def pretrained(self) -> bool:
@@ -74,11 +81,11 @@ class AugmentSpec:
             to that square; it replaces the shortest-edge resize in training. None: off.
     """
 
-    brightness: float = 0.0
-    contrast: float = 0.0
-    saturation: float = 0.0
-    crop: float | None = None
-    scale_jitter: tuple[float, float] | None = None
+    brightness: float
+    contrast: float
+    saturation: float
+    crop: float | None
+    scale_jitter: tuple[float, float] | None
 
     @property
     def crops(self) -> bool:
@@ -88,9 +95,8 @@ class AugmentSpec:
 
 @dataclasses.dataclass(frozen=True)
 class SolverSpec:
-    """Solver and augmentation, with detectron2's semantics for both engines.
-
-    Defaults live in the config schema (see :mod:`d2retrain.core.config`).
+    """Solver and augmentation, with detectron2's semantics for both engines (test-time input
+    sizes are the model's: :class:`ModelSpec`).
 
     Attributes:
         iterations: Total iterations (detectron2 ``SOLVER.MAX_ITER``).
@@ -105,8 +111,6 @@ class SolverSpec:
         eval_period: Iterations between AP evaluations on the val split (0: off).
         min_size_train: Shortest-edge sizes, one drawn per image.
         max_size_train: Longest-edge cap in training.
-        min_size_test: Shortest edge at inference.
-        max_size_test: Longest-edge cap at inference.
         flip: Random horizontal flip in training.
         amp: Mixed precision on a GPU (ignored on the CPU).
         seed: Seed of weights init and data order.
@@ -129,16 +133,14 @@ class SolverSpec:
     eval_period: int
     min_size_train: tuple[int, ...]
     max_size_train: int
-    min_size_test: int
-    max_size_test: int
     flip: bool
     amp: bool
     seed: int
     clip_gradients: float
     max_loss: float
-    keep: str = "best"
-    patience: int = 0
-    augment: AugmentSpec = AugmentSpec()
+    keep: str
+    patience: int
+    augment: AugmentSpec
 
     @property
     def kept(self) -> str:
@@ -149,16 +151,14 @@ class SolverSpec:
 
 def model_spec(model: dict[str, Any], engine: str) -> ModelSpec:
     """A :class:`ModelSpec` from the ``model`` section (defaults filled in) and a resolved engine."""
-    values = section_defaults("model") | model
-    values.pop("engine")
+    values = {key: value for key, value in model.items() if key != "engine"}
     return ModelSpec(engine=engine, **values)
 
 
 def solver_spec(train: dict[str, Any]) -> SolverSpec:
     """A :class:`SolverSpec` from the ``train`` section (defaults filled in)."""
-    values = section_defaults("train") | train
-    for key in ("device", "keep_checkpoints", *LAUNCH_KEYS):  # none of them changes the model
-        values.pop(key)
+    left_out = ("device", "keep_checkpoints", *LAUNCH_KEYS)  # none of them changes the model
+    values = {key: value for key, value in train.items() if key not in left_out}
     augment: dict[str, Any] = {
         k: tuple(v) if isinstance(v, list) else v for k, v in values.pop("augment", {}).items()
     }

@@ -1,7 +1,6 @@
 """The torchvision engine's model half: torchvision's Mask R-CNN, its COCO head surgery, its predictor."""
 
 import copy
-import dataclasses
 import logging
 import warnings
 from collections.abc import Sequence
@@ -55,13 +54,14 @@ HEAD_LAYERS = {
 }
 
 
-def build_model(spec: ModelSpec, num_classes: int, solver: SolverSpec) -> nn.Module:
+def build_model(spec: ModelSpec, num_classes: int, solver: SolverSpec | None = None) -> nn.Module:
     """Build an untrained Mask R-CNN with ``num_classes`` classes plus background.
 
     Args:
-        spec: Architecture (one of :data:`ARCHITECTURES`).
+        spec: Architecture (one of :data:`ARCHITECTURES`) and test-time input sizes.
         num_classes: Foreground classes.
-        solver: Input sizes for training and inference.
+        solver: Training's input sizes, for a model built to train; None: a model built to
+            predict, resizing to the spec's test sizes.
 
     Returns:
         The model.
@@ -69,9 +69,14 @@ def build_model(spec: ModelSpec, num_classes: int, solver: SolverSpec) -> nn.Mod
     Raises:
         D2RetrainError: The architecture is unknown.
     """
+    min_size, max_size = (
+        ((spec.min_size_test,), spec.max_size_test)
+        if solver is None
+        else (solver.min_size_train, solver.max_size_train)
+    )
     sizes = {
-        "min_size": solver.min_size_train,
-        "max_size": solver.max_size_train,
+        "min_size": min_size,
+        "max_size": max_size,
         "box_batch_size_per_image": spec.roi_batch_size_per_image,
         "rpn_post_nms_top_n_train": spec.rpn_post_nms_topk_train,
         "rpn_pre_nms_top_n_train": 2 * spec.rpn_post_nms_topk_train,
@@ -193,7 +198,6 @@ class TorchvisionPredictor:
         self,
         weights: str | Path | None,
         spec: ModelSpec,
-        solver: SolverSpec,
         num_classes: int,
         device: str = "auto",
         score_threshold: float = 0.05,
@@ -201,17 +205,13 @@ class TorchvisionPredictor:
     ) -> None:
         """Args:
         weights: ``model_final.pth`` (a state dict, or a checkpoint holding one under "model").
-        spec: The architecture.
-        solver: Test input sizes.
+        spec: The architecture and test input sizes.
         num_classes: Foreground classes.
         device: ``auto``, ``cpu`` or ``cuda``.
         score_threshold: Lowest score kept.
         max_detections: Most instances per image.
         """
-        solver = dataclasses.replace(
-            solver, min_size_train=(solver.min_size_test,), max_size_train=solver.max_size_test
-        )
-        self.model = build_then_load(lambda: build_model(spec, num_classes, solver), weights)
+        self.model = build_then_load(lambda: build_model(spec, num_classes), weights)
         roi_heads = cast(RoIHeads, self.model.roi_heads)
         roi_heads.score_thresh = score_threshold
         roi_heads.detections_per_img = max_detections

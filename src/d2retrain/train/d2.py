@@ -152,9 +152,7 @@ def _evaluate_now(trainer) -> dict:
     """AP of the weights so far on the val split, with the workflow's evaluation (as the
     evaluate rule), through a separate inference copy of the model."""
     job = trainer.job
-    predictor = Detectron2Predictor(
-        None, job.model, job.solver, len(job.classes), device=trainer.cfg.MODEL.DEVICE
-    )
+    predictor = Detectron2Predictor(None, job.model, len(job.classes), device=trainer.cfg.MODEL.DEVICE)
     predictor.model.load_state_dict(_bare(trainer.model).state_dict())
     return progress_record(predictor, job.val_json, job.val_images, job.classes, trainer.iter + 1)
 
@@ -237,7 +235,7 @@ def _train_process(job: TrainJob, fingerprint: str, image_ids: frozenset[int]) -
     train_name = register_split(
         f"d2retrain_{fingerprint}_train", job.train_json, job.train_images, job.classes, image_ids
     )
-    cfg = build_config(job.model, job.solver, len(job.classes), job.device, str(job.checkpoint_dir))
+    cfg = build_config(job.model, len(job.classes), job.device, job.solver, str(job.checkpoint_dir))
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train_name,), ()
     cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False  # negatives train; image_ids says which images
     cfg.DATALOADER.NUM_WORKERS = loader_workers(job.threads)

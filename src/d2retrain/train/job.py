@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from d2retrain.core.config import section_defaults
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.core.fileio import file_digest
 from d2retrain.model.folder import ModelFolder
@@ -32,10 +31,10 @@ class DistributedSpec:
         dist_url: ``tcp://HOST:PORT`` of machine 0, or ``auto`` (a free local port; one machine).
     """
 
-    num_gpus: int = 1
-    num_machines: int = 1
-    machine_rank: int = 0
-    dist_url: str = "auto"
+    num_gpus: int
+    num_machines: int
+    machine_rank: int
+    dist_url: str
 
     @property
     def world_size(self) -> int:
@@ -102,9 +101,9 @@ class TrainJob:
     solver: SolverSpec
     output_dir: str
     keep_checkpoints: int
-    device: str = "cpu"
-    threads: int = 1
-    distributed: DistributedSpec = DistributedSpec()
+    device: str
+    threads: int
+    distributed: DistributedSpec
     repeat_factors: str | None = None
 
     @property
@@ -147,8 +146,7 @@ def fingerprint(job: TrainJob) -> str:
 
 def distributed_spec(train: dict[str, Any]) -> DistributedSpec:
     """A :class:`DistributedSpec` from the launch keys of the ``train`` section."""
-    values = section_defaults("train") | train
-    spec = {key: values[key] for key in LAUNCH_KEYS}
+    spec = {key: train[key] for key in LAUNCH_KEYS}
     if spec["machine_rank"] == -1:
         try:
             spec["machine_rank"] = int(os.environ["SLURM_NODEID"])

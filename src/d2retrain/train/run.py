@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from d2retrain.core.config import section_defaults
+from d2retrain.core.config import with_defaults
 from d2retrain.core.fileio import atomic_open, write_bytes_atomic, write_text_atomic
 from d2retrain.data.catalog import check_class_list, source_category_ids
 from d2retrain.model.engines import resolve_engine
@@ -106,7 +106,7 @@ def train_from_config(
 
     Args:
         model: The ``model`` section (schema defaults fill what is missing).
-        train: The ``train`` section.
+        train: The ``train`` section (the same).
         classes: Class names in model order.
         train_json: Filtered, balanced training annotations.
         train_images: Training image folder.
@@ -121,7 +121,8 @@ def train_from_config(
     Raises:
         D2RetrainError: Bad configuration or input, unusable weights, or a diverged loss.
     """
-    model = section_defaults("model") | model
+    config = with_defaults({"model": model, "train": train})
+    model, train = config["model"], config["train"]
     engine = resolve_engine(model["engine"], model["architecture"])
     for annotations in (train_json, val_json):
         check_class_list(annotations, classes)
@@ -135,11 +136,11 @@ def train_from_config(
         model=model_spec(model, engine),
         solver=solver_spec(train),
         output_dir=output_dir,
-        device=(section_defaults("train") | train)["device"],
+        device=train["device"],
         threads=threads,
         distributed=distributed_spec(train),
         repeat_factors=repeat_factors,
-        keep_checkpoints=(section_defaults("train") | train)["keep_checkpoints"],
+        keep_checkpoints=train["keep_checkpoints"],
     )
     logger.info("training %s with the %s engine (%s)", ", ".join(classes), engine, job.model.architecture)
     train_model(job, serve)

@@ -240,7 +240,7 @@ def _log_step(
 
 def _evaluate_now(job: TrainJob, run: _Run, iteration: int) -> dict:
     """AP of the weights so far on the val split, through a separate inference copy."""
-    predictor = TorchvisionPredictor(None, job.model, job.solver, len(job.classes), device=str(run.device))
+    predictor = TorchvisionPredictor(None, job.model, len(job.classes), device=str(run.device))
     predictor.model.load_state_dict(run.model.state_dict())
     return progress_record(predictor, job.val_json, job.val_images, job.classes, iteration)
 
