@@ -123,14 +123,10 @@ def test_detectron2_keeps_the_best_evaluation_and_stops_with_patience(
     _, paths = mini_split
     seen: dict[int, dict] = {}
 
-    def evaluate_now(trainer):
+    def evaluate_now(trainer, done):
         weights = d2_train._bare(trainer.model).state_dict()
-        seen[trainer.iter + 1] = {k: v.clone() for k, v in weights.items()}
-        return {
-            "iteration": trainer.iter + 1,
-            "segm_AP": {2: 0.2, 4: 0.1, 6: 0.05, 8: 0.9}[trainer.iter + 1],
-            "bbox_AP": 0,
-        }
+        seen[done] = {k: v.clone() for k, v in weights.items()}
+        return {"iteration": done, "segm_AP": {2: 0.2, 4: 0.1, 6: 0.05, 8: 0.9}[done], "bbox_AP": 0}
 
     monkeypatch.setattr(d2_train, "_evaluate_now", evaluate_now)
     model = D2_SMALL
@@ -153,4 +149,46 @@ def test_detectron2_keeps_the_best_evaluation_and_stops_with_patience(
     assert ModelFolder(output).read_classes().model_file == "model_best.pth"
     assert (output / "model.pth").read_bytes() == (output / "model_best.pth").read_bytes()
     assert same_weights(output / "model_best.pth", seen[2])
-    assert same_weights(output / "model_final.pth", seen[5])
+    assert same_weights(output / "model_final.pth", seen[6])  # the weights it stopped with
+
+
+@pytest.mark.detectron2
+def test_detectron2_resumes_with_the_best_of_its_past_through_its_own_hooks(
+    mini_split, tmp_path, monkeypatch
+):
+    """detectron2's BestCheckpointer alone would forget the best at a resume and take the next
+    evaluation (0.2 at 6) for the best; the workflow's hook starts from the checkpoint's record."""
+    from d2retrain.train import d2 as d2_train
+
+    _, paths = mini_split
+    seen: dict[int, dict] = {}
+
+    def evaluate_now(trainer, done):
+        seen[done] = {k: v.clone() for k, v in d2_train._bare(trainer.model).state_dict().items()}
+        return {"iteration": done, "segm_AP": {2: 0.5, 4: 0.1, 6: 0.2, 8: 0.3}[done], "bbox_AP": 0.0}
+
+    monkeypatch.setattr(d2_train, "_evaluate_now", evaluate_now)
+    real_step, calls = d2_train.WorkflowTrainer.run_step, {"n": 0}
+
+    def dying_step(trainer):
+        calls["n"] += 1
+        if calls["n"] == 6:  # killed during the 6th iteration: the checkpoint at 4 holds best = 2
+            raise KeyboardInterrupt
+        return real_step(trainer)
+
+    monkeypatch.setattr(d2_train.WorkflowTrainer, "run_step", dying_step)
+    train = TINY | {"iterations": 8, "base_lr": 1e-5, "eval_period": 2, "checkpoint_period": 2, "steps": []}
+    output = tmp_path / "model"
+    with pytest.raises(KeyboardInterrupt):
+        train_from_config(model=D2_SMALL, train=train, **mini_inputs(paths, output))
+    state = json.loads((output / "checkpoints" / "state.json").read_text())
+    assert (state["iteration"], state["best"]["iteration"]) == (4, 2)
+    monkeypatch.setattr(d2_train.WorkflowTrainer, "run_step", real_step)
+    train_from_config(model=D2_SMALL, train=train, **mini_inputs(paths, output))
+    best = json.loads((output / "best.json").read_text())
+    assert (best["iteration"], best["value"], best["final_iteration"]) == (2, 0.5, 8)
+    assert same_weights(output / "model_best.pth", seen[2]) and sorted(seen) == [2, 4, 6, 8]
+    assert same_weights(output / "model_final.pth", seen[8])
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [line["iteration"] for line in lines if "total_loss" in line] == list(range(1, 9))
+    assert [line["iteration"] for line in lines if "segm_AP" in line] == [2, 4, 6, 8]

@@ -231,14 +231,8 @@ def test_detectron2_trains_on_the_same_images_negatives_included(tmp_path, caplo
     from d2retrain.model.d2 import build_config
 
     train_json = write_negatives_case(tmp_path)
-    model = D2_SMALL
-    train = TINY | {
-        "iterations": 2,
-        "base_lr": 1e-5,
-        "max_loss": 1e5,
-        "min_size_train": [48],
-        "min_size_test": 48,
-    }
+    model = D2_SMALL | {"min_size_test": 48}
+    train = TINY | {"iterations": 2, "base_lr": 1e-5, "max_loss": 1e5, "min_size_train": [48]}
     inputs = {
         "classes": ["person"],
         "train_json": train_json,

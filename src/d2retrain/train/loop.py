@@ -59,6 +59,7 @@ class CheckpointStore:
         self.fingerprint = fingerprint
         self.keep = keep
         self.best: dict[str, Any] | None = None  # {"iteration", "metric", "value", "file", "stale"}
+        self.last_saved: int | None = None  # the iteration of this run's last checkpoint
 
     def _state(self) -> dict[str, Any]:
         try:
@@ -123,6 +124,7 @@ class CheckpointStore:
         self._write_state(
             {"checkpoint": path.name, "iteration": iteration, "finished": False, "best": self.best}
         )
+        self.last_saved = iteration
         for old in sorted(self.folder.glob("model_*.pth"))[: -self.keep]:
             old.unlink()
         self._prune_best()
@@ -151,21 +153,31 @@ class CheckpointStore:
         value = float(record[BEST_METRIC])
         iteration = int(record["iteration"])
         if self.best is None or value > self.best["value"]:
-            path = self.folder / f"best_{iteration:07d}.pth"
-            with atomic_open(path, durable=True) as handle:
-                torch.save({"model": weights}, handle)
-            self.best = {
-                "iteration": iteration,
-                "metric": BEST_METRIC,
-                "value": value,
-                "file": path.name,
-                "stale": 0,
-            }
-            logger.info("best so far: %s %.4f at iteration %d", BEST_METRIC, value, iteration)
-        else:
-            self.best["stale"] += 1
+            self.keep_best(weights, iteration, value)
+        return self.count_evaluation(iteration, patience)
+
+    def keep_best(self, weights: dict[str, torch.Tensor], iteration: int, value: float) -> None:
+        """Write ``weights`` as the best so far (``best_<iteration>.pth``), evaluated at ``iteration``
+        (iterations done) to ``value`` of :data:`BEST_METRIC`."""
+        path = self.folder / f"best_{iteration:07d}.pth"
+        with atomic_open(path, durable=True) as handle:
+            torch.save({"model": weights}, handle)
+        self.best = {
+            "iteration": iteration,
+            "metric": BEST_METRIC,
+            "value": value,
+            "file": path.name,
+            "stale": 0,
+        }
         self._prune_best()
-        return patience > 0 and self.best["stale"] >= patience
+        logger.info("best so far: %s %.4f at iteration %d", BEST_METRIC, value, iteration)
+
+    def count_evaluation(self, iteration: int, patience: int) -> bool:
+        """Count an evaluation at ``iteration`` that did not beat the best (one that did is the
+        best's own), and say whether ``patience`` evaluations in a row have not improved (0: never)."""
+        if self.best is not None and self.best["iteration"] != iteration:
+            self.best["stale"] += 1
+        return patience > 0 and self.best is not None and self.best["stale"] >= patience
 
     def finished_run(self) -> int:
         """Load the best record ``state.json`` holds into :attr:`best` (after a finished run) and
