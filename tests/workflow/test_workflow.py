@@ -256,6 +256,7 @@ def test_adding_an_image_reruns_only_its_shard_and_retraining_reruns_all_inferen
 
     pictures = write_demo_dataset(tmp_path / "pictures", train=1, val=100, video_frames=2).images("val")
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["demo"] = {"root": "resources/demo", "train_images": 8, "val_images": 4, "video_frames": 2}
     config["train"] = {"iterations": 4, "eval_period": 0, "warmup_iterations": 2, "steps": []}
     config["inference"] = {"images": [str(pictures)], "videos": [], "shards": 4}
     snakemake(tmp_path, config, "--resources", "gpu=1")
