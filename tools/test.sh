@@ -2,7 +2,7 @@
 # Set up (or bring up to date, from uv.lock) and run every check: ruff, snakefmt, snakemake --lint,
 # import-linter, mypy and pytest. CI runs it as it is: every test, slow ones included.
 #
-#   bash tools/test.sh               every check and every test (CI; about 22 minutes on 2 cores)
+#   bash tools/test.sh               every check and every test (CI; about 18 minutes on 2 cores)
 #   bash tools/test.sh --fast        every check and the tests not marked slow (about 2.5 minutes)
 #   bash tools/test.sh --fast --no-lint   the fast tests alone (the pre-commit hook: the other
 #                                    hooks lint)
@@ -42,10 +42,14 @@ if [ "$lint" = 1 ]; then
   lint-imports  # the layers contract of pyproject.toml
   mypy          # src/, as configured in pyproject.toml
 fi
-# Tests side by side, one worker per core (at most 4: each training takes 2 threads); the tests
-# sharing a module-scoped fixture stay in one worker (tests/conftest.py marks them).
+# Tests side by side: one worker per core and one more, because the workflow tests spend part of
+# their time waiting on subprocesses (Snakemake's job polls, SLURM's status checks), at most 4
+# (each training takes 2 threads); the tests sharing a module-scoped fixture stay in one worker
+# (tests/conftest.py marks them).
 select=()
+workers=$(($(nproc) + 1))
 if [ "$fast" = 1 ]; then
   select=(-m "not slow")
+  workers=$(nproc)  # no waiting there: a worker per core
 fi
-pytest --numprocesses auto --maxprocesses 4 --dist loadgroup "${select[@]}" "$@"
+pytest --numprocesses "$workers" --maxprocesses 4 --dist loadgroup "${select[@]}" "$@"
