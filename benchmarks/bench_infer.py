@@ -33,6 +33,7 @@ import cv2
 import torch
 from alternating import alternating
 
+from d2retrain.core.config import with_defaults
 from d2retrain.data.demo import write_demo_dataset
 from d2retrain.data.filtering import FilterOptions
 from d2retrain.data.prepare import filter_file
@@ -321,9 +322,13 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(torch.get_num_threads())
-    options = inference_options(
-        {"score_threshold": args.threshold, "max_detections": 8, "device": "cpu", "max_frames": args.frames}
-    )
+    given = {
+        "score_threshold": args.threshold,
+        "max_detections": 8,
+        "device": "cpu",
+        "max_frames": args.frames,
+    }
+    options = inference_options(with_defaults({"inference": given})["inference"])
     print(f"CPU threads: {torch.get_num_threads()}; cuda: {torch.cuda.is_available()}")
     with tempfile.TemporaryDirectory() as temporary:
         root = Path(temporary)

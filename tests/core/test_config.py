@@ -112,3 +112,23 @@ def test_the_workflow_and_the_cli_fill_the_same_defaults_as_snakemakes_validate_
     by_snakemake = copy.deepcopy(config)
     validate(by_snakemake, str(REPO / "src" / "d2retrain" / "core" / "config.schema.yaml"))
     assert with_defaults(config) == load_config(path) == by_snakemake
+
+
+def test_the_python_api_names_a_moved_key_too(tmp_path):
+    from d2retrain.train.run import train_from_config
+
+    missing = str(tmp_path / "none.json")  # refused before any file is read
+    with pytest.raises(
+        ConfigError, match=r"^train_from_config: train\.min_size_test moved to model\.min_size_test"
+    ):
+        train_from_config(
+            model={},
+            train={"min_size_test": 800},
+            classes=["person"],
+            train_json=missing,
+            train_images=str(tmp_path),
+            val_json=missing,
+            val_images=str(tmp_path),
+            source_json=missing,
+            output_dir=str(tmp_path / "model"),
+        )

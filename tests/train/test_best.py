@@ -192,3 +192,27 @@ def test_detectron2_resumes_with_the_best_of_its_past_through_its_own_hooks(
     lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [line["iteration"] for line in lines if "total_loss" in line] == list(range(1, 9))
     assert [line["iteration"] for line in lines if "segm_AP" in line] == [2, 4, 6, 8]
+
+
+@pytest.mark.detectron2
+def test_detectron2_does_not_evaluate_weights_that_diverged_in_the_last_iteration(mini_split, monkeypatch):
+    from d2retrain.train import d2 as d2_train
+    from d2retrain.train.loop import TrainingDivergedError
+
+    _, paths = mini_split
+    evaluated: list[int] = []
+
+    def evaluate_now(trainer, done):
+        evaluated.append(done)
+        return {"iteration": done, "segm_AP": 0.1, "bbox_AP": 0.0}
+
+    def check_losses(losses, iteration, max_loss):
+        if iteration == 4:  # the last one, an evaluation's iteration
+            raise TrainingDivergedError("training diverged at iteration 4 (test)")
+
+    monkeypatch.setattr(d2_train, "_evaluate_now", evaluate_now)
+    monkeypatch.setattr(d2_train, "check_losses", check_losses)
+    train = TINY | {"iterations": 4, "base_lr": 1e-5, "eval_period": 2, "steps": []}
+    with pytest.raises(TrainingDivergedError, match="iteration 4"):
+        train_from_config(model=D2_SMALL, train=train, **mini_inputs(paths, mini_split[0] / "diverged"))
+    assert evaluated == [2]  # not the weights that diverged

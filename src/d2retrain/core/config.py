@@ -22,6 +22,7 @@ __all__ = [
     "val_split_defaults",
     "allowed_values",
     "MOVED_KEYS",
+    "check_moved_keys",
     "with_defaults",
     "load_config",
     "check_config",
@@ -84,6 +85,18 @@ MOVED_KEYS = {
 }
 
 
+def check_moved_keys(config: dict[str, Any], source: str = "config") -> None:
+    """Refuse a key that moved (:data:`MOVED_KEYS`), naming its new place.
+
+    Raises:
+        ConfigError: The first moved key found.
+    """
+    for old, new in MOVED_KEYS.items():
+        section, key = old.split(".")
+        if isinstance(config.get(section), dict) and key in config[section]:
+            raise ConfigError(f"{source}: {old} moved to {new}; rename the key (same meaning and value)")
+
+
 def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     """A copy of a configuration with the schema's defaults filled in, at every depth (sections,
     their nested objects, each subset and dataset): the one place defaults are filled, for the CLI
@@ -141,11 +154,7 @@ def check_config(config: dict[str, Any], source: str = "config", required: bool 
     """
     import jsonschema  # 40 ms: only commands that read a config pay it
 
-    for old, new in MOVED_KEYS.items():
-        section, key = old.split(".")
-        if isinstance(config.get(section), dict) and key in config[section]:
-            raise ConfigError(f"{source}: {old} moved to {new}; rename the key (same meaning and value)")
-
+    check_moved_keys(config, source)
     schema = _schema() if required else {**_schema(), "required": []}
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(config))
     if error is not None:

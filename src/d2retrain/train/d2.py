@@ -105,7 +105,7 @@ class WorkflowTrainer(DefaultTrainer):
             hooks.CallbackHook(after_step=_log_step),
             # the last evaluation at the last iteration only when it is one of the period's, as the
             # torchvision engine does
-            hooks.EvalHook(period, lambda: _evaluation(self), eval_after_train=_evaluates_last(solver)),
+            _EvalWhenFinished(period, lambda: _evaluation(self), eval_after_train=_evaluates_last(solver)),
         ]
         if main:
             ours.append(
@@ -171,6 +171,22 @@ class _StoreCheckpointer:
             store.save(_payload(trainer, done), done)
 
 
+def _finished(trainer: WorkflowTrainer) -> bool:
+    """Whether detectron2's loop ran to its end (its hooks' own test, ``iter + 1 >= max_iter``, also
+    holds after a failure in the last iteration)."""
+    return trainer.iter >= trainer.max_iter
+
+
+class _EvalWhenFinished(hooks.EvalHook):
+    """detectron2's ``EvalHook``, which evaluates after training only when training finished: a loss
+    that diverged in the last iteration stops training without an evaluation of those weights."""
+
+    def after_train(self) -> None:
+        if not _finished(self.trainer):
+            self._eval_after_train = False
+        super().after_train()
+
+
 class _ResumedBest(hooks.BestCheckpointer):
     """detectron2's ``BestCheckpointer``, which starts from the best of a resumed run's past (the
     store's record) instead of none, and checks after training only when the last iteration was
@@ -185,7 +201,7 @@ class _ResumedBest(hooks.BestCheckpointer):
             self.best_metric, self.best_iter = self.store.best["value"], self.store.best["iteration"] - 1
 
     def after_train(self) -> None:
-        if self.at_end:
+        if self.at_end and _finished(self.trainer):
             super().after_train()
 
 

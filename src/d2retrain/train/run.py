@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from d2retrain.core.config import with_defaults
+from d2retrain.core.config import check_moved_keys, with_defaults
 from d2retrain.core.fileio import atomic_open, write_bytes_atomic, write_text_atomic
 from d2retrain.data.catalog import check_class_list, source_category_ids
 from d2retrain.model.engines import resolve_engine
@@ -121,6 +121,7 @@ def train_from_config(
     Raises:
         D2RetrainError: Bad configuration or input, unusable weights, or a diverged loss.
     """
+    check_moved_keys({"model": model, "train": train}, "train_from_config")
     config = with_defaults({"model": model, "train": train})
     model, train = config["model"], config["train"]
     engine = resolve_engine(model["engine"], model["architecture"])
