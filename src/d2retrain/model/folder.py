@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from d2retrain.core.config import MOVED_KEYS
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.core.fileio import link_or_copy, write_text_atomic
 
@@ -175,9 +176,11 @@ class ModelFolder:
             raise ModelFolderError(
                 f"{self.config_file}: missing; is {self.path} a folder written by d2retrain train?"
             ) from None
-        for key in ("min_size_test", "max_size_test"):
-            if key in record.get("solver", {}):
-                record["model"].setdefault(key, record["solver"].pop(key))
+        for old, new in MOVED_KEYS.items():  # the record names the train section "solver"
+            (section, key), (new_section, new_key) = old.split("."), new.split(".")
+            kept = record.get({"train": "solver"}.get(section, section), {})
+            if key in kept:
+                record[new_section].setdefault(new_key, kept.pop(key))
         return record
 
     def read_best(self) -> dict[str, Any]:

@@ -194,11 +194,12 @@ class _ResumedBest(hooks.BestCheckpointer):
 
     def __init__(self, period: int, checkpointer: _StoreCheckpointer, metric: str, at_end: bool) -> None:
         super().__init__(period, checkpointer, metric, mode="max", file_prefix="model_best")
-        self.store, self.at_end = checkpointer.trainer.store, at_end
+        self.at_end = at_end
 
     def before_train(self) -> None:
-        if self.store.best is not None:
-            self.best_metric, self.best_iter = self.store.best["value"], self.store.best["iteration"] - 1
+        best = self.trainer.store.best
+        if best is not None:
+            self.best_metric, self.best_iter = best["value"], best["iteration"] - 1
 
     def after_train(self) -> None:
         if self.at_end and _finished(self.trainer):
