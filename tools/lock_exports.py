@@ -29,7 +29,8 @@ LOCK = REPO / "uv.lock"
 # What conda itself gives: the interpreter and pip (the rest comes from PyPI, as in the tests).
 CONDA_PYTHON = "3.11"
 CONDA_PIP = "26.3"
-# `uv export` options shared with the Dockerfile's build step (which adds --extra detectron2).
+# `uv export` options shared with the Dockerfile's build step (which adds --extra detectron2 and
+# --extra track).
 EXPORT_OPTIONS = ["--frozen", "--no-dev", "--no-emit-project", "--no-hashes", "--no-header", "--no-annotate"]
 
 HEADER = """\
@@ -47,7 +48,9 @@ HEADER = """\
 # adds Snakemake's sys.path to each job's. So the environment works with any --conda-prefix or
 # --directory, one environment serves every checkout, and a job runs the very code its `code`
 # param hashes. detectron2 is not here (its build needs torch and nvcc at install time), so
-# `model.engine: auto` picks torchvision; use the container image for detectron2.
+# `model.engine: auto` picks torchvision; use the container image for detectron2. Nor is the
+# tracker (the `track` extra, inference.track): pip would install the opencv-python it asks for
+# beside opencv-python-headless (docs/tracking.md#install); the container image has it.
 """
 
 

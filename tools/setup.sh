@@ -33,4 +33,6 @@ fi
 # where PYTHONDONTWRITEBYTECODE is set, Python would otherwise compile torch, snakemake and the rest
 # from source in every process: `import torch, torchvision, snakemake.api` took 13.6 s, now 4.8 s,
 # and each workflow job and test starts that much sooner. It costs ~17 s per setup on 2 cores.
-UV_PROJECT_ENVIRONMENT="$VENV" "$VENV/bin/uv" sync --locked --inexact --compile-bytecode "$@"
+# The `track` extra (inference.track: the trackers library) always: the workflow's default config
+# may turn tracking on, and it costs ~60 MB.
+UV_PROJECT_ENVIRONMENT="$VENV" "$VENV/bin/uv" sync --locked --inexact --compile-bytecode --extra track "$@"

@@ -83,8 +83,48 @@ def _add_infer(commands: argparse._SubParsersAction) -> None:
         help="keep the outputs of files inferred before from the same content, model and output options "
         "(a record beside each file's outputs says); infer only the others",
     )
+    infer.add_argument(
+        "--track",
+        action="store_true",
+        default=defaults["track"],
+        help="link each video's instances into tracks (ByteTrack): track ids, <name>.tracks.csv and .json",
+    )
+    infer.add_argument(
+        "--tracker",
+        nargs="+",
+        metavar="KEY=VALUE",
+        default=[],
+        help="tracker parameters (inference.tracker: lost_track_buffer=60 minimum_iou=0.1 ...)",
+    )
+    infer.add_argument(
+        "--trail-frames",
+        type=int,
+        default=defaults["trail_frames"],
+        help="with --track: draw each track's path over this many frames (0: none)",
+    )
+    infer.add_argument(
+        "--frame-rate",
+        type=float,
+        default=defaults["frame_rate"],
+        help="frames per second of a folder of frames given as a video (without a seqinfo.ini)",
+    )
     infer.add_argument("--threads", type=int, default=2, help=THREADS)
     infer.set_defaults(handler=handlers.run_infer)
+    track_eval = commands.add_parser(
+        "track-eval",
+        help="score a video's tracks against ground truth: HOTA, MOTA, IDF1, ID switches (MOTChallenge)",
+    )
+    track_eval.add_argument(
+        "--gt", required=True, help="ground truth (frame, id, x, y, w, h, conf, class, visibility)"
+    )
+    track_eval.add_argument(
+        "--pred", required=True, help="tracks: videos/<name>.tracks.csv of d2retrain infer"
+    )
+    track_eval.add_argument(
+        "--frames", type=int, help="the video's frame count (default: the tracks.json beside --pred)"
+    )
+    track_eval.add_argument("-o", "--output", help="also write the scores as JSON")
+    track_eval.set_defaults(handler=handlers.run_track_eval)
 
 
 def _add_model_commands(commands: argparse._SubParsersAction) -> None:

@@ -23,6 +23,7 @@ __all__ = [
     "run_repeat_factors",
     "run_evaluate",
     "run_infer",
+    "run_track_eval",
     "run_export",
 ]
 
@@ -153,19 +154,24 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 
 def run_infer(args: argparse.Namespace) -> int:
+    from d2retrain.core.config import check_config, with_defaults
     from d2retrain.infer.inputs import discover
     from d2retrain.infer.pipeline import inference_options, run_inference
 
-    options = inference_options(
-        {
-            "score_threshold": args.score_threshold,
-            "max_detections": args.max_detections,
-            "device": args.device,
-            "save_frames": args.save_frames,
-            "max_frames": args.max_frames,
-            "batch_size": args.batch_size,
-        }
-    )
+    section = {
+        "score_threshold": args.score_threshold,
+        "max_detections": args.max_detections,
+        "device": args.device,
+        "save_frames": args.save_frames,
+        "max_frames": args.max_frames,
+        "batch_size": args.batch_size,
+        "track": args.track,
+        "tracker": _key_values(args.tracker, "--tracker"),
+        "trail_frames": args.trail_frames,
+        "frame_rate": args.frame_rate,
+    }
+    check_config({"inference": section}, "arguments", required=False)
+    options = inference_options(with_defaults({"inference": section})["inference"])
     images = discover(args.images, "image")
     videos = discover(args.videos, "video")
     if not images and not videos:
@@ -180,6 +186,37 @@ def run_infer(args: argparse.Namespace) -> int:
         classes, source_ids = model_classes(args.model)
         write_predictions_coco(statuses, args.output, classes, source_ids, args.coco_out)
     return 1 if any(status.status != "ok" for status in statuses) else 0
+
+
+def _key_values(pairs: list[str], option: str) -> dict:
+    """``KEY=VALUE`` arguments as a dict, each value read as YAML (``0.5`` is a number).
+
+    Raises:
+        D2RetrainError: An argument without ``=``.
+    """
+    import yaml
+
+    values = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key:
+            raise D2RetrainError(f"{option}: {pair!r} is not KEY=VALUE")
+        values[key] = yaml.safe_load(value)
+    return values
+
+
+def run_track_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from d2retrain.core.fileio import write_text_atomic
+    from d2retrain.infer.trackscore import METRICS, score_tracks
+
+    scores = score_tracks(args.gt, args.pred, args.frames)
+    width = max(len(name) for name, _ in METRICS)
+    for name, meaning in METRICS:
+        print(f"{name:<{width}}  {scores[name]:>8}  {meaning}")
+    if args.output:
+        write_text_atomic(args.output, json.dumps(scores, indent=1) + "\n")
 
 
 def run_export(args: argparse.Namespace) -> None:

@@ -1,10 +1,47 @@
 """The embedded demo dataset."""
 
+import inspect
+
 import av
+import numpy as np
+import pandas as pd
 
 from d2retrain.data.coco import read_coco
-from d2retrain.data.demo import write_demo_dataset
+from d2retrain.data.demo import VIDEO_SIZE, write_demo_dataset
 from d2retrain.data.stats import category_counts
+
+GROUND_TRUTH_COLUMNS = ["frame", "id", "left", "top", "width", "height", "flag", "category", "visibility"]
+
+
+def read_ground_truth(path) -> pd.DataFrame:
+    """A MOTChallenge ground-truth file as a table (a row per object per frame)."""
+    return pd.read_csv(path, header=None, names=GROUND_TRUTH_COLUMNS)
+
+
+def crossings(truth: pd.DataFrame) -> set[tuple[int, int]]:
+    """Pairs of tracks whose left-right order swaps between two frames holding both, with their
+    boxes overlapping in one of those two frames."""
+    boxes = truth.assign(
+        right=truth.left + truth.width, bottom=truth.top + truth.height, centre=truth.left + truth.width / 2
+    )
+    pairs = boxes.merge(boxes, on="frame", suffixes=("", "_other"))
+    pairs = pairs[pairs.id < pairs.id_other].sort_values(["id", "id_other", "frame"])
+    pairs = pairs.assign(
+        order=np.sign(pairs.centre - pairs.centre_other),
+        overlap=(np.minimum(pairs.right, pairs.right_other) > np.maximum(pairs.left, pairs.left_other))
+        & (np.minimum(pairs.bottom, pairs.bottom_other) > np.maximum(pairs.top, pairs.top_other)),
+    )
+    pairs = pairs[pairs.order != 0]
+    by_pair = pairs.groupby(["id", "id_other"])
+    swapped = by_pair.order.diff().fillna(0) != 0
+    overlapping = pairs.overlap | by_pair.overlap.shift(1, fill_value=False)
+    hits = pairs[swapped & overlapping]
+    return set(zip(hits.id.tolist(), hits.id_other.tolist(), strict=True))
+
+
+def decoded_frames(video) -> int:
+    with av.open(str(video)) as container:
+        return sum(1 for _ in container.decode(container.streams.video[0]))
 
 
 def test_demo_dataset_is_deterministic_and_shaped_as_promised(tmp_path):
@@ -55,3 +92,42 @@ def test_demo_images_and_video_come_in_mixed_sizes_and_orientations(tmp_path):
     with av.open(str(layout.video)) as container:
         stream = container.streams.video[0]
         assert stream.width % 32 and stream.height % 32
+
+
+def test_demo_video_has_tracks_that_cross_and_hide_and_its_ground_truth_is_deterministic(tmp_path):
+    layout = write_demo_dataset(tmp_path / "a", train=1, val=1)
+    again = write_demo_dataset(tmp_path / "b", train=1, val=1)
+    assert layout.video_ground_truth.read_bytes() == again.video_ground_truth.read_bytes()
+    truth = read_ground_truth(layout.video_ground_truth)
+    frames = decoded_frames(layout.video)
+    assert frames == inspect.signature(write_demo_dataset).parameters["video_frames"].default
+    assert truth.frame.between(1, frames).all() and set(truth.frame) == set(range(1, frames + 1))
+    tracks = truth.groupby("id").category.agg(["first", "nunique"])
+    assert len(tracks) >= 6 and sorted(tracks.index) == list(range(1, len(tracks) + 1))
+    assert (tracks["nunique"] == 1).all() and set(tracks["first"]) == {1, 37}
+    assert len(crossings(truth)) >= 4
+    gaps = truth.sort_values(["id", "frame"]).groupby("id").frame.diff() - 1
+    assert gaps.max() >= 5, "an object hidden for 5 frames or more reappears"
+    width, height = VIDEO_SIZE
+    assert (truth.left >= 0).all() and (truth.top >= 0).all()
+    assert (truth.width > 0).all() and (truth.height > 0).all()
+    assert (truth.left + truth.width <= width).all() and (truth.top + truth.height <= height).all()
+    assert (truth.flag == 1).all() and truth.visibility.between(0.3, 1).all()
+    assert (truth.visibility < 1).any(), "some objects are partly hidden"
+
+
+def test_crossings_need_a_swap_of_overlapping_boxes():
+    rows = [  # track 1 passes track 2 (overlapping), track 3 swaps with 1 far below, 4 never swaps
+        (frame, track, left, top, 10, 10, 1, 1, 1.0)
+        for frame in (1, 2, 3)
+        for track, left, top in ((1, 10 * frame, 0), (2, 25 - 2 * frame, 5), (3, 18, 100), (4, 200, 0))
+    ]
+    truth = pd.DataFrame(rows, columns=GROUND_TRUTH_COLUMNS)
+    assert crossings(truth) == {(1, 2)}
+
+
+def test_a_two_frame_demo_video_has_ground_truth_for_its_two_frames(tmp_path):
+    layout = write_demo_dataset(tmp_path, train=1, val=1, video_frames=2)
+    truth = read_ground_truth(layout.video_ground_truth)
+    assert decoded_frames(layout.video) == 2
+    assert set(truth.frame) == {1, 2} and truth.id.nunique() >= 4

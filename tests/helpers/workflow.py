@@ -28,9 +28,15 @@ def planned_jobs(workdir: Path, config: dict) -> dict[str, int]:
 
 
 def main_config() -> dict:
-    """The embedded default as the README runs it, plus the opt-in exports (both formats)."""
+    """The embedded default as the README runs it, plus the opt-ins: exports (both formats), and
+    the demo video's tracks scored against its ground truth (docs/tracking.md)."""
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["export"] = {"formats": ["onnx", "torchscript"]}
+    config["inference"] |= {
+        "track": True,
+        "trail_frames": 10,
+        "ground_truth": {"demo": "resources/demo/video/demo.gt.txt"},
+    }
     return config
 
 

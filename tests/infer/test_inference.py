@@ -591,3 +591,73 @@ def test_outputs_of_inputs_no_longer_there_are_removed_and_only_those(demo_model
     }
     assert gone == set() and ".demo.record.json" not in left
     assert {f"{item.name}.json" for item in images[1:]} | {"mine.txt"} <= left
+
+
+# The model of these tests is trained for two iterations: it scores everything low, so the tracker's
+# thresholds are lowered with the inference threshold (OPTIONS).
+LOW_TRACKER = {
+    "track_activation_threshold": 0.02,
+    "high_score_threshold": 0.02,
+    "low_score_threshold": 0.005,
+}
+
+
+def test_tracking_writes_track_ids_and_mot_files_the_same_for_a_video_and_its_frames_and_leaves_images_alone(
+    demo_model, tmp_path
+):
+    model, layout = demo_model
+    frames = tmp_path / "frames" / "img1"  # a MOTChallenge sequence: frames, and seqinfo.ini above
+    frames.mkdir(parents=True)
+    (frames.parent / "seqinfo.ini").write_text("[Sequence]\nname=demo-frames\nframeRate=10\nseqLength=12\n")
+    with av.open(str(layout.video)) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            cv2.imwrite(str(frames / f"{index + 1:06d}.png"), frame.to_ndarray(format="bgr24"))
+    images = sorted(layout.images("val").glob("*.jpg"))[:2]
+    (video_input,) = discover([str(frames)], "video")  # a folder of frames is one video
+    assert (video_input.path, video_input.name) == (str(frames), "img1")
+    untracked = inference_options(filled("inference", OPTIONS))
+    out = tmp_path / "out"
+    run_inference(model, images, [layout.video, video_input], out, untracked, CLASSES, reuse=True)
+    drawn = {path: path.stat().st_mtime_ns for path in (out / "images").iterdir()}
+    assert not list((out / "videos").glob("*.tracks.*"))
+    tracked = inference_options(
+        filled("inference", OPTIONS | {"track": True, "tracker": LOW_TRACKER, "trail_frames": 5})
+    )
+    statuses = run_inference(model, images, [layout.video, video_input], out, tracked, CLASSES, reuse=True)
+    # images are kept from the first run: tracking changes videos only
+    assert {path: path.stat().st_mtime_ns for path in (out / "images").iterdir()} == drawn
+    by_name = {status.name: status for status in statuses}
+    for name in ("demo", "img1"):
+        lines = [json.loads(line) for line in (out / "videos" / f"{name}.jsonl").read_text().splitlines()]
+        assert [line["frame"] for line in lines] == list(range(12))
+        ids = [i["track_id"] for line in lines for i in line["instances"]]
+        assert ids and all(i is None or (isinstance(i, int) and i >= 1) for i in ids)
+        rows = [row.split(",") for row in (out / "videos" / f"{name}.tracks.csv").read_text().splitlines()]
+        assert rows and all(len(row) == 10 and row[7:] == ["-1", "-1", "-1"] for row in rows)
+        # the MOT file holds exactly the JSONL's instances that are in a track, frames from 1
+        in_tracks = sorted(
+            (line["frame"] + 1, i["track_id"]) for line in lines for i in line["instances"] if i["track_id"]
+        )
+        assert sorted((int(row[0]), int(row[1])) for row in rows) == in_tracks
+        described = json.loads((out / "videos" / f"{name}.tracks.json").read_text())
+        assert described["frames"] == 12 and described["rate"] == 10.0
+        assert {t["id"] for t in described["tracks"]} == {int(row[1]) for row in rows}
+        for track in described["tracks"]:
+            assert track["length"] == sum(1 for row in rows if int(row[1]) == track["id"])
+            assert track["class"] == max(track["classes"], key=track["classes"].get)
+        counts = {name: n for name, n in described["tracks_per_class"].items() if n}
+        assert by_name[name].tracks == ", ".join(f"{c} {n}" for c, n in counts.items())
+        with av.open(str(out / "videos" / f"{name}.mp4")) as container:
+            assert sum(1 for _ in container.decode(video=0)) == 12
+    # the same frames give the same tracks, from a video file or from a folder of frames
+    assert (out / "videos" / "demo.tracks.csv").read_text() == (
+        out / "videos" / "img1.tracks.csv"
+    ).read_text()
+    # a killed run that lost a track file is not taken as complete: that video is inferred again
+    (out / "videos" / "demo.tracks.json").unlink()
+    again = run_inference(model, images, [layout.video, video_input], out, tracked, CLASSES, reuse=True)
+    assert (out / "videos" / "demo.tracks.json").is_file() and again[2].tracks == by_name["demo"].tracks
+    # tracking off again: the track files go, the images stay
+    run_inference(model, images, [layout.video, video_input], out, untracked, CLASSES, reuse=True)
+    assert not list((out / "videos").glob("*.tracks.*"))
+    assert {path: path.stat().st_mtime_ns for path in (out / "images").iterdir()} == drawn

@@ -110,7 +110,15 @@ def test_onnx_inference_never_imports_torch_and_writes_what_the_model_writes(tra
         "from d2retrain.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
-    arguments = ["-i", str(layout.images("val")), "-v", str(layout.video), "--score-threshold", "0.3"]
+    arguments = [
+        "-i",
+        str(layout.images("val")),
+        "-v",
+        str(layout.video),
+        "--score-threshold",
+        "0.3",
+        "--track",
+    ]
     onnx = [
         "--model",
         str(root / "onnx"),
@@ -141,10 +149,20 @@ def test_onnx_inference_never_imports_torch_and_writes_what_the_model_writes(tra
         (tmp_path / kind / "videos" / "demo.jsonl").read_text().splitlines() for kind in ("pytorch", "onnx")
     ]
     with av.open(str(layout.video)) as container:
-        source_frames = container.streams.video[0].frames  # the demo video's, 40 in the main job
+        source_frames = container.streams.video[0].frames  # the demo video's, 60 in the main job
     assert len(frames[0]) == len(frames[1]) == source_frames > 0
     for ours, theirs in zip(*frames, strict=True):
         _same_instances(json.loads(ours)["instances"], json.loads(theirs)["instances"])
+    # --track without torch: the same tracks (frame, id) as the PyTorch model's
+    tracks = [
+        [
+            row.split(",")[:2]
+            for row in (tmp_path / kind / "videos" / "demo.tracks.csv").read_text().splitlines()
+        ]
+        for kind in ("pytorch", "onnx")
+    ]
+    assert tracks[0] and tracks[0] == tracks[1]
+    assert all("track_id" in i for line in frames[1] for i in json.loads(line)["instances"])
     with av.open(str(tmp_path / "onnx" / "videos" / "demo.mp4")) as container:
         stream = container.streams.video[0]
         assert (stream.codec_context.name, stream.codec_context.pix_fmt) == ("h264", "yuv420p")

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import COCO_MINI, REPO
+from helpers import COCO_MINI, REPO, filled
 
 from d2retrain.infer.inputs import InputFile
-from d2retrain.infer.pipeline import InferenceOptions, Labels, infer_video
+from d2retrain.infer.pipeline import Labels, infer_video, inference_options
 from d2retrain.model.instances import Instances
 
 D2RETRAIN = [sys.executable, "-m", "d2retrain.cli"]
@@ -305,11 +305,10 @@ def write_long_video(path: Path, frames: int, width: int = 96, height: int = 64)
 
 @pytest.mark.slow
 def test_a_long_video_streams_in_flat_memory(tmp_path):
+    """5,000 frames inferred and tracked: the frames, the masks and the tracker's state are not kept."""
     write_long_video(tmp_path / "long.mp4", 5000)
     predictor = MovingInstances(marks=(200, 5000))
-    options = InferenceOptions(
-        score_threshold=0.5, max_detections=100, device="cpu", save_frames=False, max_frames=0, batch_size=2
-    )
+    options = inference_options(filled("inference", {"device": "cpu", "track": True, "trail_frames": 10}))
     labels = Labels(("person", "sports ball"), (1, 37))
     status = infer_video(
         predictor, labels, InputFile.of(tmp_path / "long.mp4", "video"), tmp_path / "out", options
@@ -322,6 +321,10 @@ def test_a_long_video_streams_in_flat_memory(tmp_path):
     assert len((tmp_path / "out" / "long.jsonl").read_text().splitlines()) == 5000
     with av.open(str(tmp_path / "out" / "long.mp4")) as container:
         assert container.streams.video[0].frames == 5000
+    # every instance is in a track: a new one each time the box wraps around to the left side
+    assert len((tmp_path / "out" / "long.tracks.csv").read_text().splitlines()) == 10000
+    tracks = json.loads((tmp_path / "out" / "long.tracks.json").read_text())["tracks"]
+    assert sum(track["length"] for track in tracks) == 10000 and len(tracks) > 60
 
 
 HOSTILE_NAMES = [

@@ -94,3 +94,16 @@ def test_a_shard_has_lost_an_output_only_once_it_ran(tmp_path):
         (folder / "images" / name).write_bytes(b"x")
     assert first_missing_output(files[:2], folder) == "images/img_1.json"
     assert lost_outputs(groups, [str(folder)]) == {0: "images/img_1.json", 1: None}
+
+
+def test_ground_truth_needs_tracking_and_names_an_inference_video():
+    from d2retrain.workflow.planning import tracked_videos
+
+    files = [InputFile("clips/match.mp4", "video", "match"), InputFile("a.jpg", "image", "a")]
+    truth = {"match": "gt/match.txt"}
+    assert tracked_videos(files, {"ground_truth": truth, "track": True}) == truth
+    assert tracked_videos(files, {"ground_truth": {}, "track": False}) == {}
+    with pytest.raises(D2RetrainError, match=r"scores tracks: set inference\.track: true too"):
+        tracked_videos(files, {"ground_truth": truth, "track": False})
+    with pytest.raises(D2RetrainError, match=r"a not among the inference videos \(their names: match\)"):
+        tracked_videos(files, {"ground_truth": {"a": "gt.txt"}, "track": True})

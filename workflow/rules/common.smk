@@ -12,6 +12,7 @@ from d2retrain.workflow.planning import (
     demo_planned_files,
     lost_outputs,
     shards,
+    tracked_videos,
 )
 
 SPLITS = ["train", "val"]
@@ -277,6 +278,11 @@ INFERENCE = InferencePlan(
     ),
 )
 INFERENCE_SHARDS = shards(INFERENCE.files, config["inference"]["shards"])
+# The videos whose tracks are scored against ground truth: {name: MOT file}.
+try:
+    TRACKED = tracked_videos(INFERENCE.files, config["inference"])
+except D2RetrainError as error:
+    sys.exit(f"config: {error}")
 # Per shard, an output lost since it ran (in any subset), relative to the inference folder.
 LOST_OUTPUTS = lost_outputs(
     INFERENCE_SHARDS, [f"results/{subset}/inference" for subset in config["subsets"]]
@@ -327,6 +333,7 @@ def inference_outputs(subset):
     return [
         f"results/{subset}/inference/summary.csv",
         f"results/{subset}/inference/predictions_coco.json",
+        *([f"results/{subset}/inference/tracking.csv"] if TRACKED else []),
         *lost,
     ]
 
@@ -342,9 +349,10 @@ def all_outputs():
 
 
 def inference_params():
-    """The inference settings a job depends on (the file lists are its inputs)."""
+    """The inference settings a job depends on (the file lists are its inputs; the ground truth
+    is track_eval's)."""
     return {
         key: value
         for key, value in config["inference"].items()
-        if key not in ("images", "videos")
+        if key not in ("images", "videos", "ground_truth")
     }

@@ -8,6 +8,7 @@ checkpoint demo_data:
         train_images=directory(f"{config['demo']['root']}/train"),
         val_images=directory(f"{config['demo']['root']}/val"),
         video=f"{config['demo']['root']}/video/demo.mp4",
+        video_ground_truth=f"{config['demo']['root']}/video/demo.gt.txt",
     log:
         "logs/demo_data.log",
     conda:

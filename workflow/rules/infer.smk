@@ -65,3 +65,27 @@ rule inference_summary:
         code=script_code("inference_summary"),
     script:
         "../scripts/inference_summary.py"
+
+
+rule track_eval:
+    input:
+        summary="results/{subset}/inference/summary.csv",
+        ground_truth=list(TRACKED.values()),
+    output:
+        report(
+            "results/{subset}/inference/tracking.csv",
+            caption="../report/tracking.rst",
+            category="4. Inference",
+            subcategory="{subset}",
+        ),
+    log:
+        "logs/{subset}/track_eval.log",
+    conda:
+        "../../envs/d2retrain.yaml"
+    resources:
+        **CPU_JOB,
+    params:
+        videos=TRACKED,
+        code=script_code("track_eval"),
+    script:
+        "../scripts/track_eval.py"

@@ -1,8 +1,14 @@
-"""Deterministic demo dataset: COCO-format images of people, balls and cars, plus a video."""
+"""Deterministic demo dataset: COCO-format images of people, balls and cars, plus a tracking video.
+
+The video shows four people walking past each other, a ball thrown across them and a ball rolling
+behind a wall; beside it, its ground truth in MOTChallenge form holds the box and visible fraction
+of each person and ball (not the wall) in each frame where it is visible enough.
+"""
 
 import dataclasses
 import datetime
 import logging
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -13,7 +19,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from d2retrain.core.fileio import atomic_open, write_bytes_atomic
+from d2retrain.core.fileio import atomic_open, write_bytes_atomic, write_text_atomic
 from d2retrain.data.layout import DemoLayout
 
 logger = logging.getLogger(__name__)
@@ -34,6 +40,7 @@ DEMO_CATEGORIES = (
     {"supercategory": "sports", "id": 37, "name": "sports ball"},
 )
 _PERSON, _CAR, _BALL = 1, 3, 37
+_WALL = 0  # the video's occluder: a plain block, of no category (a car's wheels look like balls)
 WIDTH, HEIGHT = 256, 192  # the size the objects are drawn for; other sizes scale them
 # (width, height) of the images, in turn: landscape and portrait, sides that are not multiples of
 # 32, some above the test size (192) and its cap (360), so that inference, evaluation and exports
@@ -125,8 +132,10 @@ def _propose(rng: np.random.Generator, category: int, width: int, height: int) -
     ]
 
 
-def _background(rng: np.random.Generator, width: int = WIDTH, height: int = HEIGHT) -> np.ndarray:
-    corners = rng.uniform(40, 200, size=(2, 2, 3)).astype(np.float32)
+def _background(
+    rng: np.random.Generator, width: int = WIDTH, height: int = HEIGHT, levels: tuple[int, int] = (40, 200)
+) -> np.ndarray:
+    corners = rng.uniform(*levels, size=(2, 2, 3)).astype(np.float32)
     image = cv2.resize(corners, (width, height), interpolation=cv2.INTER_LINEAR)
     image += np.asarray(rng.normal(0, 6, size=image.shape), dtype=np.float32)
     return np.clip(image, 0, 255).astype(np.uint8)
@@ -265,51 +274,147 @@ def _write_split(layout: DemoLayout, split: str, count: int, rng: np.random.Gene
     write_bytes_atomic(layout.annotations(split), msgspec.json.encode(document))
 
 
-def _video_frames(rng: np.random.Generator, frames: int):
+@dataclasses.dataclass(frozen=True)
+class _Mover:
+    """One object of the demo video, moving a constant step per frame.
+
+    In units of the 256 x 192 drawing canvas: its place at frame 0 (person: centre and top; ball:
+    centre; wall: left and top), its size (person: height; ball: radius; wall: width), its step.
+    """
+
+    category: int
+    x: float
+    y: float
+    size: float
+    step: tuple[float, float] = (0.0, 0.0)
+
+    def polygons(self, index: int, unit: float) -> list[np.ndarray]:
+        """The object's polygons in pixels at frame ``index`` (from 0)."""
+        x, y = (self.x + self.step[0] * index) * unit, (self.y + self.step[1] * index) * unit
+        if self.category == _PERSON:
+            return _person(x, y, self.size * unit)
+        if self.category == _WALL:
+            width, height = self.size * unit, self.size * unit * 0.5
+            return [np.array([[x, y], [x + width, y], [x + width, y + height], [x, y + height]])]
+        return [_circle(x, y, self.size * unit)]
+
+
+# The video's objects in drawing order (back to front), laid out for 60 frames: two people
+# walking past each other in the upper band and two in the lower one (the one behind is hidden
+# for a few frames), a ball rolling behind a wall in the middle band (the wall is not ground
+# truth), a ball thrown across all of them.
+_VIDEO_SCENE = (
+    _Mover(_PERSON, 18, 4, 66, (3.4, 0.0)),
+    _Mover(_PERSON, 236, 8, 62, (-2.6, 0.0)),
+    _Mover(_PERSON, 40, 124, 64, (1.6, 0.0)),
+    _Mover(_PERSON, 236, 120, 66, (-3.0, 0.0)),
+    _Mover(_BALL, 8, 99, 11, (4.4, 0.0)),
+    _Mover(_WALL, 88, 80, 84),
+    _Mover(_BALL, 248, 18, 12, (-3.3, 2.5)),
+)
+_MIN_VISIBILITY = 0.3  # an object less visible than this is left out of its frame's ground truth
+
+
+def _ground_truth(frame: int, scene: list[tuple[int, list[np.ndarray]]], width: int, height: int) -> str:
+    """MOT ground-truth lines of one frame: the box and fraction of each object's visible pixels."""
+    pad = max(width, height)  # the full masks of objects past the border
+    labels = np.zeros((height + 2 * pad, width + 2 * pad), dtype=np.uint8)
+    scratch, areas = np.zeros_like(labels), []
+    for number, (_, polygons) in enumerate(scene, start=1):
+        scratch[:] = 0
+        cv2.fillPoly(scratch, [np.round(p).astype(np.int32) + pad for p in polygons], 1)
+        areas.append(int(scratch.sum()))
+        labels[scratch == 1] = number
+    inside = labels[pad : pad + height, pad : pad + width]
+    lines: list[str] = []
+    track = 0
+    for number, ((category, _), area) in enumerate(zip(scene, areas, strict=True), start=1):
+        if category == _WALL:
+            continue
+        track += 1
+        rows, columns = np.nonzero(inside == number)
+        if rows.size < _MIN_VISIBILITY * area:
+            continue
+        left, top = columns.min(), rows.min()
+        box = ",".join(f"{v:.2f}" for v in (left, top, columns.max() + 1 - left, rows.max() + 1 - top))
+        lines.append(f"{frame},{track},{box},1,{category},{rows.size / area:.2f}\n")
+    return "".join(lines)
+
+
+def _contrasting_seeds(rng: np.random.Generator, background: np.ndarray, count: int) -> list[int]:
+    """Seeds whose :func:`_paint` colours stand out from the background's mean colour and from
+    each other (objects the detector cannot see, or sees as one, would measure the detector, not
+    the tracker)."""
+    mean = background.reshape(-1, 3).mean(axis=0)
+    seeds: list[int] = []
+    colors: list[np.ndarray] = []
+    while len(seeds) < count:
+        seed = int(rng.integers(2**32))
+        color = np.random.default_rng(seed).integers(0, 256, size=3)
+        if np.linalg.norm(color - mean) >= 150 and all(np.linalg.norm(color - c) >= 110 for c in colors):
+            seeds.append(seed)
+            colors.append(color)
+    return seeds
+
+
+def _video_frames(rng: np.random.Generator, frames: int) -> Iterator[tuple[np.ndarray, str]]:
+    """Yield each frame of the demo video (BGR) with its ground-truth lines."""
     width, height = VIDEO_SIZE
     unit = min(width, height) / HEIGHT
-    background = _background(rng, width, height)
+    # a muted background (its corners' levels within 90..150), so that every object's colour can
+    # stand out from all of it (:func:`_contrasting_seeds`), not only from its mean
+    background = _background(rng, width, height, levels=(90, 150))
+    color_seeds = _contrasting_seeds(rng, background, len(_VIDEO_SCENE))  # an object keeps its colour
     for index in range(frames):
         image = background.copy()
-        phase = index / max(1, frames - 1)
-        _paint(rng, image, _PERSON, _person(20 * unit + phase * (width - 40 * unit), 40 * unit, 110 * unit))
-        bounce = abs(np.sin(phase * 3 * np.pi))
-        ball = [
-            _circle(
-                width - 30 * unit - phase * (width - 60 * unit),
-                height - (20 + bounce * 100) * unit,
-                16 * unit,
-            )
-        ]
-        _paint(np.random.default_rng(7), image, _BALL, ball)
-        yield image
+        scene = [(mover.category, mover.polygons(index, unit)) for mover in _VIDEO_SCENE]
+        for (category, polygons), color_seed in zip(scene, color_seeds, strict=True):
+            if category == _WALL:  # a shade off the background: hides what passes behind, looks like nothing
+                shade = tuple(int(v) for v in np.clip(background.reshape(-1, 3).mean(axis=0) + 18, 0, 255))
+                cv2.fillPoly(image, [np.round(p).astype(np.int32) for p in polygons], shade)
+            else:
+                _paint(np.random.default_rng(color_seed), image, category, polygons)
+        yield image, _ground_truth(index + 1, scene, width, height)
 
 
-def _write_video(path: Path, rng: np.random.Generator, frames: int, fps: int = 10) -> None:
+def _write_video(path: Path, rng: np.random.Generator, frames: int, fps: int = 10) -> str:
+    """Write the demo video; return its ground truth (MOT lines)."""
+    lines: list[str] = []
     with atomic_open(path) as handle, av.open(handle, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps, 1))
         stream.width, stream.height = VIDEO_SIZE
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "20"}
-        for picture in _video_frames(rng, frames):
+        for picture, truth in _video_frames(rng, frames):
+            lines.append(truth)
             for packet in stream.encode(av.VideoFrame.from_ndarray(picture, format="bgr24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+    return "".join(lines)
 
 
 def write_demo_dataset(
-    root: str | Path, seed: int = 0, train: int = 80, val: int = 24, video_frames: int = 40
+    root: str | Path, seed: int = 0, train: int = 80, val: int = 24, video_frames: int = 60
 ) -> DemoLayout:
     """Write the demo dataset under ``root`` (see :class:`DemoLayout`): images of the
-    :data:`IMAGE_SIZES` in turn, a video of :data:`VIDEO_SIZE`.
+    :data:`IMAGE_SIZES` in turn, a video of :data:`VIDEO_SIZE` and its ground-truth tracks.
+
+    The video (10 fps) shows four people walking past each other, a ball thrown across them and
+    a ball rolling behind a wall, each moving a constant step per frame (laid out for 60
+    frames; fewer show its start, more show it emptying). Its ground truth
+    (:attr:`DemoLayout.video_ground_truth`) has a MOTChallenge line per person and ball per frame,
+    ``frame,id,bb_left,bb_top,bb_width,bb_height,1,class,visibility``: frames and ids from 1, the
+    COCO category id as class, the box of the object's visible pixels (0-based pixel edges, as
+    COCO boxes) and the visible fraction of its whole mask; an object less than 30% visible is
+    left out of that frame, and the wall is left out.
 
     Args:
         root: Destination folder.
         seed: Random seed; the same seed gives the same annotations and pixels.
         train: Number of training images.
         val: Number of validation images.
-        video_frames: Frames of the demo video (10 fps).
+        video_frames: Frames of the demo video.
 
     Returns:
         The layout of what was written.
@@ -318,7 +423,9 @@ def write_demo_dataset(
     rng = np.random.default_rng(seed)
     _write_split(layout, "train", train, rng, first_id=1)
     _write_split(layout, "val", val, rng, first_id=10_000)
-    _write_video(layout.video, rng, video_frames)
+    # the video's own stream of the seed: the same video whatever the image counts
+    video = _write_video(layout.video, np.random.default_rng((seed, 1)), video_frames)
+    write_text_atomic(layout.video_ground_truth, video)
     logger.info(
         "demo dataset: %d train and %d val images and a %d-frame video in %s", train, val, video_frames, root
     )

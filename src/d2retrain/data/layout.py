@@ -32,3 +32,8 @@ class DemoLayout:
     def video(self) -> Path:
         """The demo video."""
         return self.root / "video" / "demo.mp4"
+
+    @property
+    def video_ground_truth(self) -> Path:
+        """The demo video's ground truth (MOTChallenge ``gt.txt`` lines)."""
+        return self.root / "video" / "demo.gt.txt"

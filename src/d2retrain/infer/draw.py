@@ -29,7 +29,13 @@ PALETTE = (
 
 
 def draw_instances(
-    image_bgr: np.ndarray, instances: Instances, names: Sequence[str], alpha: float = 0.45
+    image_bgr: np.ndarray,
+    instances: Instances,
+    names: Sequence[str],
+    alpha: float = 0.45,
+    colors: Sequence[tuple[int, int, int]] | None = None,
+    labels: Sequence[str] | None = None,
+    trails: Sequence[tuple[tuple[int, int, int], Sequence[tuple[float, float]]]] = (),
 ) -> np.ndarray:
     """Draw each instance's mask (tinted, outlined), box, class name and score on a copy.
 
@@ -42,17 +48,32 @@ def draw_instances(
         instances: Predictions for that image.
         names: Class names in model order.
         alpha: Mask opacity.
+        colors: One BGR colour per instance (a track's); by default its class's.
+        labels: One label per instance; by default its class name and score.
+        trails: Polylines drawn under the instances, each ``(colour, points)`` (tracks' paths).
 
     Returns:
         The drawn image.
     """
     canvas = image_bgr.copy()
+    height, width = canvas.shape[:2]
+    thickness = max(1, round(min(height, width) / 320))
+    for color, points in trails:
+        if len(points) > 1:
+            path = np.round(np.asarray(points)).astype(np.int32).reshape(-1, 1, 2)
+            cv2.polylines(canvas, [path], False, color, thickness + 1, cv2.LINE_AA)
     if not len(instances):
         return canvas
-    height, width = canvas.shape[:2]
     order = np.argsort(instances.scores, kind="stable")  # best drawn last, on top
     boxes = [_box(instances.boxes[i], width, height) for i in order]
-    colors = [PALETTE[int(instances.classes[i]) % len(PALETTE)] for i in order]
+    if colors is None:
+        colors = [PALETTE[int(instances.classes[i]) % len(PALETTE)] for i in range(len(instances))]
+    if labels is None:
+        labels = [
+            f"{names[int(label)]} {score:.0%}"
+            for label, score in zip(instances.classes, instances.scores, strict=True)
+        ]
+    colors = [colors[i] for i in order]
     # which instance (1-based, in drawing order) each pixel shows; blended once, in the union box
     owner = np.zeros((height, width), np.uint8 if len(order) < 255 else np.uint16)
     regions = []
@@ -69,7 +90,6 @@ def draw_instances(
     painted = cv2.LUT(cv2.merge([np.minimum(owned, 255).astype(np.uint8)] * 3), lookup)
     blended = cv2.addWeighted(patch, 1 - alpha, painted, alpha, 0)
     cv2.copyTo(blended, (owned > 0).view(np.uint8), patch)  # in place: patch is a view of canvas
-    thickness = max(1, round(min(height, width) / 320))
     font_scale = max(0.35, min(height, width) / 900)
     for index, box, color, region in zip(order, boxes, colors, regions, strict=True):
         if region.size:
@@ -81,8 +101,7 @@ def draw_instances(
             )
             cv2.drawContours(canvas, contours, -1, color, thickness, cv2.LINE_AA)
         cv2.rectangle(canvas, box[:2], box[2:], color, thickness, cv2.LINE_AA)
-        label = f"{names[int(instances.classes[index])]} {instances.scores[index]:.0%}"
-        _label(canvas, label, box[:2], color, font_scale)
+        _label(canvas, labels[index], box[:2], color, font_scale)
     return canvas
 
 

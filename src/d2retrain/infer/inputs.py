@@ -11,7 +11,16 @@ from d2retrain.core.errors import D2RetrainError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "InputFile", "check_unique_names", "discover", "output_files"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "VIDEO_SUFFIXES",
+    "InputFile",
+    "check_unique_names",
+    "discover",
+    "frame_files",
+    "output_files",
+    "track_files",
+]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -42,8 +51,10 @@ class InputFile:
 def discover(specs: Sequence[str], kind: str) -> list[InputFile]:
     """Resolve folders, globs and file names to the files to infer, each once, in order.
 
-    A folder gives its files with a known ``kind`` suffix (not recursive); a glob or a file name
-    gives every match, whatever its type (an unsupported one is reported when inferred).
+    A folder gives its files with a known ``kind`` suffix (not recursive); for videos, a folder
+    that holds no video but image files is one video of those frames (named after the folder). A
+    glob or a file name gives every match, whatever its type (an unsupported one is reported when
+    inferred).
 
     Args:
         specs: Folders, globs or files.
@@ -71,6 +82,8 @@ def _resolve(spec: str, kind: str) -> list[str]:
         suffixes = _SUFFIXES[kind]
         with os.scandir(path) as entries:
             names = [e.name for e in entries if _suffix(e.name) in suffixes and e.is_file()]
+        if not names and kind == "video" and frame_files(path):
+            return [str(path)]  # a folder of frames: one video
         return [str(path / name) for name in sorted(names)]
     if glob.has_magic(spec):
         matches = sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file())
@@ -100,6 +113,19 @@ def check_unique_names(files: Iterable[InputFile], kind: str) -> None:
                 f"{kind}s/{item.name}.*; rename one of them"
             )
         seen[item.name] = item.path
+
+
+def frame_files(folder: str | os.PathLike[str]) -> list[str]:
+    """The image files of a folder of frames, in name order (the frame order): the paths."""
+    with os.scandir(folder) as entries:
+        names = sorted(e.name for e in entries if _suffix(e.name) in IMAGE_SUFFIXES and e.is_file())
+    return [os.path.join(folder, name) for name in names]
+
+
+def track_files(name: str) -> tuple[str, str]:
+    """A video's track files under ``videos/`` (with inference.track): the MOTChallenge result
+    file and the tracks' description."""
+    return f"{name}.tracks.csv", f"{name}.tracks.json"
 
 
 def output_files(item: InputFile, folder: str = "") -> list[str]:

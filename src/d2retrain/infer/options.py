@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 
 from d2retrain.core.errors import InputFileError
+from d2retrain.infer.track import TrackerOptions, tracker_options
 from d2retrain.model.evaluation import to_coco_results
 from d2retrain.model.instances import Instances
 
@@ -31,6 +32,10 @@ class InferenceOptions:
         save_frames: Also write each drawn video frame as ``<name>_frame_%04d.png``.
         max_frames: Infer at most this many frames of each video (0: all).
         batch_size: Images or frames per forward pass.
+        track: Link each video's instances into tracks (:mod:`d2retrain.infer.track`).
+        tracker: The tracker's parameters.
+        trail_frames: Frames of each track's drawn trail (0: none).
+        frame_rate: Frames per second of a folder of frames without a ``seqinfo.ini``.
     """
 
     score_threshold: float
@@ -39,13 +44,28 @@ class InferenceOptions:
     save_frames: bool
     max_frames: int
     batch_size: int
+    track: bool
+    tracker: TrackerOptions
+    trail_frames: int
+    frame_rate: float
+
+    @property
+    def model_score_threshold(self) -> float:
+        """The lowest score the model reports: the tracker's low threshold when tracking (frames
+        keep lower-scored instances that join a track; images keep ``score_threshold``)."""
+        if self.track:
+            return min(self.score_threshold, self.tracker.low_score_threshold)
+        return self.score_threshold
 
 
 def inference_options(inference: dict[str, Any]) -> InferenceOptions:
-    """:class:`InferenceOptions` from the config's ``inference`` section (schema defaults filled in)."""
-    return InferenceOptions(
-        **{field.name: inference[field.name] for field in dataclasses.fields(InferenceOptions)}
-    )
+    """:class:`InferenceOptions` from the config's ``inference`` section (schema defaults filled in).
+
+    Raises:
+        D2RetrainError: Tracker parameters that contradict each other.
+    """
+    values = {field.name: inference[field.name] for field in dataclasses.fields(InferenceOptions)}
+    return InferenceOptions(**values | {"tracker": tracker_options(inference["tracker"])})
 
 
 @dataclasses.dataclass(frozen=True)

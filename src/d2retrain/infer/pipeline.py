@@ -69,6 +69,7 @@ def infer_images(
     folder: str | Path,
     batch_size: int = 1,
     done: Callable[[InputFile, FileStatus], None] | None = None,
+    score_threshold: float = 0.0,
 ) -> list[FileStatus]:
     """Predict each image and write ``<name>.png`` (drawn) and ``<name>.json`` into ``folder``.
 
@@ -78,6 +79,8 @@ def infer_images(
     do not depend on the files beside it). A bad file gets a JSON that says what was wrong and a
     picture that says it was not inferred; the others go on. Temporaries of these files left by a
     killed run are removed first. ``done(file, status)`` runs once each file's outputs are written.
+    Instances scored below ``score_threshold`` are left out (the model reports lower ones to the
+    tracker of videos).
 
     Returns:
         One status per file, in order.
@@ -98,9 +101,9 @@ def infer_images(
                 if isinstance(image, InputFileError):
                     write = functools.partial(_write_image_error, item, folder, str(image))
                 else:
-                    write = functools.partial(
-                        _write_image, item, folder, image, next(predictions), labels, start
-                    )
+                    instances = next(predictions)
+                    instances = instances.take(instances.scores >= score_threshold)
+                    write = functools.partial(_write_image, item, folder, image, instances, labels, start)
                 pending.append(writer.submit(_then, write, item, done))
             bar.update(len(batch))
             while len(pending) > DEPTH:
@@ -246,7 +249,11 @@ def _infer(
 
     images = [item for item in files if item.kind == "image"]
     statuses = (
-        infer_images(predictor, labels, images, output / "images", options.batch_size, done) if images else []
+        infer_images(
+            predictor, labels, images, output / "images", options.batch_size, done, options.score_threshold
+        )
+        if images
+        else []
     )
     for item in files:
         if item.kind == "video":
@@ -260,7 +267,7 @@ def _load(
 ) -> tuple[Predictor, Labels, str]:
     """The predictor of a model or export folder, its labels, and what runs it (for the log)."""
     expected = list(expected_classes) if expected_classes is not None else None
-    score, most = options.score_threshold, options.max_detections
+    score, most = options.model_score_threshold, options.max_detections
     if is_export(model_dir):
         predictor, contract = load_exported(model_dir, expected, options.device, score, most, threads)
         labels = Labels(tuple(contract.classes), tuple(contract.source_ids))

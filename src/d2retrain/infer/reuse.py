@@ -21,7 +21,7 @@ from typing import Any
 
 from d2retrain.core.codehash import code_hash
 from d2retrain.core.fileio import file_digest, write_text_atomic
-from d2retrain.infer.inputs import InputFile, output_files
+from d2retrain.infer.inputs import InputFile, frame_files, output_files, track_files
 from d2retrain.infer.summary import FileStatus
 from d2retrain.model.exported import is_export, model_classes, read_contract
 from d2retrain.model.folder import ModelFolder
@@ -41,8 +41,18 @@ __all__ = [
 # The options that change each kind of output (batch size, device and shards change none).
 OUTPUT_OPTIONS = {
     "image": ("score_threshold", "max_detections"),
-    "video": ("score_threshold", "max_detections", "save_frames", "max_frames"),
+    "video": (
+        "score_threshold",
+        "max_detections",
+        "save_frames",
+        "max_frames",
+        "frame_rate",
+        "track",
+        "tracker",
+        "trail_frames",
+    ),
 }
+_TRACKING_ONLY = ("tracker", "trail_frames")  # options that change nothing when not tracking
 _RECORD = ".{name}.record.json"
 
 
@@ -63,6 +73,8 @@ class MadeFrom:
     def of(self, kind: str) -> dict[str, Any]:
         """The part of the record that a file of ``kind`` must match, its input aside."""
         options = {name: self.options[name] for name in OUTPUT_OPTIONS[kind]}
+        if not options.get("track", True):
+            options = {name: value for name, value in options.items() if name not in _TRACKING_ONLY}
         return {"model": self.model, "options": options, "code": self.code}
 
 
@@ -87,10 +99,17 @@ def _record_path(item: InputFile, inference_dir: Path) -> Path:
     return inference_dir / Path(output_files(item)[0]).parent / _RECORD.format(name=item.name)
 
 
-def _outputs_complete(item: InputFile, inference_dir: Path, status: FileStatus, save_frames: bool) -> bool:
+def _outputs_complete(
+    item: InputFile, inference_dir: Path, status: FileStatus, options: dict[str, Any]
+) -> bool:
     if not all((inference_dir / path).is_file() for path in output_files(item)):
         return False
-    if item.kind == "video" and save_frames and status.status != "error":
+    if item.kind != "video" or status.status == "error":
+        return True
+    tracks = track_files(item.name) if options.get("track") else ()
+    if not all((inference_dir / "videos" / name).is_file() for name in tracks):
+        return False
+    if options.get("save_frames"):
         frames = inference_dir / "videos" / f"{item.name}_frame_{max(status.frames - 1, 0):04d}.png"
         return frames.is_file()
     return True
@@ -112,23 +131,41 @@ def reusable(item: InputFile, inference_dir: str | Path, made_from: MadeFrom) ->
     try:
         record = json.loads(_record_path(item, folder).read_text())
         status = FileStatus(**record["status"])
-        stat = os.stat(item.path)
+        stat = _input_stat(item.path)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if {key: record.get(key) for key in ("model", "options", "code")} != made_from.of(item.kind):
         return None
     if not _same_content(record.get("input", {}), stat, item.path):
         return None
-    if not _outputs_complete(item, folder, status, bool(made_from.options.get("save_frames"))):
+    if not _outputs_complete(item, folder, status, made_from.options):
         return None
     return dataclasses.replace(status, path=item.path)
 
 
-def _same_content(source: dict, stat: os.stat_result, path: str) -> bool:
+def _input_stat(path: str) -> tuple[int, int]:
+    """An input's size and modification time; for a folder of frames, its frames' total size and
+    the latest time of the folder and its frames."""
+    if not os.path.isdir(path):
+        stat = os.stat(path)
+        return stat.st_size, stat.st_mtime_ns
+    stats = [os.stat(frame) for frame in frame_files(path)]
+    return sum(s.st_size for s in stats), max([os.stat(path).st_mtime_ns, *(s.st_mtime_ns for s in stats)])
+
+
+def _input_digest(path: str) -> str:
+    """An input's SHA-256; for a folder of frames, that of its frames' names and SHA-256s."""
+    if not os.path.isdir(path):
+        return file_digest(path)
+    frames = [[os.path.basename(frame), file_digest(frame)] for frame in frame_files(path)]
+    return hashlib.sha256(json.dumps(frames).encode()).hexdigest()
+
+
+def _same_content(source: dict, stat: tuple[int, int], path: str) -> bool:
     """The recorded input has the file's size and time, or its size and SHA-256 (hashed only then)."""
-    if (source.get("size"), source.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
+    if (source.get("size"), source.get("mtime_ns")) == stat:
         return True
-    return source.get("size") == stat.st_size and source.get("sha256") == file_digest(path)
+    return source.get("size") == stat[0] and source.get("sha256") == _input_digest(path)
 
 
 def forget(item: InputFile, inference_dir: str | Path) -> None:
@@ -139,10 +176,10 @@ def forget(item: InputFile, inference_dir: str | Path) -> None:
 
 def write_record(item: InputFile, inference_dir: str | Path, made_from: MadeFrom, status: FileStatus) -> None:
     """Record what a file's outputs, just written, were made from (written atomically, last)."""
-    stat = os.stat(item.path) if os.path.exists(item.path) else None
+    stat = _input_stat(item.path) if os.path.exists(item.path) else None
     source: dict[str, Any] = {"path": str(item.path), "kind": item.kind, "name": item.name}
     if stat is not None:
-        source |= {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_digest(item.path)}
+        source |= {"size": stat[0], "mtime_ns": stat[1], "sha256": _input_digest(item.path)}
     record = {"input": source, **made_from.of(item.kind), "status": dataclasses.asdict(status)}
     write_text_atomic(_record_path(item, Path(inference_dir)), json.dumps(record, indent=1) + "\n")
 
@@ -181,6 +218,8 @@ def remove_stale(inference_dir: str | Path, current: Iterable[InputFile]) -> int
             if item.kind == "video":
                 for frame in (folder / "videos").glob(f"{glob.escape(item.name)}_frame_*.png"):
                     frame.unlink()
+                for name in track_files(item.name):
+                    (folder / "videos" / name).unlink(missing_ok=True)
             (folder / kind_folder / name).unlink()
             removed += 1
     if removed:

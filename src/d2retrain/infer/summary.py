@@ -30,6 +30,7 @@ class FileStatus:
         instances: Instances found (all frames of a video).
         frames: Frames inferred (1 for an image).
         seconds: Wall time spent on the file.
+        tracks: A video's tracks per class, with inference.track (``person 4, sports ball 2``).
     """
 
     path: str
@@ -40,6 +41,7 @@ class FileStatus:
     instances: int = 0
     frames: int = 0
     seconds: float = 0.0
+    tracks: str = ""
 
 
 def write_summary(status_paths: Sequence[str | Path], csv_path: str | Path) -> pd.DataFrame:

@@ -1,5 +1,7 @@
-"""Video in and out with PyAV: frames decoded ahead in a thread, H.264 yuv420p that browsers play."""
+"""Video in and out with PyAV: frames decoded ahead in a thread, H.264 yuv420p that browsers play.
+A folder of frames (image files in name order) reads as a video too."""
 
+import configparser
 import dataclasses
 import logging
 import os
@@ -17,6 +19,8 @@ import numpy as np
 
 from d2retrain.core.errors import InputFileError
 from d2retrain.core.fileio import temporary_beside
+from d2retrain.data.images import read_image
+from d2retrain.infer.inputs import frame_files
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +47,16 @@ class VideoInfo:
     frames: int
 
 
-def probe(path: str | Path) -> VideoInfo:
-    """Open a video and read its stream's size, rate and frame count.
+def probe(path: str | Path, folder_rate: float = 25) -> VideoInfo:
+    """Open a video and read its stream's size, rate and frame count. A folder of frames: the size
+    of its first frame, the rate its MOTChallenge ``seqinfo.ini`` gives (in the folder or the one
+    above, ``frameRate``), else ``folder_rate``.
 
     Raises:
-        InputFileError: Empty, not a video, or without a video stream.
+        InputFileError: Empty, not a video, or without a video stream; a folder without frames.
     """
+    if Path(path).is_dir():
+        return _probe_frames(Path(path), folder_rate)
     if Path(path).stat().st_size == 0:
         raise InputFileError(f"{path}: empty file (0 bytes)")
     try:
@@ -64,8 +72,40 @@ def probe(path: str | Path) -> VideoInfo:
         raise InputFileError(f"{path}: not a readable video ({error})") from None
 
 
+def _probe_frames(folder: Path, rate: float) -> VideoInfo:
+    files = frame_files(folder)
+    if not files:
+        raise InputFileError(f"{folder}: a folder without image files")
+    height, width = read_image(files[0]).shape[:2]
+    for ini in (folder / "seqinfo.ini", folder.parent / "seqinfo.ini"):
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(ini)
+            rate = float(parser.get("Sequence", "frameRate", fallback=str(rate)))
+        except (configparser.Error, ValueError) as error:
+            raise InputFileError(f"{ini}: unreadable ({error})") from None
+        if ini.is_file():
+            break
+    return VideoInfo(width, height, Fraction(rate).limit_denominator(1001), len(files))
+
+
+def _read_folder(folder: Path, max_frames: int) -> Iterator[np.ndarray]:
+    size = None
+    for index, path in enumerate(frame_files(folder)):
+        if max_frames and index >= max_frames:
+            return
+        frame = read_image(path)
+        if size is None:
+            size = frame.shape[:2]
+        elif frame.shape[:2] != size:
+            raise InputFileError(
+                f"{path}: {frame.shape[1]}x{frame.shape[0]}, but the first frame is {size[1]}x{size[0]}"
+            )
+        yield frame
+
+
 def read_frames(path: str | Path, max_frames: int = 0) -> Iterator[np.ndarray]:
-    """Decode a video's frames as BGR uint8 arrays, one at a time.
+    """Decode a video's frames (or read a folder's) as BGR uint8 arrays, one at a time.
 
     Args:
         path: The video.
@@ -75,8 +115,12 @@ def read_frames(path: str | Path, max_frames: int = 0) -> Iterator[np.ndarray]:
         Frames in order.
 
     Raises:
-        InputFileError: The stream breaks off (the frames before it were yielded).
+        InputFileError: The stream breaks off (the frames before it were yielded); a frame of a
+            folder is unreadable or of another size than the first.
     """
+    if Path(path).is_dir():
+        yield from _read_folder(Path(path), max_frames)
+        return
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]

@@ -30,6 +30,12 @@ class Instances:
         """Number of instances."""
         return len(self.scores)
 
+    def take(self, keep: np.ndarray) -> "Instances":
+        """The instances that ``keep`` (a boolean mask or indices) selects, in order."""
+        if keep.dtype == bool and keep.all():
+            return self
+        return Instances(self.boxes[keep], self.scores[keep], self.classes[keep], self.masks[keep])
+
 
 class Predictor(Protocol):
     """A loaded model: call it on a BGR uint8 image, or on several at once."""

@@ -9,6 +9,7 @@ import os
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.data.layout import DemoLayout
@@ -87,6 +88,26 @@ class InferencePlan:
     def waits_for_a_rule(self, files: Iterable[InputFile]) -> bool:
         """Whether any of ``files`` is written by a rule (the job must wait for it)."""
         return any(item.path in self.planned for item in files)
+
+
+def tracked_videos(files: Iterable[InputFile], inference: Mapping[str, Any]) -> dict[str, str]:
+    """The videos with ground-truth tracks to score (``inference.ground_truth``): name -> file.
+
+    Raises:
+        D2RetrainError: Ground truth without ``inference.track``, or for a name that is not one of
+            the inference videos.
+    """
+    truth = dict(inference["ground_truth"])
+    if truth and not inference["track"]:
+        raise D2RetrainError("inference.ground_truth scores tracks: set inference.track: true too")
+    videos = sorted(item.name for item in files if item.kind == "video")
+    unknown = sorted(set(truth) - set(videos))
+    if unknown:
+        raise D2RetrainError(
+            f"inference.ground_truth: {', '.join(unknown)} not among the inference videos "
+            f"(their names: {', '.join(videos) or 'none'})"
+        )
+    return truth
 
 
 def check_pattern_safe(files: Iterable[InputFile]) -> None:
