@@ -158,6 +158,8 @@ def run_infer(args: argparse.Namespace) -> int:
     from d2retrain.infer.inputs import discover
     from d2retrain.infer.pipeline import inference_options, run_inference
 
+    if (args.tracker or args.trail_frames) and not args.track:
+        raise D2RetrainError("--tracker and --trail-frames set how videos are tracked: add --track")
     section = {
         "score_threshold": args.score_threshold,
         "max_detections": args.max_detections,

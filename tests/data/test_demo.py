@@ -131,3 +131,11 @@ def test_a_two_frame_demo_video_has_ground_truth_for_its_two_frames(tmp_path):
     truth = read_ground_truth(layout.video_ground_truth)
     assert decoded_frames(layout.video) == 2
     assert set(truth.frame) == {1, 2} and truth.id.nunique() >= 4
+
+
+def test_a_longer_demo_video_shows_its_objects_leaving(tmp_path):
+    layout = write_demo_dataset(tmp_path, train=1, val=1, video_frames=130)
+    truth = read_ground_truth(layout.video_ground_truth)
+    assert decoded_frames(layout.video) == 130
+    in_frame = truth.groupby("frame").id.nunique()
+    assert in_frame.iloc[0] == 6 and in_frame.iloc[-1] < 3  # objects walk, roll and fly out of the picture

@@ -614,7 +614,7 @@ def test_tracking_writes_track_ids_and_mot_files_the_same_for_a_video_and_its_fr
             cv2.imwrite(str(frames / f"{index + 1:06d}.png"), frame.to_ndarray(format="bgr24"))
     images = sorted(layout.images("val").glob("*.jpg"))[:2]
     (video_input,) = discover([str(frames)], "video")  # a folder of frames is one video
-    assert (video_input.path, video_input.name) == (str(frames), "img1")
+    assert (video_input.path, video_input.name) == (str(frames), "frames")  # the sequence's name
     untracked = inference_options(filled("inference", OPTIONS))
     out = tmp_path / "out"
     run_inference(model, images, [layout.video, video_input], out, untracked, CLASSES, reuse=True)
@@ -627,7 +627,7 @@ def test_tracking_writes_track_ids_and_mot_files_the_same_for_a_video_and_its_fr
     # images are kept from the first run: tracking changes videos only
     assert {path: path.stat().st_mtime_ns for path in (out / "images").iterdir()} == drawn
     by_name = {status.name: status for status in statuses}
-    for name in ("demo", "img1"):
+    for name in ("demo", "frames"):
         lines = [json.loads(line) for line in (out / "videos" / f"{name}.jsonl").read_text().splitlines()]
         assert [line["frame"] for line in lines] == list(range(12))
         ids = [i["track_id"] for line in lines for i in line["instances"]]
@@ -645,13 +645,14 @@ def test_tracking_writes_track_ids_and_mot_files_the_same_for_a_video_and_its_fr
         for track in described["tracks"]:
             assert track["length"] == sum(1 for row in rows if int(row[1]) == track["id"])
             assert track["class"] == max(track["classes"], key=track["classes"].get)
+        assert by_name[name].instances == sum(len(line["instances"]) for line in lines)  # those written
         counts = {name: n for name, n in described["tracks_per_class"].items() if n}
         assert by_name[name].tracks == ", ".join(f"{c} {n}" for c, n in counts.items())
         with av.open(str(out / "videos" / f"{name}.mp4")) as container:
             assert sum(1 for _ in container.decode(video=0)) == 12
     # the same frames give the same tracks, from a video file or from a folder of frames
     assert (out / "videos" / "demo.tracks.csv").read_text() == (
-        out / "videos" / "img1.tracks.csv"
+        out / "videos" / "frames.tracks.csv"
     ).read_text()
     # a killed run that lost a track file is not taken as complete: that video is inferred again
     (out / "videos" / "demo.tracks.json").unlink()

@@ -87,6 +87,22 @@ def test_each_object_keeps_one_id_through_a_crossing_and_an_occlusion_and_one_cl
     assert len(settled[12].trails[1]) == 4  # trail_frames
 
 
+def test_the_first_frame_of_each_track_is_named_after_the_detection_that_started_it():
+    """Identical boxes: a low-scored duplicate of a started track's box and two objects on one
+    box; each track's first id goes to the detection that started it, not to one of the same box."""
+    frame = [
+        (10, 10, 40, 80, 0.4, 1),
+        (10, 10, 40, 80, 0.9, 0),
+        (200, 10, 230, 80, 0.9, 0),
+        (200, 10, 230, 80, 0.8, 0),
+    ]
+    settled, video = _track([frame, frame, frame])
+    first = settled[0]
+    assert first.instances.scores.tolist() == pytest.approx([0.9, 0.9, 0.8])  # the 0.4 one joined nothing
+    assert sorted(first.track_ids.tolist()) == [1, 2, 3]
+    assert all(track["classes"] == {"person": 3} for track in video.tracks(NAMES))
+
+
 def test_an_object_hidden_longer_than_the_buffer_comes_back_under_a_new_id():
     frames = [[(20 + 4 * i, 30, 44 + 4 * i, 90, 0.9, 0)] if not 5 <= i < 25 else [] for i in range(30)]
     settled, _ = _track(frames, lost_track_buffer=15)  # 15 frames at 30 fps: 5 frames at 10 fps
@@ -134,6 +150,19 @@ def test_perfect_tracks_score_one_and_known_errors_score_what_they_should(tmp_pa
     assert scores["IDF1"] < 1.0
 
 
+def test_tracks_of_a_video_where_nothing_was_tracked_score_as_all_missed(tmp_path):
+    truth, _ = _ground_truth(tmp_path)
+    (tmp_path / "none.csv").write_text("")
+    scores = score_tracks(truth, tmp_path / "none.csv")
+    assert (scores["FN"], scores["FP"], scores["tracks"], scores["MOTA"], scores["IDF1"]) == (
+        40,
+        0,
+        0,
+        0.0,
+        0.0,
+    )
+
+
 def test_track_eval_command_prints_and_writes_the_scores(tmp_path, capsys):
     truth, tracks = _ground_truth(tmp_path)
     (tmp_path / "run.tracks.csv").write_text("\n".join(tracks) + "\n")
@@ -167,6 +196,18 @@ def test_track_eval_command_prints_and_writes_the_scores(tmp_path, capsys):
         ("0,1,10,20,30,60,1,1,1\n", "1,1,10,20,30,60,0.9\n", None, "gt.txt:1: frame below 1"),
         ("1,1,10,20,30,-6,1,1,1\n", "1,1,10,20,30,60,0.9\n", None, "negative width or height"),
         ("", "1,1,10,20,30,60,0.9\n", None, "gt.txt: no rows"),
+        (
+            "1,1,10,20,30,60,1,1,1\n",
+            "1,1,10,nan,30,60,0.9\n",
+            None,
+            "tracks.csv:1: a value that is not a finite number",
+        ),
+        (
+            "1,1,10,20,30,60,1,1,1\n",
+            "1,3,10,20,30,60,0.9\n1,3,50,20,30,60,0.9\n",
+            None,
+            "tracks.csv:2: frame 1 has id 3 twice (line 1 too)",
+        ),
         (
             "1,1,10,20,30,60,1,1,1\n",
             "1,1,10,20,30,60,0.9\n5,1,10,20,30,60,0.9\n",
@@ -231,3 +272,29 @@ def test_infer_refuses_tracker_parameters_out_of_range_before_loading_anything(
     error = capsys.readouterr().err.strip()
     assert message in error and "\n" not in error
     assert not output.exists()
+
+
+def test_infer_refuses_tracker_settings_without_track(tmp_path, capsys):
+    command = ["infer", "--model", str(tmp_path), "-v", str(tmp_path), "-o", str(tmp_path / "out")]
+    assert main([*command, "--tracker", "minimum_iou=0.2"]) == 2
+    assert "--tracker and --trail-frames set how videos are tracked: add --track" in capsys.readouterr().err
+
+
+def test_a_folder_of_frames_reads_its_rate_from_seqinfo_and_refuses_what_is_not_a_video(tmp_path):
+    import cv2
+
+    from d2retrain.core.errors import InputFileError
+    from d2retrain.infer.videoio import probe, read_frames
+
+    frames = tmp_path / "seq" / "img1"
+    frames.mkdir(parents=True)
+    for index, size in enumerate([(40, 30), (40, 30), (30, 40)], start=1):
+        cv2.imwrite(str(frames / f"{index:06d}.png"), np.full((size[1], size[0], 3), 9 * index, np.uint8))
+    assert probe(frames, 25).rate == 25 and (probe(frames).width, probe(frames).frames) == (40, 3)
+    (tmp_path / "seq" / "seqinfo.ini").write_text("[Sequence]\nframeRate=30\n")
+    assert probe(frames, 25).rate == 30
+    with pytest.raises(InputFileError, match=r"000003\.png: 30x40, but the first frame is 40x30"):
+        list(read_frames(frames))
+    (tmp_path / "seq" / "seqinfo.ini").write_text("[Sequence]\nframeRate=0\n")
+    with pytest.raises(InputFileError, match=r"frameRate 0\.0 is not a frame rate"):
+        probe(frames)

@@ -237,7 +237,8 @@ def check_report(workdir: Path, config: dict) -> None:
     inference = set(categories["4. Inference"]["person_ball"])
     drawn = {f"{base}/inference/drawn/image/demo_val_{index:04d}.png" for index in range(24)}
     video = f"{base}/inference/drawn/video/demo.mp4"
-    assert inference == drawn | {video, f"{base}/inference/summary.csv"}
+    assert inference == drawn | {video, f"{base}/inference/summary.csv", f"{base}/inference/tracking.csv"}
+    assert b"IDF1" in embedded(results[f"{base}/inference/tracking.csv"])
     for path in (f"{base}/stats/counts.png", f"{base}/model/loss.png", f"{base}/eval/predictions.png"):
         assert embedded(results[path]) == (workdir / path).read_bytes(), path
     for path in (f"{base}/inference/drawn/image/demo_val_0003.png", video):  # the inference outputs

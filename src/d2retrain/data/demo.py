@@ -333,7 +333,7 @@ def _ground_truth(frame: int, scene: list[tuple[int, list[np.ndarray]]], width: 
             continue
         track += 1
         rows, columns = np.nonzero(inside == number)
-        if rows.size < _MIN_VISIBILITY * area:
+        if area == 0 or rows.size < _MIN_VISIBILITY * area:  # gone past the padding, or hidden
             continue
         left, top = columns.min(), rows.min()
         box = ",".join(f"{v:.2f}" for v in (left, top, columns.max() + 1 - left, rows.max() + 1 - top))

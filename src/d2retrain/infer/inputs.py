@@ -52,7 +52,8 @@ def discover(specs: Sequence[str], kind: str) -> list[InputFile]:
     """Resolve folders, globs and file names to the files to infer, each once, in order.
 
     A folder gives its files with a known ``kind`` suffix (not recursive); for videos, a folder
-    that holds no video but image files is one video of those frames (named after the folder). A
+    that holds no video but image files is one video of those frames (named after the folder, or
+    after the MOTChallenge sequence whose ``seqinfo.ini`` is beside it). A
     glob or a file name gives every match, whatever its type (an unsupported one is reported when
     inferred).
 
@@ -69,10 +70,19 @@ def discover(specs: Sequence[str], kind: str) -> list[InputFile]:
     found: dict[str, InputFile] = {}
     for spec in specs:
         for path in _resolve(spec, kind):
-            found.setdefault(path, InputFile.of(path, kind))
+            found.setdefault(path, _input(path, kind))
     files = list(found.values())
     check_unique_names(files, kind)
     return files
+
+
+def _input(path: str, kind: str) -> InputFile:
+    """The input for a path: named after its stem, or a MOTChallenge sequence's frames
+    (``MOT17-02/img1/`` beside ``MOT17-02/seqinfo.ini``) after the sequence."""
+    folder = Path(path)
+    if kind == "video" and folder.is_dir() and (folder.parent / "seqinfo.ini").is_file():
+        return InputFile(path, kind, folder.parent.name)
+    return InputFile.of(path, kind)
 
 
 def _resolve(spec: str, kind: str) -> list[str]:

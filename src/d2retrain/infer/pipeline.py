@@ -22,6 +22,7 @@ from d2retrain.infer.inputs import IMAGE_SUFFIXES, InputFile
 from d2retrain.infer.options import DEPTH, InferenceOptions, Labels, batched, inference_options, png_bytes
 from d2retrain.infer.reuse import MadeFrom, forget, made_from, reusable, write_record
 from d2retrain.infer.summary import FileStatus
+from d2retrain.infer.track import require_tracker
 from d2retrain.infer.video import infer_video
 from d2retrain.infer.videoio import ahead, yield_to_the_model
 from d2retrain.model.exported import is_export, load_exported, read_contract
@@ -177,6 +178,8 @@ def run_inference(
         D2RetrainError: No ``classes.json`` or ``contract.json``, other classes, a corrupt
             export, or an engine not installed.
     """
+    if options.track and videos:
+        require_tracker()  # before any image is inferred
     output = Path(output_dir)
     files = [f if isinstance(f, InputFile) else InputFile.of(f, "image") for f in images]
     files += [f if isinstance(f, InputFile) else InputFile.of(f, "video") for f in videos]

@@ -23,6 +23,7 @@ from d2retrain.core.codehash import code_hash
 from d2retrain.core.fileio import file_digest, write_text_atomic
 from d2retrain.infer.inputs import InputFile, frame_files, output_files, track_files
 from d2retrain.infer.summary import FileStatus
+from d2retrain.infer.videoio import sequence_info
 from d2retrain.model.exported import is_export, model_classes, read_contract
 from d2retrain.model.folder import ModelFolder
 
@@ -144,20 +145,27 @@ def reusable(item: InputFile, inference_dir: str | Path, made_from: MadeFrom) ->
 
 
 def _input_stat(path: str) -> tuple[int, int]:
-    """An input's size and modification time; for a folder of frames, its frames' total size and
-    the latest time of the folder and its frames."""
+    """An input's size and modification time; for a folder of frames, the total size of its frames
+    and ``seqinfo.ini`` and the latest time of the folder and those files."""
     if not os.path.isdir(path):
         stat = os.stat(path)
         return stat.st_size, stat.st_mtime_ns
-    stats = [os.stat(frame) for frame in frame_files(path)]
+    stats = [os.stat(frame) for frame in _folder_files(path)]
     return sum(s.st_size for s in stats), max([os.stat(path).st_mtime_ns, *(s.st_mtime_ns for s in stats)])
 
 
+def _folder_files(folder: str) -> list[str]:
+    """What a folder of frames is made of: its frames and its ``seqinfo.ini`` (the frame rate)."""
+    ini = sequence_info(folder)
+    return [*frame_files(folder), *([str(ini)] if ini is not None else [])]
+
+
 def _input_digest(path: str) -> str:
-    """An input's SHA-256; for a folder of frames, that of its frames' names and SHA-256s."""
+    """An input's SHA-256; for a folder of frames, that of its frames' (and ``seqinfo.ini``'s)
+    names and SHA-256s."""
     if not os.path.isdir(path):
         return file_digest(path)
-    frames = [[os.path.basename(frame), file_digest(frame)] for frame in frame_files(path)]
+    frames = [[os.path.basename(frame), file_digest(frame)] for frame in _folder_files(path)]
     return hashlib.sha256(json.dumps(frames).encode()).hexdigest()
 
 
@@ -218,8 +226,8 @@ def remove_stale(inference_dir: str | Path, current: Iterable[InputFile]) -> int
             if item.kind == "video":
                 for frame in (folder / "videos").glob(f"{glob.escape(item.name)}_frame_*.png"):
                     frame.unlink()
-                for name in track_files(item.name):
-                    (folder / "videos" / name).unlink(missing_ok=True)
+                for track_file in track_files(item.name):
+                    (folder / "videos" / track_file).unlink(missing_ok=True)
             (folder / kind_folder / name).unlink()
             removed += 1
     if removed:

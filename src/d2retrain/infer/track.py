@@ -28,7 +28,14 @@ from d2retrain.model.instances import Instances
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrackedFrame", "TrackerOptions", "VideoTracker", "track_color", "tracker_options"]
+__all__ = [
+    "TrackedFrame",
+    "TrackerOptions",
+    "VideoTracker",
+    "require_tracker",
+    "track_color",
+    "tracker_options",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +78,21 @@ def tracker_options(section: dict[str, Any]) -> TrackerOptions:
             f"high_score_threshold {options.high_score_threshold}"
         )
     return options
+
+
+def require_tracker() -> None:
+    """Check that the tracker library is installed.
+
+    Raises:
+        D2RetrainError: It is not, with how to install it.
+    """
+    try:
+        import trackers  # noqa: F401
+    except ImportError as error:
+        raise D2RetrainError(
+            f"inference.track needs the trackers library ({error}): install d2retrain's `track` "
+            "extra (tools/setup.sh does; pip: see docs/tracking.md#install)"
+        ) from None
 
 
 def track_color(track_id: int) -> tuple[int, int, int]:
@@ -141,13 +163,9 @@ class VideoTracker:
         score_threshold: Detections scored at least this are written even without a track.
         trail_frames: Box centres kept per track for drawing its trail (0: none).
         """
-        try:
-            from trackers import ByteTrackTracker
-        except ImportError as error:
-            raise D2RetrainError(
-                f"inference.track needs the trackers library ({error}): install d2retrain's `track` "
-                "extra (tools/setup.sh does; pip: see docs/tracking.md#install)"
-            ) from None
+        require_tracker()
+        from trackers import ByteTrackTracker
+
         self.options = options
         self.score_threshold = score_threshold
         self._tracker = ByteTrackTracker(
@@ -188,7 +206,7 @@ class VideoTracker:
                     self._pending.ids[detection] = tracklet.tracker_id + 1
             yield self._settle(self._pending)
         self._spawned = self._spawns(
-            [tracklet for tracklet in self._tracker.tracks if id(tracklet) not in known], instances.boxes
+            [tracklet for tracklet in self._tracker.tracks if id(tracklet) not in known], result
         )
         del before
         self._pending = _Pending(index, image, instances, ids)
@@ -199,15 +217,22 @@ class VideoTracker:
             yield self._settle(self._pending)
             self._pending = None
 
-    @staticmethod
-    def _spawns(new_tracklets: list, boxes: np.ndarray) -> list[tuple[Any, int]]:
-        """Which detection started each new tracklet: a tracklet starts at its detection's box."""
+    def _spawns(self, new_tracklets: list, result: Any) -> list[tuple[Any, int]]:
+        """Which detection started each new tracklet. ByteTrack lists the detections no track took
+        last, in order, and starts a tracklet for each that reaches both the high-score and the
+        activation threshold: the last of those, in order, are the new tracklets' (each starts
+        at its detection's box, checked)."""
+        if not new_tracklets:
+            return []
+        floor = max(self.options.high_score_threshold, self.options.track_activation_threshold)
+        untracked = (np.asarray(result.tracker_id) < 0) & (np.asarray(result.confidence) >= floor)
+        starters = np.asarray(result.data["index"])[untracked][-len(new_tracklets) :]
+        boxes = np.asarray(result.xyxy, np.float64)[untracked][-len(new_tracklets) :]
         spawned = []
-        for tracklet in new_tracklets:
-            start = np.asarray(tracklet.get_state_bbox(), np.float64).reshape(1, 4)
-            same = np.flatnonzero(np.all(np.abs(np.asarray(boxes, np.float64) - start) < 1e-3, axis=1))
-            if len(same):
-                spawned.append((tracklet, int(same[0])))
+        pairs = zip(reversed(new_tracklets), reversed(starters.tolist()), boxes[::-1], strict=False)
+        for tracklet, detection, box in pairs:
+            if np.allclose(np.asarray(tracklet.get_state_bbox(), np.float64), box, atol=1e-3):
+                spawned.append((tracklet, int(detection)))
         return spawned
 
     def _settle(self, pending: _Pending) -> TrackedFrame:

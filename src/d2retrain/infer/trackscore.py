@@ -39,17 +39,18 @@ METRICS = (
 )
 
 
-def read_mot(path: str | Path, columns: int = 6) -> np.ndarray:
+def read_mot(path: str | Path, columns: int = 6, empty: bool = False) -> np.ndarray:
     """A MOTChallenge file's rows as floats (``frame, id, x, y, w, h, ...``), checked.
 
     Args:
         path: The file.
         columns: Fewest columns a row must have.
+        empty: Whether a file without rows is fine (tracks of a video where nothing was tracked).
 
     Raises:
-        D2RetrainError: Missing, empty, or a row that is not numbers, has fewer columns, a frame
-            below 1, an id that is not a whole number or a negative width or height (the first
-            such row, by line number).
+        D2RetrainError: Missing, empty (unless ``empty``), or a row that is not finite numbers, has
+            fewer columns, a frame below 1, an id that is not a whole number or a negative width or
+            height, or repeats a (frame, id) pair (the first such row, by line number).
     """
     path = Path(path)
     try:
@@ -57,6 +58,7 @@ def read_mot(path: str | Path, columns: int = 6) -> np.ndarray:
     except (OSError, UnicodeDecodeError) as error:
         raise D2RetrainError(f"{path}: cannot be read ({error})") from None
     rows = []
+    seen: dict[tuple[float, float], int] = {}
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -69,6 +71,8 @@ def read_mot(path: str | Path, columns: int = 6) -> np.ndarray:
         problem = (
             f"{len(row)} columns, a MOTChallenge row has at least {columns}"
             if len(row) < columns
+            else "a value that is not a finite number"
+            if not all(np.isfinite(row))
             else "frame below 1 or not a whole number"
             if row[0] < 1 or not row[0].is_integer()
             else "id not a whole number"
@@ -77,12 +81,15 @@ def read_mot(path: str | Path, columns: int = 6) -> np.ndarray:
             if row[4] < 0 or row[5] < 0
             else ""
         )
+        if not problem and (row[0], row[1]) in seen:
+            problem = f"frame {int(row[0])} has id {int(row[1])} twice (line {seen[(row[0], row[1])]} too)"
         if problem:
             raise D2RetrainError(f"{path}:{number}: {problem}: {line[:80]!r}")
+        seen[(row[0], row[1])] = number
         rows.append(row[:10] + [-1.0] * (10 - len(row[:10])))
-    if not rows:
+    if not rows and not empty:
         raise D2RetrainError(f"{path}: no rows (an empty MOTChallenge file)")
-    return np.asarray(rows, np.float64)
+    return np.asarray(rows, np.float64).reshape(-1, 10)
 
 
 def score_tracks(ground_truth: str | Path, tracks: str | Path, frames: int | None = None) -> dict[str, Any]:
@@ -111,7 +118,7 @@ def score_tracks(ground_truth: str | Path, tracks: str | Path, frames: int | Non
         raise D2RetrainError(
             f"track-eval needs the trackers library ({error}): install d2retrain's `track` extra"
         ) from None
-    truth, found = read_mot(ground_truth), read_mot(tracks)
+    truth, found = read_mot(ground_truth), read_mot(tracks, empty=True)
     described = Path(tracks).with_suffix(".json")
     stated = frames
     if stated is None and described.is_file():
@@ -121,7 +128,7 @@ def score_tracks(ground_truth: str | Path, tracks: str | Path, frames: int | Non
             raise D2RetrainError(f"{described}: no frame count ({error})") from None
     length = stated if stated is not None else int(truth[:, 0].max())
     for path, rows, what in ((ground_truth, truth, "ground truth"), (tracks, found, "tracks")):
-        if rows[:, 0].max() > length:
+        if len(rows) and rows[:, 0].max() > length:
             raise D2RetrainError(
                 f"{path}: {what} up to frame {int(rows[:, 0].max())}, but the video has {length} frames "
                 "(files of different videos or lengths?)"
@@ -194,7 +201,10 @@ def write_tracking_table(
 
 
 def _write_agnostic(path: Path, rows: np.ndarray, keep_conf: bool) -> None:
-    """Rows with class 1 (what MOTChallenge's reading scores) and, for tracks, conf 1."""
+    """Rows with class 1 (what MOTChallenge's reading scores) and, for tracks, conf 1. No tracks:
+    one row of id -1, which the evaluation leaves out (it reads no empty file)."""
+    if not len(rows):
+        rows = np.array([[1, -1, 0, 0, 1, 1, 1, 1, -1, -1]], np.float64)
     rows = rows.copy()
     if not keep_conf:
         rows[:, 6] = 1

@@ -99,7 +99,7 @@ def _encode_video(
     mot = atomic_open(tracks_csv) if tracker is not None else contextlib.nullcontext()
     with atomic_open(folder / f"{item.name}.jsonl") as lines, mp4, mot as mot_lines:
         prefix = folder / item.name if options.save_frames else None
-        writer = _FrameWriter(mp4, lines, labels, info.rate, prefix, tracker, mot_lines)
+        writer = _FrameWriter(mp4, lines, labels, info.rate, prefix, status, tracker, mot_lines)
         try:
             frames = read_frames(item.path, options.max_frames)
             _predict_frames(predictor, frames, writer, status, expected, options.batch_size)
@@ -142,6 +142,7 @@ class _FrameWriter:
         labels: Labels,
         rate: Fraction,
         frames_prefix: Path | None,
+        status: FileStatus,
         tracker: VideoTracker | None = None,
         mot_lines=None,
     ) -> None:
@@ -152,7 +153,7 @@ class _FrameWriter:
             rate,
             frames_prefix,
         )
-        self.tracker, self.mot_lines = tracker, mot_lines
+        self.status, self.tracker, self.mot_lines = status, tracker, mot_lines
 
     def __call__(self, index: int, frame: np.ndarray, instances: Instances) -> None:
         if self.tracker is None:
@@ -198,6 +199,7 @@ class _FrameWriter:
         self, index: int, instances: Instances, drawn: np.ndarray, track_ids: list[int] | None
     ) -> None:
         self.video.write(drawn)
+        self.status.instances += len(instances)  # those written (the tracker drops some)
         records = self.labels.records(instances)
         for record, track_id in zip(records, track_ids or [], strict=track_ids is not None):
             record["track_id"] = track_id if track_id >= 0 else None
@@ -218,7 +220,6 @@ def _predict_frames(
                 for frame, instances in zip(batch, predictor.predict_batch(batch), strict=True):
                     pending.append(encoder.submit(writer, status.frames, frame, instances))
                     status.frames += 1
-                    status.instances += len(instances)
                 bar.update(len(batch))
                 while len(pending) > DEPTH:
                     pending.popleft().result()

@@ -24,7 +24,15 @@ from d2retrain.infer.inputs import frame_files
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VideoInfo", "probe", "read_frames", "VideoWriter", "ahead", "yield_to_the_model"]
+__all__ = [
+    "VideoInfo",
+    "probe",
+    "read_frames",
+    "sequence_info",
+    "VideoWriter",
+    "ahead",
+    "yield_to_the_model",
+]
 
 T = TypeVar("T")
 _DONE = object()
@@ -77,16 +85,25 @@ def _probe_frames(folder: Path, rate: float) -> VideoInfo:
     if not files:
         raise InputFileError(f"{folder}: a folder without image files")
     height, width = read_image(files[0]).shape[:2]
-    for ini in (folder / "seqinfo.ini", folder.parent / "seqinfo.ini"):
+    ini = sequence_info(folder)
+    if ini is not None:
         parser = configparser.ConfigParser()
         try:
             parser.read(ini)
             rate = float(parser.get("Sequence", "frameRate", fallback=str(rate)))
         except (configparser.Error, ValueError) as error:
             raise InputFileError(f"{ini}: unreadable ({error})") from None
-        if ini.is_file():
-            break
+        if not 0 < rate <= 1000:
+            raise InputFileError(f"{ini}: frameRate {rate} is not a frame rate (above 0, at most 1000)")
     return VideoInfo(width, height, Fraction(rate).limit_denominator(1001), len(files))
+
+
+def sequence_info(folder: str | Path) -> Path | None:
+    """The MOTChallenge ``seqinfo.ini`` of a folder of frames (in it, or the one above), if any."""
+    for ini in (Path(folder) / "seqinfo.ini", Path(folder).parent / "seqinfo.ini"):
+        if ini.is_file():
+            return ini
+    return None
 
 
 def _read_folder(folder: Path, max_frames: int) -> Iterator[np.ndarray]:
