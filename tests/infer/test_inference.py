@@ -5,6 +5,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import sys
 import threading
 from fractions import Fraction
@@ -662,3 +663,25 @@ def test_tracking_writes_track_ids_and_mot_files_the_same_for_a_video_and_its_fr
     run_inference(model, images, [layout.video, video_input], out, untracked, CLASSES, reuse=True)
     assert not list((out / "videos").glob("*.tracks.*"))
     assert {path: path.stat().st_mtime_ns for path in (out / "images").iterdir()} == drawn
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to compare with one")
+def test_a_drawn_video_is_the_same_bytes_whatever_the_cpus_the_job_is_given(tmp_path):
+    """x264's output depends on its thread count, by default the CPUs it sees: a SLURM job given
+    one CPU encoded other bytes than a local run. The writer fixes the count."""
+    script = (
+        "import os, sys\n"
+        "import numpy as np\n"
+        "from fractions import Fraction\n"
+        "from d2retrain.infer.videoio import VideoWriter\n"
+        "os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: int(sys.argv[2])]))\n"
+        "import cv2\n"
+        "noise = np.random.default_rng(0).integers(0, 255, (9, 16, 3), dtype=np.uint8)\n"
+        "picture = cv2.resize(noise, (640, 360))\n"
+        "with VideoWriter(sys.argv[1], Fraction(10), 640, 360) as video:\n"
+        "    for index in range(12):\n"
+        "        video.write(np.roll(picture, 7 * index, axis=1))\n"
+    )
+    for cpus in (1, 2):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{cpus}.mp4"), str(cpus)], check=True)
+    assert (tmp_path / "1.mp4").read_bytes() == (tmp_path / "2.mp4").read_bytes()

@@ -231,7 +231,9 @@ class VideoWriter:
         self._time_base = 1 / Fraction(rate)
         self._stream.width, self._stream.height = width + width % 2, height + height % 2
         self._stream.pix_fmt = "yuv420p"
-        self._stream.options = {"crf": str(crf), "preset": "veryfast"}
+        # a fixed thread count: x264's output depends on it (by default, the machine's cores), and a
+        # drawn video is then the same on a laptop, a GPU box and a SLURM node
+        self._stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "4"}
         self.frames = 0
 
     def write(self, frame_bgr: np.ndarray) -> None:
