@@ -21,14 +21,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
     With pytest-xdist (``tools/test.sh`` runs ``-n auto --dist loadgroup``): the tests of a
     module that share a module-scoped fixture (a finished workflow run, a cluster, a trained model)
-    run in one worker, so that the fixture is built once, not once per worker. The session's main
-    job (:func:`main_run`) is built once for all workers; the modules reading it come last, so that
-    a worker reaches them when it is built or nearly."""
+    run in one worker, so that the fixture is built once, not once per worker; so do all the tests
+    reading the session's main job (:func:`main_run`), whatever their module."""
     for item in items:
         if "detectron2" in item.keywords and not detectron2_importable():
             item.add_marker(pytest.mark.skip(reason="detectron2 is not importable in this environment"))
         definitions = getattr(item, "_fixtureinfo", None)
         if definitions is None:
+            continue
+        if "main_run" in item.fixturenames:  # one worker builds the shared main job, and reads it
+            item.add_marker(pytest.mark.xdist_group("main_run"))
             continue
         if any(
             chain[-1].scope == "module"
@@ -36,23 +38,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             if name in item.fixturenames and chain
         ):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-
-    # the longest first, so that no worker starts one of them while the other is nearly done; the
-    # readers of the main job last, so that their worker does not wait for it with other work left
-    def rank(item: pytest.Item) -> int:
-        if item.name.startswith("test_the_default_main_job"):
-            return 0
-        if "main_run" in item.fixturenames:
-            return len(LONGEST) + 1
-        return next((i for i, name in enumerate(LONGEST) if name in item.nodeid), len(LONGEST))
-
-    items.sort(key=rank)
+    # the longest first, so that no worker starts one of them while the other is nearly done
+    items.sort(
+        key=lambda item: next((i for i, name in enumerate(LONGEST) if name in item.nodeid), len(LONGEST))
+    )
 
 
 # The longest tests and modules (`--durations`), in the order they should start.
 LONGEST = (
     "test_the_default_main_job",  # builds main_run
     "test_slurm.py",
+    "test_codehash.py",
+    "test_export.py",
     "test_adding_an_image_reruns",
 )
 
@@ -104,24 +101,13 @@ def mini_split(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def main_run(tmp_path_factory, worker_id) -> Path:
+def main_run(tmp_path_factory) -> Path:
     """The embedded default main job, finished, with both exports (``helpers.workflow.main_config``):
-    run once for the whole session, by the first worker that needs it, while the others needing it
-    wait (a lock in the folder the workers share), and read by every test that needs a finished run
-    of it. A test that changes it works on ``helpers.workflow.copy_run`` of it."""
-    import fcntl
-    import shutil
-
+    run once for the whole session and read by every test that needs a finished run of it (the
+    collection hook keeps them in one worker). A test that changes it works on
+    ``helpers.workflow.copy_run`` of it."""
     from helpers.workflow import main_config, snakemake
 
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if worker_id != "master" else base  # pytest-N/, beside popen-gwX/
-    workdir, finished = shared / "main_run", shared / "main_run.finished"
-    with open(shared / "main_run.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the worker dies
-        if not finished.exists():
-            shutil.rmtree(workdir, ignore_errors=True)  # a failed build of another worker
-            workdir.mkdir()
-            snakemake(workdir, main_config(), "--resources", "gpu=1")
-            finished.touch()
+    workdir = tmp_path_factory.mktemp("main_run")
+    snakemake(workdir, main_config(), "--resources", "gpu=1")
     return workdir
