@@ -34,8 +34,10 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/common_experiments.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/experiments.smk"
 include: "workflow/rules/export.smk"
 include: "workflow/rules/infer.smk"
 include: "workflow/rules/report.smk"

@@ -6,7 +6,7 @@ from helpers import REPO
 
 PACKAGE = REPO / "src" / "d2retrain"
 LAYERS = ("core", "data", "model", "train", "infer", "workflow")  # workflow: on top, beside cli.py
-TOP = {"__init__.py", "cli.py", "commands.py", "report.py", "card.py"}
+TOP = {"__init__.py", "cli.py", "commands.py", "report.py", "card.py", "compare.py"}
 
 
 @pytest.fixture(scope="module")

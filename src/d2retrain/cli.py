@@ -152,6 +152,18 @@ def _add_model_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(handler=handlers.run_evaluate)
     _add_infer(commands)
     _add_export(commands)
+    compare = commands.add_parser(
+        "compare", help="model or experiment folders side by side (val/test AP, time)"
+    )
+    compare.add_argument("folders", nargs="+", help="model folders, or folders holding model/ and eval/")
+    compare.add_argument(
+        "--metric",
+        default=subset_defaults()["select"],
+        choices=allowed_values("subsets.*.select"),
+        help="the val metric that marks the best",
+    )
+    compare.add_argument("-o", "--output", help="also write the whole table (per-class AP too) as CSV")
+    compare.set_defaults(handler=handlers.run_compare)
 
 
 def _add_threads(parser: argparse.ArgumentParser) -> None:

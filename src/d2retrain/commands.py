@@ -25,6 +25,7 @@ __all__ = [
     "run_infer",
     "run_track_eval",
     "run_export",
+    "run_compare",
 ]
 
 
@@ -235,6 +236,36 @@ def run_export(args: argparse.Namespace) -> None:
         reference_metrics=args.reference_metrics,
         threads=args.threads,
     )
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    from d2retrain.compare import comparison_table, find_run, select_run
+    from d2retrain.core.fileio import write_text_atomic
+
+    names = [Path(folder).resolve() for folder in args.folders]
+    runs = [
+        find_run(folder, name=_short_name(path, names))
+        for folder, path in zip(args.folders, names, strict=True)
+    ]
+    table = comparison_table(runs)
+    selected = select_run(table, args.metric)
+    table.insert(1, "selected", table["experiment"] == selected["experiment"])
+    shown = [c for c in table.columns if "_AP_" not in str(c) and not str(c).endswith(("AP50", "AP75"))]
+    print(table[shown].to_string(index=False, float_format="{:.3f}".format))
+    print(f"highest val {args.metric}: {selected['experiment']} ({selected['value']:.4f})")
+    if args.output:
+        write_text_atomic(args.output, table.to_csv(index=False))
+
+
+def _short_name(path: Path, paths: list[Path]) -> str:
+    """A folder's name in the table: its path below the folders' common parent (a model folder's
+    ``model`` part left out)."""
+    import os
+
+    common = Path(os.path.commonpath(paths)) if len(paths) > 1 else path.parent
+    relative = path.relative_to(common) if path != common else Path(path.name)
+    parts = [part for part in relative.parts if part != "model"] or [path.name]
+    return "/".join(parts)
 
 
 def run_categories(args: argparse.Namespace) -> None:

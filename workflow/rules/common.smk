@@ -1,4 +1,5 @@
 # Config lookups and path helpers; no logic beyond that.
+import json
 import re
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from d2retrain.core.codehash import code_hash
 from d2retrain.core.config import allowed_values
 from d2retrain.model.folder import ModelFolder
+from d2retrain.workflow.experiments import resolve_experiments
 from d2retrain.workflow.planning import (
     InferencePlan,
     demo_planned_files,
@@ -25,6 +27,27 @@ def model_folder(subset="{subset}"):
 
 
 MODEL = model_folder()
+# A variant's model folder (subsets with experiments: docs/experiments.md).
+EXPERIMENT = ModelFolder("results/{subset}/experiments/{experiment}/model")
+
+# Each subset's variants ({} for a subset without experiments), checked at parse time.
+try:
+    EXPERIMENTS = {
+        subset: resolve_experiments(subset, values, config["model"], config["train"])
+        for subset, values in config["subsets"].items()
+    }
+except D2RetrainError as error:
+    sys.exit(f"config: {error}")
+
+
+def one_of(names):
+    """A wildcard constraint matching exactly these names (nothing when there are none)."""
+    return "|".join(map(re.escape, sorted(names, key=len, reverse=True))) or "(?!)"
+
+
+# Subsets training one model (rule train) or several (rule train_experiment, then select).
+PLAIN_SUBSET = one_of(name for name, variants in EXPERIMENTS.items() if not variants)
+EXPERIMENT_SUBSET = one_of(name for name, variants in EXPERIMENTS.items() if variants)
 
 
 wildcard_constraints:
@@ -32,6 +55,7 @@ wildcard_constraints:
     split="|".join(SPLITS),
     dataset="|".join(map(re.escape, config["datasets"])),
     format="|".join(allowed_values("export.formats")),
+    experiment=one_of({name for variants in EXPERIMENTS.values() for name in variants}),
 
 
 def cluster_resources(gpu):
@@ -251,13 +275,17 @@ def data_outputs(subset):
 
 
 def model_outputs(subset):
-    return [
-        str(model_folder(subset).served),
-        str(model_folder(subset).card),
-        f"results/{subset}/eval/metrics.json",
-        f"results/{subset}/eval/ap_table.html",
-        f"results/{subset}/eval/predictions.png",
-    ] + export_outputs(subset)
+    return (
+        experiment_outputs(subset)
+        + [
+            str(model_folder(subset).served),
+            str(model_folder(subset).card),
+            f"results/{subset}/eval/metrics.json",
+            f"results/{subset}/eval/ap_table.html",
+            f"results/{subset}/eval/predictions.png",
+        ]
+        + export_outputs(subset)
+    )
 
 
 def export_outputs(subset):

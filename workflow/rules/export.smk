@@ -4,6 +4,7 @@
 
 rule export:
     input:
+        unpack(after_selection),
         weights=str(MODEL.served),
         classes=str(MODEL.classes_file),
         metrics="results/{subset}/eval/metrics.json",

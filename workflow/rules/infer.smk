@@ -9,6 +9,7 @@ for shard in INFERENCE_SHARDS:
         name:
             f"infer_{shard:02d}"
         input:
+            unpack(after_selection),
             unpack(shard_inputs(shard)),
         output:
             **shard_outputs(shard),
@@ -34,6 +35,7 @@ for shard in INFERENCE_SHARDS:
 
 rule inference_summary:
     input:
+        unpack(after_selection),
         status=expand(
             "results/{{subset}}/inference/status/shard_{shard:02d}.json",
             shard=INFERENCE_SHARDS,
@@ -69,6 +71,7 @@ rule inference_summary:
 
 rule track_eval:
     input:
+        unpack(after_selection),
         summary="results/{subset}/inference/summary.csv",
         ground_truth=list(TRACKED.values()),
     output:

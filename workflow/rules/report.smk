@@ -4,6 +4,7 @@
 
 rule ap_table:
     input:
+        unpack(after_selection),
         metrics="results/{subset}/eval/metrics.json",
         per_class="results/{subset}/eval/per_class.csv",
     output:
@@ -27,6 +28,7 @@ rule ap_table:
 
 rule prediction_grid:
     input:
+        unpack(after_selection),
         weights=str(MODEL.served),
         classes=str(MODEL.classes_file),
         val="results/{subset}/data/val.json",
@@ -57,6 +59,7 @@ rule prediction_grid:
 
 rule model_card:
     input:
+        unpack(after_selection),
         weights=str(MODEL.served),
         classes=str(MODEL.classes_file),
         config=str(MODEL.config_file),

@@ -44,6 +44,8 @@ rule train:
         ),
     log:
         "logs/{subset}/train.log",
+    wildcard_constraints:
+        subset=PLAIN_SUBSET,
     conda:
         "../../envs/d2retrain.yaml"
     threads: 8
@@ -70,6 +72,8 @@ rule serve_model:
         served=str(MODEL.served),
     log:
         "logs/{subset}/serve_model.log",
+    wildcard_constraints:
+        subset=PLAIN_SUBSET,
     conda:
         "../../envs/d2retrain.yaml"
     resources:
@@ -91,6 +95,8 @@ rule evaluate:
         per_class="results/{subset}/eval/per_class.csv",
     log:
         "logs/{subset}/evaluate.log",
+    wildcard_constraints:
+        subset=PLAIN_SUBSET,
     conda:
         "../../envs/d2retrain.yaml"
     threads: 4

@@ -21,6 +21,8 @@ __all__ = [
     "subset_defaults",
     "val_split_defaults",
     "allowed_values",
+    "schema_node",
+    "check_key_value",
     "MOVED_KEYS",
     "check_moved_keys",
     "with_defaults",
@@ -72,10 +74,54 @@ def allowed_values(key: str) -> tuple[str, ...]:
     """The schema's enum of a key, named by its dotted path (``model.engine``; ``*`` for any subset:
     ``subsets.*.balance``; of its items for a list: ``export.formats``): the one list of balance
     modes, engines and export formats."""
-    node = _schema()
-    for part in key.split("."):
-        node = node["additionalProperties"] if part == "*" else node["properties"][part]
+    node = schema_node(key)
     return tuple(node["items"]["enum"] if node.get("type") == "array" else node["enum"])
+
+
+def schema_node(key: str) -> dict[str, Any]:
+    """The schema of one key, named by its dotted path (``train.augment.crop``; ``*`` for any
+    subset: ``subsets.*.balance``).
+
+    Raises:
+        ConfigError: The path names no key; the nearest known one is suggested.
+    """
+    node = _schema()
+    walked: list[str] = []
+    for part in key.split("."):
+        known = node.get("properties", {})
+        if part == "*" and isinstance(node.get("additionalProperties"), dict):
+            node = node["additionalProperties"]
+        elif part in known:
+            node = known[part]
+        else:
+            close = difflib.get_close_matches(part, list(known), n=1, cutoff=0.5)
+            hint = (
+                f"did you mean {'.'.join([*walked, close[0]])}?"
+                if close
+                else f"known: {', '.join(known) or 'none'}"
+            )
+            raise ConfigError(f"{key} is not a key; {hint}")
+        walked.append(part)
+    return node
+
+
+def check_key_value(key: str, value: Any, source: str = "config", label: str | None = None) -> None:
+    """Check one value against the schema of its key (:func:`schema_node`), in one line naming the
+    key as ``label`` (the key itself by default).
+
+    Raises:
+        ConfigError: The key is unknown or the value breaks its schema.
+    """
+    import jsonschema
+
+    try:
+        node = schema_node(key)
+    except ConfigError as unknown:
+        raise ConfigError(f"{source}: {unknown}") from None
+    validator = jsonschema.Draft202012Validator({**node, "$defs": _schema()["$defs"]})
+    error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    if error is not None:
+        raise ConfigError(f"{source}: {_explained(error, label or key)}")
 
 
 # Keys that moved: old dotted path -> new one. A config with an old key fails naming the new one.
@@ -161,9 +207,9 @@ def check_config(config: dict[str, Any], source: str = "config", required: bool 
         raise ConfigError(f"{source}: {_explained(error)}")
 
 
-def _explained(error: Any) -> str:
-    """One line for a jsonschema error: the key path, the value, what is allowed."""
-    where = ".".join(str(part) for part in error.absolute_path)
+def _explained(error: Any, prefix: str = "") -> str:
+    """One line for a jsonschema error: the key path (below ``prefix``), the value, what is allowed."""
+    where = ".".join([prefix] * bool(prefix) + [str(part) for part in error.absolute_path])
     if error.validator == "additionalProperties":
         known = list(error.schema.get("properties", {}))
         unknown = [key for key in error.instance if key not in known]

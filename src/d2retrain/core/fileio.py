@@ -8,7 +8,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
@@ -25,6 +25,7 @@ __all__ = [
     "NoSpaceError",
     "atomic_open",
     "link_or_copy",
+    "link_files",
     "remove_leftovers",
     "temporary_beside",
     "write_through_temporary",
@@ -161,6 +162,17 @@ def link_or_copy(source: str | os.PathLike[str], target: str | os.PathLike[str])
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
         raise
+
+
+def link_files(sources: Mapping[str, str], targets: Mapping[str, str]) -> None:
+    """:func:`link_or_copy` each of ``sources`` to the target of the same name.
+
+    Raises:
+        KeyError: A target without a source.
+    """
+    for name, target in targets.items():
+        link_or_copy(sources[name], target)
+        logger.info("%s -> %s", sources[name], target)
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:
