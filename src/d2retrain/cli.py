@@ -206,6 +206,7 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--train", type=int, default=sizes["train_images"], help="training images")
     demo.add_argument("--val", type=int, default=sizes["val_images"], help="validation images")
     demo.add_argument("--video-frames", type=int, default=sizes["video_frames"], help="frames of the video")
+    demo.add_argument("--test", type=int, default=sizes["test_images"], help="test images (0: no test split)")
     demo.set_defaults(handler=handlers.run_demo_data)
     _add_filter(commands)
     balance = commands.add_parser("balance", help="keep only images holding every category")
@@ -258,7 +259,7 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     )
     split.add_argument("input", help="COCO JSON")
     split.add_argument(
-        "-o", "--output", nargs=2, required=True, metavar=("TRAIN", "VAL"), help="output JSONs"
+        "-o", "--output", nargs="+", required=True, metavar="JSON", help="output JSONs: TRAIN VAL [TEST]"
     )
     split_defaults = val_split_defaults()
     split.add_argument(
@@ -266,6 +267,9 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     )
     split.add_argument(
         "--seed", type=int, default=split_defaults["seed"], help="the same seed, the same split"
+    )
+    split.add_argument(
+        "--test-fraction", type=float, default=split_defaults["test_fraction"], help="share cut off as TEST"
     )
     split.set_defaults(handler=handlers.run_split)
     for name, handler, text in (

@@ -33,7 +33,12 @@ def run_demo_data(args: argparse.Namespace) -> None:
     from d2retrain.data.demo import write_demo_dataset
 
     write_demo_dataset(
-        args.output, seed=args.seed, train=args.train, val=args.val, video_frames=args.video_frames
+        args.output,
+        seed=args.seed,
+        train=args.train,
+        val=args.val,
+        video_frames=args.video_frames,
+        test=args.test,
     )
 
 
@@ -75,8 +80,13 @@ def run_merge(args: argparse.Namespace) -> None:
 def run_split(args: argparse.Namespace) -> None:
     from d2retrain.data.split import split_file
 
-    train, val = args.output
-    split_file(args.input, train, val, args.val_fraction, args.seed)
+    train, val, *test = args.output
+    if len(test) != (args.test_fraction > 0):
+        raise D2RetrainError("-o takes TRAIN VAL, and a TEST file with --test-fraction")
+    test_path = test[0] if test else None
+    split_file(
+        args.input, train, val, args.val_fraction, args.seed, test_path, test_fraction=args.test_fraction
+    )
 
 
 def run_images(args: argparse.Namespace) -> None:

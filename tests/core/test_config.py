@@ -99,7 +99,7 @@ def test_defaults_are_filled_at_every_depth_without_changing_what_was_given():
     }  # fmt: skip
     assert full["model"]["min_size_test"] == 192 and full["inference"]["batch_size"] >= 1
     assert full["subsets"]["s"]["balance"] == "all"
-    assert full["datasets"]["d"]["val_split"] == {"fraction": 0.2, "seed": 0}
+    assert full["datasets"]["d"]["val_split"] == {"fraction": 0.2, "seed": 0, "test_fraction": 0}
 
 
 def test_the_workflow_and_the_cli_fill_the_same_defaults_as_snakemakes_validate_did(tmp_path):

@@ -139,3 +139,14 @@ def test_a_longer_demo_video_shows_its_objects_leaving(tmp_path):
     assert decoded_frames(layout.video) == 130
     in_frame = truth.groupby("frame").id.nunique()
     assert in_frame.iloc[0] == 6 and in_frame.iloc[-1] < 3  # objects walk, roll and fly out of the picture
+
+
+def test_a_demo_test_split_leaves_train_and_val_as_they_were(tmp_path):
+    plain = write_demo_dataset(tmp_path / "a", train=4, val=3, video_frames=2)
+    tested = write_demo_dataset(tmp_path / "b", train=4, val=3, video_frames=2, test=5)
+    for split in ("train", "val"):
+        assert plain.annotations(split).read_bytes() == tested.annotations(split).read_bytes()
+    test = read_coco(tested.annotations("test"))
+    assert len(test.images) == 5 and len(list(tested.images("test").glob("*.jpg"))) == 5
+    ids = {int(i) for split in ("train", "val") for i in read_coco(tested.annotations(split)).image_ids}
+    assert not ids & {int(i) for i in test.image_ids} and not (tmp_path / "a" / "test").exists()

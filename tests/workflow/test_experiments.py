@@ -17,6 +17,7 @@ from d2retrain.cli import main
 from d2retrain.compare import ComparisonFiles, Run, comparison_table, find_run, write_comparison
 from d2retrain.core.config import ConfigError, with_defaults
 from d2retrain.core.errors import D2RetrainError
+from d2retrain.core.fileio import file_digest
 from d2retrain.model.folder import ModelFolder
 from d2retrain.workflow.experiments import resolve_experiments
 
@@ -253,7 +254,17 @@ def jobs_run(output: str) -> set[str]:
 @pytest.mark.slow
 def test_variants_train_side_by_side_and_only_a_new_selection_moves_the_served_model(tmp_path):
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config["demo"] = {"root": "resources/demo", "train_images": 8, "val_images": 4, "video_frames": 2}
+    config["demo"] = {
+        "root": "resources/demo",
+        "train_images": 8,
+        "val_images": 4,
+        "video_frames": 2,
+        "test_images": 4,
+    }
+    config["datasets"]["demo"]["test"] = {
+        "images": "resources/demo/test",
+        "annotations": "resources/demo/annotations/instances_test.json",
+    }
     config["subsets"]["person_ball"] |= {
         "experiments": {"base": {}, "repeat": {"balance": "repeat"}},
         "masks": False,
@@ -274,16 +285,20 @@ def test_variants_train_side_by_side_and_only_a_new_selection_moves_the_served_m
     selected = json.loads((results / "selected.json").read_text())
     other = {"base": "repeat", "repeat": "base"}[selected["experiment"]]
     served = results / "experiments" / selected["experiment"] / "model" / "model.pth"
-    assert (
-        results / "model/model.pth"
-    ).stat().st_ino == served.stat().st_ino  # the selected variant's weights
+    assert file_digest(results / "model/model.pth") == file_digest(served)  # the selected variant's weights
     assert (results / "experiments" / other / "model/tensorboard").is_dir()
     table = pd.read_csv(results / "experiments.csv")
     assert list(table.experiment) == ["base", "repeat"] and list(table.overrides.fillna("")) == [
         "",
         "balance=repeat",
     ]
-    assert "is optimistic" in (results / "experiments.html").read_text()
+    assert (
+        table.test_segm_AP.notna().all()
+        and selected["test_value"] == table.test_segm_AP[table.selected].item()
+    )
+    assert "is the estimate to quote" in (results / "experiments.html").read_text()
+    served_test = json.loads((results / "eval/test_metrics.json").read_text())["retrained"]["segm"]["AP"]
+    assert served_test == selected["test_value"]  # the served model's test AP is the selected variant's
     assert planned_jobs(tmp_path, config) == {}
 
     evaluation = results / "experiments" / other / "eval/metrics.json"
@@ -298,9 +313,9 @@ def test_variants_train_side_by_side_and_only_a_new_selection_moves_the_served_m
     assert {"select", "serve_selected", "infer_00", "model_card", "prediction_grid"} <= ran, ran
     assert not ran & {"train_experiment", "evaluate_experiment"}
     assert json.loads((results / "selected.json").read_text())["experiment"] == other
-    assert (results / "model/model.pth").stat().st_ino == (
+    assert file_digest(results / "model/model.pth") == file_digest(
         served.parents[2] / other / "model/model.pth"
-    ).stat().st_ino
+    )
 
     config["subsets"]["person_ball"]["experiments"][selected["experiment"]] = {"train": {"base_lr": 0.01}}
     jobs = planned_jobs(tmp_path, config)  # one variant's keys changed: that variant alone retrains

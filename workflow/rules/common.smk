@@ -52,7 +52,7 @@ EXPERIMENT_SUBSET = one_of(name for name, variants in EXPERIMENTS.items() if var
 
 wildcard_constraints:
     subset="|".join(map(re.escape, config["subsets"])),
-    split="|".join(SPLITS),
+    split="|".join([*SPLITS, "test"]),
     dataset="|".join(map(re.escape, config["datasets"])),
     format="|".join(allowed_values("export.formats")),
     experiment=one_of({name for variants in EXPERIMENTS.values() for name in variants}),
@@ -102,6 +102,24 @@ def dataset_files(name, split):
             "annotations": f"results/splits/{name}/{split}.json",
         }
     return dataset[split]
+
+
+def test_fraction(name):
+    """The share of a dataset given as one file that the split cuts off as test (0: none)."""
+    return config["datasets"][name].get("val_split", {}).get("test_fraction", 0)
+
+
+def subset_has_test(subset):
+    """Whether a subset has a test split: its one dataset has `test` or a val_split.test_fraction
+    (merged datasets have none)."""
+    names = subset_datasets(subset)
+    dataset = config["datasets"][names[0]]
+    return not merged(subset) and ("test" in dataset or test_fraction(names[0]) > 0)
+
+
+# Datasets given as one file whose split writes a test file too (rule split_dataset_test).
+TEST_CUT = one_of(name for name in config["datasets"] if test_fraction(name) > 0)
+NO_TEST_CUT = one_of(name for name in config["datasets"] if test_fraction(name) == 0)
 
 
 def subset_datasets(subset):
@@ -274,9 +292,31 @@ def data_outputs(subset):
     return outputs
 
 
+def demo_test_outputs():
+    """The demo's test split, when demo.test_images asks for one."""
+    if not config["demo"]["test_images"]:
+        return {}
+    root = config["demo"]["root"]
+    return {
+        "test": f"{root}/annotations/instances_test.json",
+        "test_images": directory(f"{root}/test"),
+    }
+
+
+def test_outputs(subset):
+    """The served model's evaluation on the test split, when the subset has one."""
+    if not subset_has_test(subset):
+        return []
+    return [
+        f"results/{subset}/eval/test_{name}"
+        for name in ("metrics.json", "per_class.csv")
+    ]
+
+
 def model_outputs(subset):
     return (
         experiment_outputs(subset)
+        + test_outputs(subset)
         + [
             str(model_folder(subset).served),
             str(model_folder(subset).card),

@@ -66,6 +66,11 @@ def experiment_evaluations(wildcards):
         "val": [f"{folder}/{name}/eval/metrics.json" for name in names],
         "best": [f"{folder}/{name}/model/best.json" for name in names],
         "curves": [f"{folder}/{name}/model/metrics.jsonl" for name in names],
+        "test": [
+            f"{folder}/{name}/eval/test_metrics.json"
+            for name in names
+            if subset_has_test(wildcards.subset)
+        ],
     }
 
 

@@ -3,6 +3,7 @@
 
 checkpoint demo_data:
     output:
+        **demo_test_outputs(),
         train=f"{config['demo']['root']}/annotations/instances_train.json",
         val=f"{config['demo']['root']}/annotations/instances_val.json",
         train_images=directory(f"{config['demo']['root']}/train"),
@@ -20,6 +21,7 @@ checkpoint demo_data:
         train=config["demo"]["train_images"],
         val=config["demo"]["val_images"],
         video_frames=config["demo"]["video_frames"],
+        test=config["demo"]["test_images"],
         code=script_code("demo_data"),
     script:
         "../scripts/demo_data.py"
@@ -33,6 +35,8 @@ rule split_dataset:
         val="results/splits/{dataset}/val.json",
     log:
         "logs/splits/{dataset}.log",
+    wildcard_constraints:
+        dataset=NO_TEST_CUT,
     conda:
         "../../envs/d2retrain.yaml"
     resources:
@@ -43,6 +47,17 @@ rule split_dataset:
         code=script_code("split"),
     script:
         "../scripts/split.py"
+
+
+use rule split_dataset as split_dataset_test with:
+    output:
+        train="results/splits/{dataset}/train.json",
+        val="results/splits/{dataset}/val.json",
+        test="results/splits/{dataset}/test.json",
+    wildcard_constraints:
+        dataset=TEST_CUT,
+    params:
+        test_fraction=val_split_setting("test_fraction"),
 
 
 rule merge:

@@ -90,6 +90,19 @@ use rule evaluate as evaluate_experiment with:
         subset=EXPERIMENT_SUBSET,
 
 
+use rule evaluate_experiment as evaluate_experiment_test with:
+    input:
+        weights=str(EXPERIMENT.served),
+        classes=str(EXPERIMENT.classes_file),
+        val="results/{subset}/data/test.json",
+        val_images=images_of_split("test"),
+    output:
+        metrics="results/{subset}/experiments/{experiment}/eval/test_metrics.json",
+        per_class="results/{subset}/experiments/{experiment}/eval/test_per_class.csv",
+    log:
+        "logs/{subset}/experiments/{experiment}/evaluate_test.log",
+
+
 checkpoint select:
     input:
         unpack(experiment_evaluations),
@@ -123,8 +136,9 @@ checkpoint select:
         "../scripts/select.py"
 
 
-# The selected variant's files under the subset's model/ and eval/ (hard links): reruns when the
-# selection changes or the selected variant is retrained, and not otherwise.
+# The selected variant's files under the subset's model/ and eval/, as copies (Snakemake touches
+# outputs, and a touched hard link would touch the variant's files): reruns when the selection
+# changes or the selected variant is retrained, and not otherwise.
 rule serve_selected:
     input:
         unpack(selected_files),

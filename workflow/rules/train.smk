@@ -110,3 +110,20 @@ rule evaluate:
         code=script_code("evaluate"),
     script:
         "../scripts/evaluate.py"
+
+
+# The served model's AP on the test split (subsets with one): never used to train or to select.
+use rule evaluate as evaluate_test with:
+    input:
+        unpack(after_selection),
+        weights=str(MODEL.served),
+        classes=str(MODEL.classes_file),
+        val="results/{subset}/data/test.json",
+        val_images=images_of_split("test"),
+    output:
+        metrics="results/{subset}/eval/test_metrics.json",
+        per_class="results/{subset}/eval/test_per_class.csv",
+    log:
+        "logs/{subset}/evaluate_test.log",
+    wildcard_constraints:
+        subset=one_of(config["subsets"]),

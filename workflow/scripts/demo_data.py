@@ -15,4 +15,5 @@ run_job(
     train=params.train,
     val=params.val,
     video_frames=params.video_frames,
+    test=params.test,
 )

@@ -12,4 +12,6 @@ run_job(
     snakemake.output.val,
     snakemake.params.fraction,
     snakemake.params.seed,
+    snakemake.output.get("test"),
+    test_fraction=snakemake.params.get("test_fraction", 0.0),
 )

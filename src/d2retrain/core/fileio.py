@@ -2,6 +2,7 @@
 
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -25,7 +26,7 @@ __all__ = [
     "NoSpaceError",
     "atomic_open",
     "link_or_copy",
-    "link_files",
+    "copy_files",
     "remove_leftovers",
     "temporary_beside",
     "write_through_temporary",
@@ -164,14 +165,18 @@ def link_or_copy(source: str | os.PathLike[str], target: str | os.PathLike[str])
         raise
 
 
-def link_files(sources: Mapping[str, str], targets: Mapping[str, str]) -> None:
-    """:func:`link_or_copy` each of ``sources`` to the target of the same name.
+def copy_files(sources: Mapping[str, str], targets: Mapping[str, str]) -> None:
+    """Copy each of ``sources`` to the target of the same name, each appearing at once.
+
+    Copies, not hard links, where Snakemake touches the targets after the job: a touch of a hard
+    link is a touch of its source, which would make the source's own consumers look outdated.
 
     Raises:
         KeyError: A target without a source.
     """
     for name, target in targets.items():
-        link_or_copy(sources[name], target)
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        write_through_temporary(target, functools.partial(shutil.copyfile, sources[name]))
         logger.info("%s -> %s", sources[name], target)
 
 

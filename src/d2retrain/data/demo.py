@@ -397,7 +397,7 @@ def _write_video(path: Path, rng: np.random.Generator, frames: int, fps: int = 1
 
 
 def write_demo_dataset(
-    root: str | Path, seed: int = 0, train: int = 80, val: int = 24, video_frames: int = 60
+    root: str | Path, seed: int = 0, train: int = 80, val: int = 24, video_frames: int = 60, test: int = 0
 ) -> DemoLayout:
     """Write the demo dataset under ``root`` (see :class:`DemoLayout`): images of the
     :data:`IMAGE_SIZES` in turn, a video of :data:`VIDEO_SIZE` and its ground-truth tracks.
@@ -417,6 +417,8 @@ def write_demo_dataset(
         train: Number of training images.
         val: Number of validation images.
         video_frames: Frames of the demo video.
+        test: Number of test images (0: no test split), from their own random stream, so that
+            train and val are the same with or without them.
 
     Returns:
         The layout of what was written.
@@ -425,10 +427,17 @@ def write_demo_dataset(
     rng = np.random.default_rng(seed)
     _write_split(layout, "train", train, rng, first_id=1)
     _write_split(layout, "val", val, rng, first_id=10_000)
+    if test:
+        _write_split(layout, "test", test, np.random.default_rng((seed, 2)), first_id=20_000)
     # the video's own stream of the seed: the same video whatever the image counts
     video = _write_video(layout.video, np.random.default_rng((seed, 1)), video_frames)
     write_text_atomic(layout.video_ground_truth, video)
     logger.info(
-        "demo dataset: %d train and %d val images and a %d-frame video in %s", train, val, video_frames, root
+        "demo dataset: %d train, %d val and %d test images and a %d-frame video in %s",
+        train,
+        val,
+        test,
+        video_frames,
+        root,
     )
     return layout

@@ -166,24 +166,48 @@ class _Sides:
                 in_val += 1
 
 
-def split_file(input_path: str, train_path: str, val_path: str, val_fraction: float, seed: int) -> None:
-    """Split a COCO file (see :func:`split_document`) and write both sides.
+def split_file(
+    input_path: str,
+    train_path: str,
+    val_path: str,
+    val_fraction: float,
+    seed: int,
+    test_path: str | None = None,
+    test_fraction: float = 0.0,
+) -> None:
+    """Split a COCO file (see :func:`split_document`) and write both sides; with a test fraction,
+    first cut off the test split the same way (every category with 2 images or more on both sides
+    of that cut too), then split the rest into train and val with the val share of the whole file.
 
     Raises:
-        D2RetrainError: The input is unusable or cannot be split.
+        D2RetrainError: The input is unusable or cannot be split, or a test path and fraction
+            without the other.
     """
     document = read_coco(input_path)
+    if (test_path is None) != (test_fraction == 0):
+        raise D2RetrainError("a test split needs both its file and a test fraction in (0, 1)")
+    test = None
+    if test_path is not None:
+        if not 0 < test_fraction + val_fraction < 1:
+            raise D2RetrainError(
+                f"val ({val_fraction}) and test ({test_fraction}) fractions must add up to under 1"
+            )
+        document, test = split_document(document, test_fraction, seed)
+        val_fraction /= 1 - test_fraction
     train, val = split_document(document, val_fraction, seed)
     logger.info(
-        "split %s (val fraction %g, seed %d): %d images -> train %d (%d annotations), val %d (%d)",
+        "split %s (val fraction %g, seed %d): %d images -> train %d (%d annotations), val %d (%d)%s",
         input_path,
         val_fraction,
         seed,
-        len(document.images),
+        len(document.images) + (len(test.images) if test else 0),
         len(train.images),
         len(train.annotations),
         len(val.images),
         len(val.annotations),
+        f", test {len(test.images)} ({len(test.annotations)})" if test else "",
     )
     write_coco(train_path, train)
     write_coco(val_path, val)
+    if test is not None and test_path is not None:
+        write_coco(test_path, test)
