@@ -29,6 +29,7 @@ __all__ = [
     "find_run",
     "comparison_table",
     "select_run",
+    "variant_summary",
     "plot_val_curves",
     "write_comparison",
 ]
@@ -46,6 +47,7 @@ class Run:
         val: ``eval/metrics.json`` on the val split, or None when it was not evaluated.
         test: ``eval/test_metrics.json`` on the test split, or None.
         overrides: What the variant changes (dotted key -> value).
+        variant: The variant it is a seed of (its own name when it has one seed).
     """
 
     name: str
@@ -53,6 +55,7 @@ class Run:
     val: Path | None
     test: Path | None
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    variant: str = ""
 
 
 def find_run(folder: str | os.PathLike[str], name: str | None = None) -> Run:
@@ -88,6 +91,7 @@ def comparison_table(runs: Sequence[Run]) -> pd.DataFrame:
         overrides = run.overrides or differing.get(run.name, {})
         row: dict[str, Any] = {
             "experiment": run.name,
+            "variant": run.variant or run.name,
             "overrides": ", ".join(f"{key}={value}" for key, value in overrides.items()),
         }
         for split, path in (("val", run.val), ("test", run.test)):
@@ -102,7 +106,15 @@ def comparison_table(runs: Sequence[Run]) -> pd.DataFrame:
 
 
 def select_run(table: pd.DataFrame, metric: str) -> dict[str, Any]:
-    """The row with the highest val ``metric`` (the first on a tie), as ``selected.json`` records it.
+    """The variant with the highest mean val ``metric`` over its seeds (the first on a tie), and
+    its run with the highest val ``metric`` (the one served), as ``selected.json`` records them.
+
+    Returns:
+        ``experiment`` (the served run), ``metric``, ``value`` and ``test_value`` (that run's val
+        and test metric), ``split``, and for its variant ``variant``, ``seeds``, ``mean``,
+        ``spread`` (the standard deviation over its seeds, 0 for one), ``test_mean``, and
+        ``within_spread``: the other variants whose mean is within one spread (theirs or its) of
+        it, where either has several seeds.
 
     Raises:
         D2RetrainError: No run has the metric on val.
@@ -111,15 +123,47 @@ def select_run(table: pd.DataFrame, metric: str) -> dict[str, Any]:
     scored = table.dropna(subset=[column]) if column in table else table.iloc[0:0]
     if scored.empty:
         raise D2RetrainError(f"no run has a val {metric} to select on: evaluate them first")
-    best = scored.iloc[int(scored[column].to_numpy().argmax())]
+    summary = variant_summary(scored, metric)
+    chosen = summary.iloc[int(summary["mean"].to_numpy().argmax())]
+    runs = scored[scored["variant"] == chosen.name]
+    best = runs.iloc[int(runs[column].to_numpy().argmax())]
     test = best.get(f"test_{metric}")
+    spread = summary["spread"].clip(lower=chosen["spread"])
+    close = (summary.index != chosen.name) & ((summary["mean"] - chosen["mean"]).abs() <= spread)
+    close &= (summary["seeds"] > 1) | (chosen["seeds"] > 1)
     return {
         "experiment": str(best["experiment"]),
         "metric": metric,
         "value": float(best[column]),
         "split": "val",
-        "test_value": None if test is None or pd.isna(test) else float(test),
+        "test_value": _number(test),
+        "variant": str(chosen.name),
+        "seeds": int(chosen["seeds"]),
+        "mean": float(chosen["mean"]),
+        "spread": float(chosen["spread"]),
+        "test_mean": _number(chosen["test_mean"]),
+        "within_spread": [str(name) for name in summary.index[close]],
     }
+
+
+def variant_summary(table: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per variant, in the table's order: ``seeds``, the ``mean`` and ``spread`` (sample standard
+    deviation, 0 for one seed) of the val ``metric``, and the ``test_mean``."""
+    groups = table.groupby("variant", sort=False)
+    values = groups[f"val_{metric}"]
+    test = f"test_{metric}"
+    return pd.DataFrame(
+        {
+            "seeds": values.count(),
+            "mean": values.mean(),
+            "spread": values.std(ddof=1).fillna(0.0),
+            "test_mean": groups[test].mean() if test in table else float("nan"),
+        }
+    )
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None or pd.isna(value) else float(value)
 
 
 def plot_val_curves(runs: Sequence[Run], metric: str, path: str | os.PathLike[str]) -> None:
@@ -171,6 +215,11 @@ def write_comparison(runs: Sequence[Run], metric: str, files: ComparisonFiles, t
     table = comparison_table(runs)
     selected = select_run(table, metric)
     table.insert(1, "selected", table["experiment"] == selected["experiment"])
+    if (table["variant"] != table["experiment"]).any():  # seeds: each variant's mean and spread
+        summary = variant_summary(table.dropna(subset=[f"val_{metric}"]), metric)
+        table.insert(3, f"val_{metric}_mean", table["variant"].map(summary["mean"]))
+        table.insert(4, f"val_{metric}_spread", table["variant"].map(summary["spread"]))
+        table.insert(5, "within_spread", table["variant"].isin(selected["within_spread"]))
     write_text_atomic(files.table, table.to_csv(index=False))
     plot_val_curves(runs, metric, files.plot)
     write_text_atomic(files.page, _page(table, selected, title))
@@ -182,14 +231,15 @@ def write_comparison(runs: Sequence[Run], metric: str, files: ComparisonFiles, t
 def select_experiment(
     folders: Mapping[str, str],
     overrides: Mapping[str, Mapping[str, Any]],
+    variants: Mapping[str, str],
     metric: str,
     files: ComparisonFiles,
     title: str,
 ) -> dict[str, Any]:
     """The workflow's select job: each experiment folder's run (:func:`find_run`) with its
-    overrides, compared and selected by :func:`write_comparison`."""
+    overrides and variant, compared and selected by :func:`write_comparison`."""
     runs = [
-        dataclasses.replace(find_run(folder, name), overrides=overrides[name])
+        dataclasses.replace(find_run(folder, name), overrides=overrides[name], variant=variants[name])
         for name, folder in folders.items()
     ]
     return write_comparison(runs, metric, files, title)
@@ -199,12 +249,23 @@ def _verdict(selected: Mapping[str, Any]) -> str:
     """Which number selected, and which one to quote."""
     metric, value = selected["metric"], selected["value"]
     chose = f"the highest val {metric} ({value:.4f}) selected it"
+    if selected["seeds"] > 1:
+        chose = (
+            f"variant {selected['variant']} has the highest mean val {metric} over its {selected['seeds']} "
+            f"seeds, {selected['mean']:.4f} (spread {selected['spread']:.4f}), and this is its best seed "
+            f"({value:.4f})"
+        )
+    if selected["within_spread"]:
+        chose += f"; {', '.join(selected['within_spread'])} within the spread: the difference may be noise"
     if selected["test_value"] is None:
         return (
             f"{chose}; there is no test split, so this val {metric} is optimistic (it was used to choose): "
             "give the dataset a test split for an unbiased estimate"
         )
-    return f"{chose}; its test {metric}, {selected['test_value']:.4f}, is the estimate to quote"
+    quote = f"{chose}; its test {metric}, {selected['test_value']:.4f}, is the estimate to quote"
+    if selected["seeds"] > 1:
+        quote += f" (the variant's mean over its seeds: {selected['test_mean']:.4f})"
+    return quote
 
 
 def _page(table: pd.DataFrame, selected: Mapping[str, Any], title: str) -> str:

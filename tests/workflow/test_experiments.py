@@ -1,5 +1,6 @@
 """A subset's experiments: variants named and checked at parse time, compared, the best on val selected."""
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -190,6 +191,12 @@ def test_the_best_val_metric_selects_and_its_test_ap_is_the_one_to_quote(tmp_pat
         "value": 0.6,
         "split": "val",
         "test_value": 0.41,
+        "variant": "low_lr",
+        "seeds": 1,
+        "mean": 0.6,
+        "spread": 0.0,
+        "test_mean": 0.41,
+        "within_spread": [],  # one seed each: no spread to compare with
     }
     assert json.loads(Path(files.selected).read_text()) == selected
     table = pd.read_csv(files.table)
@@ -207,6 +214,44 @@ def test_the_best_val_metric_selects_and_its_test_ap_is_the_one_to_quote(tmp_pat
         and "highest val segm_AP (0.6000)" in page
     )
     assert Path(files.plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_seeds_select_the_variant_with_the_best_mean_and_flag_those_within_its_spread(tmp_path):
+    values = {"a": [0.50, 0.54, 0.46], "b": [0.53, 0.49, 0.51], "c": [0.30, 0.31, 0.29]}
+    runs = [
+        dataclasses.replace(
+            find_run(
+                fake_run(tmp_path / v / f"seed~{k}", [(4, ap)], val=ap, test=ap - 0.1, lr=0.02),
+                f"{v}/seed~{k}",
+            ),
+            variant=v,
+        )
+        for v, aps in values.items()
+        for k, ap in enumerate(aps)
+    ]
+    files = ComparisonFiles(*(str(tmp_path / name) for name in ("t.csv", "t.html", "t.png", "selected.json")))
+    selected = write_comparison(runs, "segm_AP", files, "E")
+    assert (
+        selected["variant"] == "b" and selected["experiment"] == "b/seed~0"
+    )  # best mean 0.51, its best seed
+    assert selected["seeds"] == 3 and selected["mean"] == pytest.approx(0.51) and selected["value"] == 0.53
+    assert selected["spread"] == pytest.approx(0.02) and selected["test_mean"] == pytest.approx(0.41)
+    assert selected["within_spread"] == ["a"]  # 0.50 is within a's spread (0.04) of 0.51; c is not
+    table = pd.read_csv(files.table)
+    assert list(table.within_spread) == [True] * 3 + [False] * 6
+    assert table.val_segm_AP_mean.round(4).tolist() == [0.5] * 3 + [0.51] * 3 + [0.3] * 3
+    page = Path(files.page).read_text()
+    assert "variant b has the highest mean val segm_AP over its 3 seeds, 0.5100 (spread 0.0200)" in page
+    assert "a within the spread: the difference may be noise" in page
+
+
+def test_seeds_train_each_variant_once_per_seed_from_its_seed_on():
+    found = variants(seeds=2, experiments={"a": {}, "b": {"seeds": 1, "train": {"seed": 7}}})
+    assert {name: (v.variant, v.train["seed"]) for name, v in found.items()} == {
+        "a/seed~0": ("a", 0),
+        "a/seed~1": ("a", 1),
+        "b": ("b", 7),
+    }
 
 
 def test_without_a_test_split_the_page_says_the_selected_val_ap_is_optimistic(tmp_path):
@@ -234,7 +279,7 @@ def test_compare_prints_folders_made_by_hand_side_by_side(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert status == 0 and "highest val segm_AP: second (0.7000)" in printed
-    assert re.search(r"first\s+False\s+solver.base_lr=0.02\s+0.500", printed), printed
+    assert re.search(r"first\s+False\s+first\s+solver.base_lr=0.02\s+0.500", printed), printed
     assert list(pd.read_csv(output).experiment) == ["first", "second"]
     assert main(["compare", str(tmp_path)]) == 2  # no model there: one line, exit 2
 

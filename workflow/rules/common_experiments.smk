@@ -58,6 +58,11 @@ def variant_overrides(wildcards):
     return {name: v.overrides for name, v in EXPERIMENTS[wildcards.subset].items()}
 
 
+def variant_names(wildcards):
+    """Params function: {experiment: the variant it is a seed of}."""
+    return {name: v.variant for name, v in EXPERIMENTS[wildcards.subset].items()}
+
+
 def experiment_evaluations(wildcards):
     """Every variant's val evaluation, training record and curves (select reads them all)."""
     names = list(EXPERIMENTS[wildcards.subset])

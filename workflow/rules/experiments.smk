@@ -130,6 +130,7 @@ checkpoint select:
     params:
         folders=experiment_folders,
         overrides=variant_overrides,
+        variants=variant_names,
         metric=subset_value("select"),
         code=script_code("select"),
     script:

@@ -9,6 +9,7 @@ run_job(
     select_experiment,
     snakemake.params.folders,
     snakemake.params.overrides,
+    snakemake.params.variants,
     snakemake.params.metric,
     ComparisonFiles(**snakemake.output),
     title=f"Experiments of {snakemake.wildcards.subset}",

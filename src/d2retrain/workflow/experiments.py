@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["Variant", "resolve_experiments", "flat_overrides", "SUBSET_KEYS"]
 
 # The subset keys a variant may change (the rest set the subset's data and classes).
-SUBSET_KEYS = ("balance", "repeat_threshold")
+SUBSET_KEYS = ("balance", "repeat_threshold", "seeds")
 _SECTIONS = ("model", "train")
 _NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,+=~-]*$")
 
@@ -37,6 +37,8 @@ class Variant:
         train: The ``train`` section it trains with.
         balance: The training split's balancing.
         repeat_threshold: The repeat-factor threshold (``balance: repeat``).
+        seeds: How many seeds the variant trains.
+        variant: The variant it is a seed of (its own name for a variant of one seed).
     """
 
     name: str
@@ -45,6 +47,23 @@ class Variant:
     train: dict[str, Any]
     balance: str
     repeat_threshold: float
+    seeds: int = 1
+    variant: str = ""
+
+    def seed_runs(self) -> list["Variant"]:
+        """The runs it trains: itself for one seed, else ``<name>/seed~<k>`` for k in 0..seeds-1,
+        with ``train.seed`` the variant's plus k."""
+        if self.seeds == 1:
+            return [dataclasses.replace(self, variant=self.name)]
+        return [
+            dataclasses.replace(
+                self,
+                name=f"{self.name}/seed~{k}",
+                train={**self.train, "seed": self.train["seed"] + k},
+                variant=self.name,
+            )
+            for k in range(self.seeds)
+        ]
 
     def data_files(self, subset: Mapping[str, Any]) -> tuple[str, str | None]:
         """Its training annotations and repeat-factor file (None without ``balance: repeat``),
@@ -80,7 +99,8 @@ def flat_overrides(overrides: Mapping[str, Any], prefix: str = "") -> dict[str, 
 def resolve_experiments(
     subset_name: str, subset: Mapping[str, Any], model: Mapping[str, Any], train: Mapping[str, Any]
 ) -> dict[str, Variant]:
-    """A subset's variants, named experiments then grid points; ``{}`` when it has neither.
+    """A subset's runs: its variants, named experiments then grid points, each once per seed
+    (:meth:`Variant.seed_runs`); ``{}`` when it has neither.
 
     Args:
         subset_name: The subset's key (for messages).
@@ -105,8 +125,9 @@ def resolve_experiments(
             raise ConfigError(f"{where}.grid: two variants are named {name}; give the values distinct names")
         variants[name] = overrides
     return {
-        name: _applied(name, overrides, subset, model, train, f"{where}.experiments.{name}")
+        run.name: run
         for name, overrides in variants.items()
+        for run in _applied(name, overrides, subset, model, train, f"{where}.experiments.{name}").seed_runs()
     }
 
 
