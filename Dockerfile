@@ -4,8 +4,8 @@
 #
 # Versions: uv.lock is the one list of exact versions (the test environment and envs/d2retrain.yaml
 # come from it too). The build runs `uv export` on it, at the uv version the lock holds, and installs
-# every runtime package plus detectron2's own dependencies and the tracker (the `detectron2` and
-# `track` extras), with --no-deps: the pins are complete, and pip would add the opencv-python that
+# every runtime package plus detectron2's own dependencies, the tracker and MLflow (the `detectron2`,
+# `track` and `mlflow` extras), with --no-deps: the pins are complete, and pip would add the opencv-python that
 # uv.lock overrides away (pyproject.toml). The only
 # versions written here are those a Python lock cannot hold: the base image (which brings the locked
 # torch and torchvision, built for the CUDA release the lock's nvidia-* wheels are from, plus nvcc)
@@ -30,7 +30,7 @@ ARG UV_VERSION=0.13.9
 COPY pyproject.toml uv.lock /opt/d2retrain/
 RUN python -m pip install "uv==${UV_VERSION}" \
     && uv export --project /opt/d2retrain --frozen --no-dev --no-emit-project --no-hashes --no-header \
-        --no-annotate --extra detectron2 --extra track -o /opt/d2retrain/pins.txt \
+        --no-annotate --extra detectron2 --extra track --extra mlflow -o /opt/d2retrain/pins.txt \
     && cat /opt/d2retrain/pins.txt \
     && python -m pip install --no-deps -r /opt/d2retrain/pins.txt
 

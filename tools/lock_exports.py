@@ -29,8 +29,8 @@ LOCK = REPO / "uv.lock"
 # What conda itself gives: the interpreter and pip (the rest comes from PyPI, as in the tests).
 CONDA_PYTHON = "3.11"
 CONDA_PIP = "26.3"
-# `uv export` options shared with the Dockerfile's build step (which adds --extra detectron2 and
-# --extra track).
+# `uv export` options shared with the Dockerfile's build step (which adds --extra detectron2,
+# --extra track and --extra mlflow).
 EXPORT_OPTIONS = ["--frozen", "--no-dev", "--no-emit-project", "--no-hashes", "--no-header", "--no-annotate"]
 
 HEADER = """\

@@ -14,6 +14,7 @@ import yaml
 from d2retrain import __version__
 from d2retrain.core.fileio import file_digest, write_text_atomic
 from d2retrain.core.htmlpage import html_page
+from d2retrain.core.mlflowlog import MlflowRun
 from d2retrain.model.cococlasses import coco_category_ids
 from d2retrain.model.folder import ClassInfo, ModelFolder
 from d2retrain.report import ap_notes, ap_table
@@ -77,7 +78,9 @@ def model_card(subset: str, inputs: CardInputs) -> str:
     return "\n\n".join(sections) + "\n"
 
 
-def write_model_card(subset: str, inputs: CardInputs, markdown_path: str, html_path: str) -> None:
+def write_model_card(
+    subset: str, inputs: CardInputs, markdown_path: str, html_path: str, track: bool = False
+) -> None:
     """Write the model card as Markdown and as an HTML page for the report.
 
     Args:
@@ -85,12 +88,16 @@ def write_model_card(subset: str, inputs: CardInputs, markdown_path: str, html_p
         inputs: The run's files the card is written from.
         markdown_path: ``MODEL_CARD.md``.
         html_path: The page for the report.
+        track: Add the card to the model's MLflow run, when its training was tracked.
     """
     text = model_card(subset, inputs)
     write_text_atomic(markdown_path, text)
     body = markdown.markdown(text, extensions=["tables", "fenced_code"])
     write_text_atomic(html_path, html_page(f"Model card: {subset}", body))
     logger.info("model card of %s -> %s, %s", subset, markdown_path, html_path)
+    run = MlflowRun.attach(ModelFolder(inputs.model_dir).checkpoints) if track else None
+    if run is not None:
+        run.log_artifacts([markdown_path])
 
 
 def _table(frame: pd.DataFrame, index: bool = False) -> str:

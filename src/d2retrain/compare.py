@@ -17,7 +17,8 @@ from typing import Any
 import pandas as pd
 
 from d2retrain.core.errors import D2RetrainError
-from d2retrain.core.fileio import write_figure, write_text_atomic
+from d2retrain.core.fileio import copy_files, write_figure, write_text_atomic
+from d2retrain.core.mlflowlog import copy_run_state
 from d2retrain.model.folder import ModelFolder
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ __all__ = [
     "Run",
     "ComparisonFiles",
     "select_experiment",
+    "serve_selected",
     "find_run",
     "comparison_table",
     "select_run",
@@ -243,6 +245,17 @@ def select_experiment(
         for name, folder in folders.items()
     ]
     return write_comparison(runs, metric, files, title)
+
+
+def serve_selected(sources: Mapping[str, str], targets: Mapping[str, str]) -> None:
+    """The workflow's serve_selected job: the selected run's files copied to the subset's
+    (:func:`~d2retrain.core.fileio.copy_files`, keyed alike), with the MLflow run its training
+    was tracked in, so that the model card goes to that run."""
+    copy_files(sources, targets)
+    copy_run_state(
+        ModelFolder(Path(sources["served"]).parent).checkpoints,
+        ModelFolder(Path(targets["served"]).parent).checkpoints,
+    )
 
 
 def _verdict(selected: Mapping[str, Any]) -> str:

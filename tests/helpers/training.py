@@ -104,6 +104,24 @@ def assert_tensorboard_shows_the_metrics(model_dir) -> dict[str, list]:
     return shown
 
 
-def train_mini(folder, paths, output, **train) -> None:
+def train_mini(folder, paths, output, mlflow=None, **train) -> None:
     model = {"engine": "torchvision", "architecture": "maskrcnn_resnet18_fpn", **TINY_TEST}
-    train_from_config(model=model, train=TINY | train, **mini_inputs(paths, output))
+    train_from_config(model=model, train=TINY | train, mlflow=mlflow, **mini_inputs(paths, output))
+
+
+def kill_during_step(monkeypatch, call: int):
+    """Make the torchvision engine's training step raise KeyboardInterrupt (a kill) at its
+    ``call``-th call; returns the function that brings the real step back."""
+    import d2retrain.train.tv as tv_train
+
+    real_step = tv_train._step
+    calls = {"n": 0}
+
+    def dying_step(*args):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(tv_train, "_step", dying_step)
+    return lambda: monkeypatch.setattr(tv_train, "_step", real_step)

@@ -11,6 +11,7 @@ from helpers.training import (
     TINY,
     assert_tensorboard_shows_the_metrics,
     evaluate_mini,
+    kill_during_step,
     mini_inputs,
     train_mini,
 )
@@ -21,7 +22,6 @@ from d2retrain.data.prepare import filter_file
 from d2retrain.model import tv as tv_engine
 from d2retrain.model.folder import ModelFolder
 from d2retrain.model.specs import model_spec, solver_spec
-from d2retrain.train import tv as tv_train
 from d2retrain.train.loop import TrainingDivergedError
 from d2retrain.train.run import train_from_config
 
@@ -56,20 +56,11 @@ def test_torchvision_engine_trains_and_evaluates_on_coco_mini_from_scratch(mini_
 @pytest.mark.slow
 def test_a_killed_run_resumes_from_its_last_checkpoint(mini_split, tmp_path, monkeypatch, caplog):
     folder, paths = mini_split
-    real_step = tv_train._step
-    calls = {"n": 0}
-
-    def dying_step(*args):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt  # killed during iteration 3, after the checkpoint at 2
-        return real_step(*args)
-
-    monkeypatch.setattr(tv_train, "_step", dying_step)
+    revive = kill_during_step(monkeypatch, 4)  # killed during iteration 3, after the checkpoint at 2
     with pytest.raises(KeyboardInterrupt):
         train_mini(folder, paths, tmp_path / "model", eval_period=2)
     assert not (tmp_path / "model" / "model_final.pth").exists()
-    monkeypatch.setattr(tv_train, "_step", real_step)
+    revive()
     with caplog.at_level(logging.INFO):
         train_mini(folder, paths, tmp_path / "model", eval_period=2)
     assert "at iteration 2" in caplog.text

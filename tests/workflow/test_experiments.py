@@ -316,6 +316,9 @@ def test_variants_train_side_by_side_and_only_a_new_selection_moves_the_served_m
     }
     config["train"] = {"iterations": 2, "eval_period": 1, "warmup_iterations": 1, "steps": []}
     config["inference"] = {"images": ["resources/demo/val"], "videos": []}
+    config["mlflow"] = {
+        "tracking_uri": "sqlite:///results/mlflow.db"
+    }  # two trainings at once on one SQLite file
     two_at_once = ("--resources", "gpu=2", "--set-threads", "train_experiment=1")
     output = snakemake(tmp_path, config, *two_at_once)
     assert re.search(r"train_experiment\s+2\n", output) and "balance_variant" in output  # repeat's own data
@@ -345,6 +348,21 @@ def test_variants_train_side_by_side_and_only_a_new_selection_moves_the_served_m
     served_test = json.loads((results / "eval/test_metrics.json").read_text())["retrained"]["segm"]["AP"]
     assert served_test == selected["test_value"]  # the served model's test AP is the selected variant's
     assert planned_jobs(tmp_path, config) == {}
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{results.parent / 'mlflow.db'}")
+    runs = {
+        run.info.run_name: run
+        for run in client.search_runs([client.get_experiment_by_name("d2retrain").experiment_id])
+    }
+    assert set(runs) == {"person_ball/base", "person_ball/repeat"}
+    for name, run in runs.items():
+        assert run.info.status == "FINISHED" and run.data.params["solver.iterations"] == "2"
+        assert {"val_segm_AP", "test_segm_AP", "segm_AP", "lr"} <= set(run.data.metrics), name
+    selected_run = runs[f"person_ball/{selected['experiment']}"].info.run_id
+    assert "MODEL_CARD.md" in {a.path for a in client.list_artifacts(selected_run)}
+    assert not any("locked" in log.read_text() for log in (tmp_path / "logs").rglob("*.log"))
 
     evaluation = results / "experiments" / other / "eval/metrics.json"
     record = json.loads(evaluation.read_text())

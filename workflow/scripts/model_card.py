@@ -21,4 +21,6 @@ run_job(
     inputs,
     snakemake.output.card,
     snakemake.output.html,
+    # read from the config, not a param: where a run is tracked does not change the card
+    track=bool(snakemake.config["mlflow"]["tracking_uri"]),
 )

@@ -17,6 +17,7 @@ import torch
 from d2retrain.core.config import with_defaults
 from d2retrain.core.errors import WeightsError
 from d2retrain.core.fileio import write_text_atomic
+from d2retrain.core.mlflowlog import MlflowRun
 from d2retrain.model.cococlasses import coco_category_ids
 from d2retrain.model.evaluation import evaluate, write_evaluation
 from d2retrain.model.exported import ExportedGraph
@@ -154,10 +155,12 @@ def evaluate_model(
     device: str = "auto",
     threads: int = 1,
     score_threshold: float = 0.5,
+    track_as: str | None = None,
 ) -> dict:
     """Evaluate a model folder on a validation split and write the metrics files; warn (in the
     log and in ``warnings`` of the report) when the model finds nothing at ``score_threshold`` (the
-    inference threshold) on any val image.
+    inference threshold) on any val image. With ``track_as`` (``val`` or ``test``) and a training
+    tracked in MLflow, the AP goes to its run too (``<track_as>_segm_AP``..., the files as artifacts).
 
     Returns:
         ``{"retrained": report}``, and ``"baseline"`` when there is one.
@@ -175,6 +178,16 @@ def evaluate_model(
         predictor, covered = baseline
         reports["baseline"] = evaluate(predictor, val_json, val_images, info.classes, only=covered)
     write_evaluation(reports, metrics_path, per_class_path)
+    run = MlflowRun.attach(ModelFolder(model_dir).checkpoints) if track_as else None
+    if run is not None:
+        final = {
+            f"{track_as}_{kind}_{key}": retrained[kind][key]
+            for kind in ("segm", "bbox")
+            for key in ("AP", "AP50")
+        }
+        run.log_metrics(final, reports["retrained"]["weights"].get("iteration") or 0)
+        run.log_artifacts([metrics_path, per_class_path], folder=track_as)
+        run.flush()
     return reports
 
 

@@ -29,7 +29,6 @@ from d2retrain.train.loop import (
     loader_workers,
     log_early_stop,
 )
-from d2retrain.train.progress import Progress
 from d2retrain.train.samples import training_images
 
 logger = logging.getLogger(__name__)
@@ -362,11 +361,7 @@ def _train_process(job: TrainJob, fingerprint: str, image_ids: frozenset[int]) -
     model = _load_start(trainer, job, resume)
     distributed.barrier()
     main = distributed.is_main()
-    metrics = (
-        MetricsLog(job.folder.live_metrics, trainer.start_iter, job.tensorboard_dir, Progress.of(job.solver))
-        if main
-        else None
-    )
+    metrics = MetricsLog.of(job, trainer.start_iter) if main else None
     trainer.metrics = metrics
     try:
         trainer.train()

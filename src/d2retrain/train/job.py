@@ -10,6 +10,7 @@ from typing import Any
 
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.core.fileio import file_digest
+from d2retrain.core.mlflowlog import MlflowSettings
 from d2retrain.model.folder import ModelFolder
 from d2retrain.model.specs import LAUNCH_KEYS, ModelSpec, SolverSpec
 
@@ -89,6 +90,7 @@ class TrainJob:
         distributed: Processes and machines.
         repeat_factors: ``balance: repeat``'s factor file (:mod:`d2retrain.data.repeat`), or None.
         keep_checkpoints: Periodic checkpoints kept on disk (the last; resuming needs one).
+        mlflow: Where the run is tracked in MLflow, or None (not part of the fingerprint).
     """
 
     train_json: str
@@ -105,6 +107,7 @@ class TrainJob:
     threads: int
     distributed: DistributedSpec
     repeat_factors: str | None = None
+    mlflow: MlflowSettings | None = None
 
     @property
     def threads_per_process(self) -> int:

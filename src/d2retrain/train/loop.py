@@ -1,6 +1,7 @@
 """Engine-neutral training plumbing: resumable checkpoints, metrics log, divergence guard, plots."""
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -12,6 +13,8 @@ import torch
 
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.core.fileio import atomic_open, remove_leftovers, write_figure
+from d2retrain.core.mlflowlog import MlflowRun
+from d2retrain.train.job import TrainJob, fingerprint
 from d2retrain.train.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -218,6 +221,7 @@ class MetricsLog:
         resume_from: int,
         tensorboard: str | Path | None = None,
         progress: Progress | None = None,
+        tracker: MlflowRun | None = None,
     ) -> None:
         """Args:
         path: The live log (in the checkpoint folder).
@@ -225,9 +229,11 @@ class MetricsLog:
             checkpoint holds; records count iterations done, 1 for the first).
         tensorboard: Folder of the event files (emptied first); None: no event files.
         progress: Progress lines in the job log (None: none).
+        tracker: The MLflow run the records also go to (None: none).
         """
         self.path = Path(path)
         self.progress = progress
+        self.tracker = tracker
         kept = []
         if resume_from > 0 and self.path.exists():
             for line in self.path.read_text().splitlines():
@@ -255,6 +261,27 @@ class MetricsLog:
         self._add_scalars(record)
         if self.progress is not None:
             self.progress.record(record)
+        if self.tracker is not None:
+            self.tracker.log_metrics(record, record["iteration"])
+            if any(key.endswith("_AP") for key in record):  # an evaluation: seen at once
+                self.tracker.flush()
+
+    @classmethod
+    def of(cls, job: TrainJob, resume_from: int) -> "MetricsLog":
+        """The log of a training job: its live metrics, TensorBoard events, progress lines, and its
+        MLflow run when ``job.mlflow`` is set (continued when the training resumes)."""
+        tracker = None
+        if job.mlflow is not None:
+            params: dict[str, Any] = {
+                "model": dataclasses.asdict(job.model),
+                "solver": dataclasses.asdict(job.solver),
+                "classes": list(job.classes),
+            }
+            resuming = resume_from > 0
+            tracker = MlflowRun.start(job.mlflow, job.checkpoint_dir, fingerprint(job), params, resuming)
+        return cls(
+            job.folder.live_metrics, resume_from, job.tensorboard_dir, Progress.of(job.solver), tracker
+        )
 
     def _add_scalars(self, record: dict[str, Any]) -> None:
         if self._events is None:
@@ -264,8 +291,10 @@ class MetricsLog:
                 self._events.add_scalar(scalar_tag(key), value, record["iteration"])
 
     def close(self) -> None:
-        """Close the log and the event files."""
+        """Close the log and the event files; send what the MLflow run has queued."""
         self._handle.close()
+        if self.tracker is not None:
+            self.tracker.flush()
         if self._events is not None:
             self._events.close()
 

@@ -10,6 +10,7 @@ import yaml
 
 from d2retrain.core.config import check_moved_keys, with_defaults
 from d2retrain.core.fileio import atomic_open, write_bytes_atomic, write_text_atomic
+from d2retrain.core.mlflowlog import MlflowRun, MlflowSettings
 from d2retrain.data.catalog import check_class_list, source_category_ids
 from d2retrain.model.engines import resolve_engine
 from d2retrain.model.folder import ClassInfo, ModelFolder
@@ -37,7 +38,11 @@ def train_model(job: TrainJob, serve: bool = True) -> None:
     """
     key = fingerprint(job)
     job.distributed.check(job.solver.images_per_batch)
-    final = train_engine(job.model.engine).train(job, key)
+    try:
+        final = train_engine(job.model.engine).train(job, key)
+    except BaseException:
+        _end_tracking(job, "FAILED")
+        raise
     if job.distributed.machine_rank != 0:
         return  # machine 0 writes the model folder
     folder = ModelFolder(job.output_dir)
@@ -57,8 +62,17 @@ def train_model(job: TrainJob, serve: bool = True) -> None:
         served.name,
     )
     folder.write_classes(info)
+    _end_tracking(job, "FINISHED", [folder.metrics, folder.loss_plot, folder.config_file, folder.best_file])
     if serve:  # the workflow serves in a rule of its own (serve_model), from the folder's records
         folder.serve_kept()
+
+
+def _end_tracking(job: TrainJob, status: str, artifacts: list[Path] | None = None) -> None:
+    """The MLflow run of the job (when tracked): the folder's records as artifacts, then ended."""
+    run = MlflowRun.attach(job.checkpoint_dir) if job.mlflow is not None else None
+    if run is not None:
+        run.log_artifacts(artifacts or [])
+        run.finish(status)
 
 
 def _write_best(job: TrainJob, key: str, folder: ModelFolder) -> Path:
@@ -101,6 +115,7 @@ def train_from_config(
     threads: int = 1,
     repeat_factors: str | None = None,
     serve: bool = True,
+    mlflow: MlflowSettings | None = None,
 ) -> None:
     """Build a :class:`TrainJob` from the ``model`` and ``train`` config sections and run it.
 
@@ -117,6 +132,7 @@ def train_from_config(
         threads: CPU threads.
         repeat_factors: ``balance: repeat``'s factor file (both engines sample by it), or None.
         serve: Write the served weights (the workflow's serve_model rule does it instead).
+        mlflow: Track the training in this MLflow run (None: no tracking).
 
     Raises:
         D2RetrainError: Bad configuration or input, unusable weights, or a diverged loss.
@@ -142,6 +158,7 @@ def train_from_config(
         distributed=distributed_spec(train),
         repeat_factors=repeat_factors,
         keep_checkpoints=train["keep_checkpoints"],
+        mlflow=mlflow,
     )
     logger.info("training %s with the %s engine (%s)", ", ".join(classes), engine, job.model.architecture)
     train_model(job, serve)

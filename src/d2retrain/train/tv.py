@@ -22,7 +22,6 @@ from d2retrain.train import distributed
 from d2retrain.train.augment import TorchvisionAugment, torchvision_train_sizes
 from d2retrain.train.job import TrainJob, lr_factor
 from d2retrain.train.loop import CheckpointStore, MetricsLog, check_losses, loader_workers, log_early_stop
-from d2retrain.train.progress import Progress
 from d2retrain.train.samples import TrainSamples
 
 logger = logging.getLogger(__name__)
@@ -176,11 +175,7 @@ def _train_process(job: TrainJob, fingerprint: str) -> None:
     store = CheckpointStore(job.checkpoint_dir, fingerprint, job.keep_checkpoints)
     run, start = _prepare(job, store)
     main = distributed.is_main()
-    metrics = (
-        MetricsLog(job.folder.live_metrics, start, job.tensorboard_dir, Progress.of(job.solver))
-        if main
-        else None
-    )
+    metrics = MetricsLog.of(job, start) if main else None
     iteration = start
     clock = time.perf_counter()
     quiet = None if main else True  # None: a bar on a terminal only
