@@ -259,7 +259,7 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     )
     split.add_argument("input", help="COCO JSON")
     split.add_argument(
-        "-o", "--output", nargs="+", required=True, metavar="JSON", help="output JSONs: TRAIN VAL [TEST]"
+        "-o", "--output", nargs=2, required=True, metavar=("TRAIN", "VAL"), help="output JSONs"
     )
     split_defaults = val_split_defaults()
     split.add_argument(
@@ -269,8 +269,9 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
         "--seed", type=int, default=split_defaults["seed"], help="the same seed, the same split"
     )
     split.add_argument(
-        "--test-fraction", type=float, default=split_defaults["test_fraction"], help="share cut off as TEST"
+        "--test-fraction", type=float, default=split_defaults["test_fraction"], help="share held out as test"
     )
+    split.add_argument("--test-output", metavar="TEST", help="the test JSON (with --test-fraction)")
     split.set_defaults(handler=handlers.run_split)
     for name, handler, text in (
         ("images", handlers.run_images, "hard-link or copy the images a COCO file names"),

@@ -80,12 +80,15 @@ def run_merge(args: argparse.Namespace) -> None:
 def run_split(args: argparse.Namespace) -> None:
     from d2retrain.data.split import split_file
 
-    train, val, *test = args.output
-    if len(test) != (args.test_fraction > 0):
-        raise D2RetrainError("-o takes TRAIN VAL, and a TEST file with --test-fraction")
-    test_path = test[0] if test else None
+    train, val = args.output
     split_file(
-        args.input, train, val, args.val_fraction, args.seed, test_path, test_fraction=args.test_fraction
+        args.input,
+        train,
+        val,
+        args.val_fraction,
+        args.seed,
+        args.test_output,
+        test_fraction=args.test_fraction,
     )
 
 

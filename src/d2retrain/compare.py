@@ -219,8 +219,8 @@ def write_comparison(runs: Sequence[Run], metric: str, files: ComparisonFiles, t
     table.insert(1, "selected", table["experiment"] == selected["experiment"])
     if (table["variant"] != table["experiment"]).any():  # seeds: each variant's mean and spread
         summary = variant_summary(table.dropna(subset=[f"val_{metric}"]), metric)
-        table.insert(3, f"val_{metric}_mean", table["variant"].map(summary["mean"]))
-        table.insert(4, f"val_{metric}_spread", table["variant"].map(summary["spread"]))
+        table.insert(3, f"mean_val_{metric}", table["variant"].map(summary["mean"]))
+        table.insert(4, f"spread_val_{metric}", table["variant"].map(summary["spread"]))
         table.insert(5, "within_spread", table["variant"].isin(selected["within_spread"]))
     write_text_atomic(files.table, table.to_csv(index=False))
     plot_val_curves(runs, metric, files.plot)
@@ -286,7 +286,8 @@ def _page(table: pd.DataFrame, selected: Mapping[str, Any], title: str) -> str:
 
     from d2retrain.core.htmlpage import html_page
 
-    shown = table.drop(columns=[c for c in table.columns if "_AP_" in str(c)])  # per class: in the CSV
+    per_class = [c for c in table.columns if "_AP_" in str(c) or str(c).endswith(("APs", "APm", "APl"))]
+    shown = table.drop(columns=per_class)  # per class and per size: in the CSV
     body = shown.to_html(index=False, float_format="{:.3f}".format, na_rep="-")
     verdict = f"<p><b>{html.escape(selected['experiment'])}</b>: {html.escape(_verdict(selected))}.</p>"
     return html_page(title, f"<h3>{html.escape(title)}</h3>{verdict}{body}")
@@ -298,8 +299,8 @@ def _ap_columns(split: str, path: Path | None) -> dict[str, Any]:
     retrained = json.loads(path.read_text())["retrained"]
     columns: dict[str, Any] = {}
     for kind in KINDS:
-        for key in ("AP", "AP50", "AP75"):
-            columns[f"{split}_{kind}_{key}"] = retrained[kind][key]
+        for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):  # every metric `select` may name
+            columns[f"{split}_{kind}_{key}"] = retrained[kind].get(key)
     for kind in KINDS:
         for name, value in retrained["per_class"][kind].items():
             columns[f"{split}_{kind}_AP_{name}"] = value

@@ -181,35 +181,29 @@ def test_the_split_module_keeps_top_level_keys_it_does_not_know(tmp_path):
         assert json.loads(Path(tmp_path / name).read_text())["extra"] == {"kept": True}
 
 
-def test_a_test_fraction_cuts_a_third_side_with_the_same_guarantees(tmp_path, capsys):
+def test_a_test_fraction_holds_out_val_and_test_and_train_keeps_every_category(tmp_path, capsys):
     source = json.loads(MINI_ALL.read_text())
     names = [str(tmp_path / f"{side}.json") for side in ("t", "v", "x")]
     split_file(str(MINI_ALL), *names[:2], 0.2, seed=0, test_path=names[2], test_fraction=0.2)
     train, val, test = (json.loads(Path(name).read_text()) for name in names)
-    rest = {
+    held_out = {
         **source,
-        "images": train["images"] + val["images"],
-        "annotations": train["annotations"] + val["annotations"],
+        "images": val["images"] + test["images"],
+        "annotations": val["annotations"] + test["annotations"],
     }
-    check_split(source, rest, test, 0.2)  # the cut: every category with 2 images or more on both sides of it
-    check_split(
-        rest, train, val, 0.2 / 0.8
-    )  # then train and val from the rest, val a fifth of the whole file
-    assert len(test["images"]) >= 11 and len(val["images"]) >= 9
+    check_split(source, train, held_out, 0.4)  # every category with 2 images or more keeps one in train
+    check_split(held_out, val, test, 0.5)  # and has one in val and one in test when 2 or more are held out
+    assert len(test["images"]) >= 11 and len(val["images"]) >= 11
     again = [str(tmp_path / f"{side}2.json") for side in ("t", "v", "x")]
     split_file(str(MINI_ALL), *again[:2], 0.2, seed=0, test_path=again[2], test_fraction=0.2)
     assert all(Path(a).read_bytes() == Path(b).read_bytes() for a, b in zip(names, again, strict=True))
 
-    without = [
-        str(tmp_path / f"{side}0.json") for side in ("t", "v")
-    ]  # no test fraction: the split as before
+    without = [str(tmp_path / f"{side}0.json") for side in ("t", "v")]  # no test fraction: as before
     assert main(["split", str(MINI_ALL), "-o", *without]) == 0
     split_file(str(MINI_ALL), str(tmp_path / "t1.json"), str(tmp_path / "v1.json"), 0.2, seed=0)
     assert Path(without[1]).read_bytes() == (tmp_path / "v1.json").read_bytes()
-    assert main(["split", str(MINI_ALL), "-o", *names, "--test-fraction", "0.2"]) == 0
-    assert json.loads(Path(names[2]).read_text()) == test
-    assert main(["split", str(MINI_ALL), "-o", *names[:2], "--test-fraction", "0.2"]) == 2
-    assert (
-        main(["split", str(MINI_ALL), "-o", *names, "--val-fraction", "0.6", "--test-fraction", "0.5"]) == 2
-    )
+    command = ["split", str(MINI_ALL), "-o", *names[:2], "--test-output", names[2], "--test-fraction", "0.2"]
+    assert main(command) == 0 and json.loads(Path(names[2]).read_text()) == test
+    assert main(["split", str(MINI_ALL), "-o", *names[:2], "--test-fraction", "0.2"]) == 2  # no --test-output
+    assert main([*command, "--val-fraction", "0.6", "--test-fraction", "0.5"]) == 2
     assert "must add up to under 1" in capsys.readouterr().err

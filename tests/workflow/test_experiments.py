@@ -169,7 +169,10 @@ def fake_run(folder: Path, curve: list[tuple[int, float]], val: float, test: flo
     for split, value in (("metrics", val), ("test_metrics", test)):
         if value is None:
             continue
-        kinds = {kind: {"AP": value, "AP50": value, "AP75": value} for kind in ("segm", "bbox")}
+        kinds = {
+            kind: {key: value for key in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+            for kind in ("segm", "bbox")
+        }
         per_class = {kind: {"person": value, "sports ball": value / 2} for kind in ("segm", "bbox")}
         record = {"retrained": {**kinds, "per_class": per_class}}
         (folder / "eval").mkdir(exist_ok=True)
@@ -239,7 +242,7 @@ def test_seeds_select_the_variant_with_the_best_mean_and_flag_those_within_its_s
     assert selected["within_spread"] == ["a"]  # 0.50 is within a's spread (0.04) of 0.51; c is not
     table = pd.read_csv(files.table)
     assert list(table.within_spread) == [True] * 3 + [False] * 6
-    assert table.val_segm_AP_mean.round(4).tolist() == [0.5] * 3 + [0.51] * 3 + [0.3] * 3
+    assert table.mean_val_segm_AP.round(4).tolist() == [0.5] * 3 + [0.51] * 3 + [0.3] * 3
     page = Path(files.page).read_text()
     assert "variant b has the highest mean val segm_AP over its 3 seeds, 0.5100 (spread 0.0200)" in page
     assert "a within the spread: the difference may be noise" in page
@@ -315,11 +318,14 @@ def test_variants_train_side_by_side_and_only_a_new_selection_moves_the_served_m
         "masks": False,
     }
     config["train"] = {"iterations": 2, "eval_period": 1, "warmup_iterations": 1, "steps": []}
-    config["inference"] = {"images": ["resources/demo/val"], "videos": []}
+    config["inference"] = {"images": [], "videos": []}  # its rules wait for select as the card's do
     config["mlflow"] = {
         "tracking_uri": "sqlite:///results/mlflow.db"
     }  # two trainings at once on one SQLite file
-    two_at_once = ("--resources", "gpu=2", "--set-threads", "train_experiment=1")
+    # two trainings at once, and one thread a job: the jobs after training are mostly start-up, two at a time
+    single = [f"{rule}=1" for rule in ("train_experiment", "evaluate_experiment", "evaluate_experiment_test")]
+    single += ["evaluate_test=1", "prediction_grid=1"]
+    two_at_once = ("--resources", "gpu=2", "--set-threads", *single)
     output = snakemake(tmp_path, config, *two_at_once)
     assert re.search(r"train_experiment\s+2\n", output) and "balance_variant" in output  # repeat's own data
     spans = {
@@ -361,7 +367,13 @@ def test_variants_train_side_by_side_and_only_a_new_selection_moves_the_served_m
         assert run.info.status == "FINISHED" and run.data.params["solver.iterations"] == "2"
         assert {"val_segm_AP", "test_segm_AP", "segm_AP", "lr"} <= set(run.data.metrics), name
     selected_run = runs[f"person_ball/{selected['experiment']}"].info.run_id
-    assert "MODEL_CARD.md" in {a.path for a in client.list_artifacts(selected_run)}
+    assert {"MODEL_CARD.md", "loss.png", "val", "test"} <= {
+        a.path for a in client.list_artifacts(selected_run)
+    }
+    assert {a.path for a in client.list_artifacts(selected_run, "val")} == {
+        "val/metrics.json",
+        "val/per_class.csv",
+    }
     assert not any("locked" in log.read_text() for log in (tmp_path / "logs").rglob("*.log"))
 
     evaluation = results / "experiments" / other / "eval/metrics.json"
@@ -373,7 +385,7 @@ def test_variants_train_side_by_side_and_only_a_new_selection_moves_the_served_m
     record["retrained"]["segm"]["AP"] = 0.99  # evaluated again, now the best: the served model follows
     evaluation.write_text(json.dumps(record))
     ran = jobs_run(snakemake(tmp_path, config, *two_at_once))
-    assert {"select", "serve_selected", "infer_00", "model_card", "prediction_grid"} <= ran, ran
+    assert {"select", "serve_selected", "evaluate_test", "model_card", "prediction_grid"} <= ran, ran
     assert not ran & {"train_experiment", "evaluate_experiment"}
     assert json.loads((results / "selected.json").read_text())["experiment"] == other
     assert file_digest(results / "model/model.pth") == file_digest(

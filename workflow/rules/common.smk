@@ -117,6 +117,13 @@ def subset_has_test(subset):
     return not merged(subset) and ("test" in dataset or test_fraction(names[0]) > 0)
 
 
+for name, dataset in config["datasets"].items():
+    if test_fraction(name) and dataset["val_split"]["fraction"] + test_fraction(name) >= 1:
+        sys.exit(
+            f"config: datasets.{name}.val_split: fraction and test_fraction add up to "
+            f"{dataset['val_split']['fraction'] + test_fraction(name):g}; they must stay under 1 (train keeps the rest)"
+        )
+
 # Datasets given as one file whose split writes a test file too (rule split_dataset_test).
 TEST_CUT = one_of(name for name in config["datasets"] if test_fraction(name) > 0)
 NO_TEST_CUT = one_of(name for name in config["datasets"] if test_fraction(name) == 0)

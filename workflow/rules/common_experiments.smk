@@ -107,6 +107,18 @@ def after_selection(wildcards):
     return {}
 
 
+def card_train_data(wildcards):
+    """The training data the served model was trained on: the subset's, or the selected variant's."""
+    if not EXPERIMENTS[wildcards.subset]:
+        return f"results/{wildcards.subset}/data/train.json"
+    selected = checkpoints.select.get(subset=wildcards.subset).output.selected
+    name = json.loads(Path(selected).read_text())["experiment"]
+    train, _ = EXPERIMENTS[wildcards.subset][name].data_files(
+        config["subsets"][wildcards.subset]
+    )
+    return f"results/{wildcards.subset}/data/{train}"
+
+
 def experiment_outputs(subset):
     """A subset's comparison and selection (none without experiments)."""
     if not EXPERIMENTS[subset]:

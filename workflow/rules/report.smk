@@ -68,7 +68,7 @@ rule model_card:
         metrics="results/{subset}/eval/metrics.json",
         per_class="results/{subset}/eval/per_class.csv",
         counts="results/{subset}/stats/counts.csv",
-        train="results/{subset}/data/train.json",
+        train=card_train_data,
         val="results/{subset}/data/val.json",
     output:
         card=str(MODEL.card),

@@ -31,6 +31,7 @@ STATE_FILE = "mlflow_run.json"
 _REQUEST_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
 _FLUSH_EVERY = 50  # metric records
 _FLUSH_SECONDS = 15.0
+_LOCK_SECONDS = 30.0  # the longest wait for another job's write to a SQLite store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +80,7 @@ class MlflowRun:
         run = cls(settings.tracking_uri, None)
         state_file = Path(folder) / STATE_FILE
         state = _read_state(state_file)
-        with run._guard("start"):
+        with run._guard("start"), run._store_lock():  # one process at a time creates the experiment
             client = run._connect()
             same = (
                 state.get("fingerprint") == fingerprint and state.get("tracking_uri") == settings.tracking_uri
@@ -89,10 +90,7 @@ class MlflowRun:
                 client.update_run(run.run_id, status="RUNNING")
                 logger.info("MLflow: continuing run %s (%s)", run.run_id, settings.tracking_uri)
                 return run
-            experiment = client.get_experiment_by_name(settings.experiment)
-            experiment_id = (
-                experiment.experiment_id if experiment else run._create_experiment(settings.experiment)
-            )
+            experiment_id = run._experiment_id(settings.experiment)
             tags = {**settings.tags, "fingerprint": fingerprint}
             run.run_id = client.create_run(experiment_id, tags=tags, run_name=settings.run_name).info.run_id
             from mlflow.entities import Param
@@ -110,25 +108,35 @@ class MlflowRun:
         return run
 
     @classmethod
-    def attach(cls, folder: str | os.PathLike[str]) -> "MlflowRun | None":
-        """The run a training with checkpoints in ``folder`` was tracked in, or None when it was not."""
+    def attach(cls, folder: str | os.PathLike[str], fingerprint: str | None = None) -> "MlflowRun | None":
+        """The run a training with checkpoints in ``folder`` was tracked in (for ``fingerprint``,
+        when given), or None when it was not."""
         state = _read_state(Path(folder) / STATE_FILE)
-        if "run_id" not in state:
+        if "run_id" not in state or fingerprint not in (None, state.get("fingerprint")):
             return None
         return cls(state["tracking_uri"], state["run_id"])
+
+    def is_running(self) -> bool:
+        """Whether the store has the run as RUNNING (False when it cannot be asked)."""
+        if self.run_id is None:
+            return False
+        with self._guard("read the run"):
+            return self._connect().get_run(self.run_id).info.status == "RUNNING"
+        return False
 
     def log_metrics(self, record: Mapping[str, Any], step: int) -> None:
         """Queue a record's numbers as metrics at ``step``; sent in batches."""
         if self.run_id is None:
             return
-        from mlflow.entities import Metric
+        with self._guard("log metrics"):
+            from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        self._pending += [
-            Metric(key, float(value), now, step)
-            for key, value in record.items()
-            if key != "iteration" and isinstance(value, int | float) and not isinstance(value, bool)
-        ]
+            now = int(time.time() * 1000)
+            self._pending += [
+                Metric(key, float(value), now, step)
+                for key, value in record.items()
+                if key != "iteration" and isinstance(value, int | float) and not isinstance(value, bool)
+            ]
         if len(self._pending) >= _FLUSH_EVERY or time.monotonic() - self._flushed_at > _FLUSH_SECONDS:
             self.flush()
 
@@ -157,14 +165,25 @@ class MlflowRun:
             with self._guard("end the run"), self._store_lock():
                 self._connect().set_terminated(self.run_id, status)
 
-    def _create_experiment(self, name: str) -> str:
-        """A new experiment; a SQLite store's artifacts go beside its database (``mlflow-artifacts/``),
+    def _experiment_id(self, name: str) -> str:
+        """The experiment's id, created when it does not exist (by this process or, on a server, by
+        one racing it); a SQLite store's artifacts go beside its database (``mlflow-artifacts/``),
         not into the working folder."""
+        client = self._connect()
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
         location = None
         if self.tracking_uri.startswith("sqlite:///"):
             database = Path(self.tracking_uri.removeprefix("sqlite:///")).resolve()
             location = (database.parent / "mlflow-artifacts").as_uri()
-        return self._connect().create_experiment(name, artifact_location=location)
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except Exception:
+            experiment = client.get_experiment_by_name(name)  # created meanwhile by another job
+            if experiment is None:
+                raise
+            return experiment.experiment_id
 
     def _batch(self, **entities: Any) -> None:
         with self._store_lock():
@@ -189,7 +208,15 @@ class MlflowRun:
         database = Path(self.tracking_uri.removeprefix("sqlite:///"))
         database.parent.mkdir(parents=True, exist_ok=True)
         with open(f"{database}.lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            deadline = time.monotonic() + _LOCK_SECONDS
+            while True:  # a holder that hangs must not hang the training: give up (the guard warns)
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{database}.lock held for over {_LOCK_SECONDS:g} s") from None
+                    time.sleep(0.05)
             self._locked = True
             try:
                 yield
@@ -248,15 +275,11 @@ def mlflow_settings(
         experiment: The variant trained (None: the subset's one model).
         repository: The workflow's folder (its git commit becomes a tag when it is a repository).
     """
-    import importlib.metadata
+    from d2retrain import __version__  # the package need not be installed (conda jobs import src/)
 
     if not section.get("tracking_uri"):
         return None
-    tags = {
-        "subset": subset,
-        "experiment": experiment or "",
-        "d2retrain_version": importlib.metadata.version("d2retrain"),
-    }
+    tags = {"subset": subset, "experiment": experiment or "", "d2retrain_version": __version__}
     commit = git_commit(repository)
     if commit:
         tags["git_commit"] = commit

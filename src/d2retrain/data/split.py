@@ -176,8 +176,9 @@ def split_file(
     test_fraction: float = 0.0,
 ) -> None:
     """Split a COCO file (see :func:`split_document`) and write both sides; with a test fraction,
-    first cut off the test split the same way (every category with 2 images or more on both sides
-    of that cut too), then split the rest into train and val with the val share of the whole file.
+    first split train from the held-out images (val and test together) the same way, so that
+    every category with 2 images or more still has one in train, then the held-out images into
+    val and test (each category with 2 of them or more on both).
 
     Raises:
         D2RetrainError: The input is unusable or cannot be split, or a test path and fraction
@@ -192,15 +193,16 @@ def split_file(
             raise D2RetrainError(
                 f"val ({val_fraction}) and test ({test_fraction}) fractions must add up to under 1"
             )
-        document, test = split_document(document, test_fraction, seed)
-        val_fraction /= 1 - test_fraction
-    train, val = split_document(document, val_fraction, seed)
+        train, held_out = split_document(document, val_fraction + test_fraction, seed)
+        val, test = split_document(held_out, test_fraction / (val_fraction + test_fraction), seed)
+    else:
+        train, val = split_document(document, val_fraction, seed)
     logger.info(
         "split %s (val fraction %g, seed %d): %d images -> train %d (%d annotations), val %d (%d)%s",
         input_path,
         val_fraction,
         seed,
-        len(document.images) + (len(test.images) if test else 0),
+        len(document.images),
         len(train.images),
         len(train.annotations),
         len(val.images),

@@ -41,7 +41,7 @@ def train_model(job: TrainJob, serve: bool = True) -> None:
     try:
         final = train_engine(job.model.engine).train(job, key)
     except BaseException:
-        _end_tracking(job, "FAILED")
+        _end_tracking(job, key, "FAILED")
         raise
     if job.distributed.machine_rank != 0:
         return  # machine 0 writes the model folder
@@ -62,15 +62,20 @@ def train_model(job: TrainJob, serve: bool = True) -> None:
         served.name,
     )
     folder.write_classes(info)
-    _end_tracking(job, "FINISHED", [folder.metrics, folder.loss_plot, folder.config_file, folder.best_file])
+    _end_tracking(
+        job, key, "FINISHED", [folder.metrics, folder.loss_plot, folder.config_file, folder.best_file]
+    )
     if serve:  # the workflow serves in a rule of its own (serve_model), from the folder's records
         folder.serve_kept()
 
 
-def _end_tracking(job: TrainJob, status: str, artifacts: list[Path] | None = None) -> None:
-    """The MLflow run of the job (when tracked): the folder's records as artifacts, then ended."""
-    run = MlflowRun.attach(job.checkpoint_dir) if job.mlflow is not None else None
-    if run is not None:
+def _end_tracking(job: TrainJob, key: str, status: str, artifacts: list[Path] | None = None) -> None:
+    """The MLflow run of this training (when tracked, on machine 0): the folder's records as
+    artifacts, then ended; a run of an earlier training, or one already ended, is left alone."""
+    if job.mlflow is None or job.distributed.machine_rank != 0:
+        return
+    run = MlflowRun.attach(job.checkpoint_dir, key)
+    if run is not None and run.is_running():
         run.log_artifacts(artifacts or [])
         run.finish(status)
 
