@@ -118,7 +118,10 @@ def subset_has_test(subset):
 
 
 for name, dataset in config["datasets"].items():
-    if test_fraction(name) and dataset["val_split"]["fraction"] + test_fraction(name) >= 1:
+    if (
+        test_fraction(name)
+        and dataset["val_split"]["fraction"] + test_fraction(name) >= 1
+    ):
         sys.exit(
             f"config: datasets.{name}.val_split: fraction and test_fraction add up to "
             f"{dataset['val_split']['fraction'] + test_fraction(name):g}; they must stay under 1 (train keeps the rest)"
