@@ -51,8 +51,6 @@ LONGEST = (
     "test_codehash.py",
     "test_export.py",
     "test_adding_an_image_reruns",
-    "test_variants_train_side_by_side",
-    "test_mlflow.py",
 )
 
 
