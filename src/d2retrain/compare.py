@@ -7,6 +7,7 @@ prints the same table for folders made by hand.
 """
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from d2retrain.core.config import dotted_keys
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.core.fileio import copy_files, write_figure, write_text_atomic
 from d2retrain.core.mlflowlog import copy_run_state
@@ -59,6 +61,12 @@ class Run:
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     variant: str = ""
 
+    @functools.cached_property
+    def records(self) -> list[dict[str, Any]]:
+        """The training's ``metrics.jsonl`` records (losses by iteration, evaluations), read once."""
+        path = self.model.metrics
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
 
 def find_run(folder: str | os.PathLike[str], name: str | None = None) -> Run:
     """A run from an experiment folder (``model/`` and ``eval/`` inside) or a model folder
@@ -88,7 +96,7 @@ def comparison_table(runs: Sequence[Run]) -> pd.DataFrame:
     differing = _differing_keys(runs) if not any(run.overrides for run in runs) else {}
     rows = []
     for run in runs:
-        curve = _read_jsonl(run.model.metrics)
+        curve = run.records
         best = json.loads(run.model.best_file.read_text()) if run.model.best_file.is_file() else {}
         overrides = run.overrides or differing.get(run.name, {})
         row: dict[str, Any] = {
@@ -177,7 +185,7 @@ def plot_val_curves(runs: Sequence[Run], metric: str, path: str | os.PathLike[st
 
     figure, axes = plt.subplots(figsize=(8, 4.5))
     for run in runs:
-        points = [(r["iteration"], r[metric]) for r in _read_jsonl(run.model.metrics) if metric in r]
+        points = [(r["iteration"], r[metric]) for r in run.records if metric in r]
         if points:
             axes.plot(*zip(*points, strict=True), marker="o", label=run.name)
     axes.set_xlabel("iteration")
@@ -248,14 +256,15 @@ def select_experiment(
 
 
 def serve_selected(sources: Mapping[str, str], targets: Mapping[str, str]) -> None:
-    """The workflow's serve_selected job: the selected run's files copied to the subset's
-    (:func:`~d2retrain.core.fileio.copy_files`, keyed alike), with the MLflow run its training
-    was tracked in, so that the model card goes to that run."""
+    """The workflow's serve_selected jobs: the selected run's files copied to the subset's
+    (:func:`~d2retrain.core.fileio.copy_files`, keyed alike); with its model (``served``), the MLflow
+    run its training was tracked in, so that the model card goes to that run."""
     copy_files(sources, targets)
-    copy_run_state(
-        ModelFolder(Path(sources["served"]).parent).checkpoints,
-        ModelFolder(Path(targets["served"]).parent).checkpoints,
-    )
+    if "served" in targets:
+        copy_run_state(
+            ModelFolder(Path(sources["served"]).parent).checkpoints,
+            ModelFolder(Path(targets["served"]).parent).checkpoints,
+        )
 
 
 def _verdict(selected: Mapping[str, Any]) -> str:
@@ -307,10 +316,6 @@ def _ap_columns(split: str, path: Path | None) -> dict[str, Any]:
     return columns
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _differing_keys(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
     """Per run, the keys of its ``config.yaml`` (model, solver, data) whose value differs between runs."""
     import yaml
@@ -318,16 +323,7 @@ def _differing_keys(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
     flat = {}
     for run in runs:
         config = yaml.safe_load(run.model.config_file.read_text()) if run.model.config_file.is_file() else {}
-        flat[run.name] = _flattened({key: config.get(key) for key in ("model", "solver", "train")})
+        flat[run.name] = dotted_keys({key: config.get(key) for key in ("model", "solver", "train")})
     keys = sorted({key for values in flat.values() for key in values})
     varying = [key for key in keys if len({repr(values.get(key)) for values in flat.values()}) > 1]
     return {name: {key: values.get(key) for key in varying} for name, values in flat.items()}
-
-
-def _flattened(node: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(node, dict):
-        return {prefix[:-1]: node}
-    flat: dict[str, Any] = {}
-    for key, value in node.items():
-        flat |= _flattened(value, f"{prefix}{key}.")
-    return flat

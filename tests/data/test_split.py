@@ -141,9 +141,13 @@ def test_a_dataset_given_as_one_file_is_split_once_for_every_subset(tmp_path):
         assert "val" in counts and "train" in counts
     log = (tmp_path / "logs" / "splits" / "mini.log").read_text()
     assert "val fraction 0.25, seed 0" in log
-    # another seed replans the split and what depends on it, for both subsets
+    # another seed replans the split and what depends on it, for both subsets; with a test fraction,
+    # each subset's evaluation covers its test split too (one job: the model loaded once)
     replanned = planned_jobs(tmp_path, whole_dataset_config(seed=3))
     assert replanned["split_dataset"] == 1 and replanned["filter"] == 4
+    replanned = planned_jobs(tmp_path, whole_dataset_config(seed=3, test_fraction=0.2))
+    assert replanned["split_dataset_test"] == 1 and replanned["filter"] == 6
+    assert replanned["evaluate_with_test"] == 2 and "evaluate" not in replanned
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ continuing its run, and a server that is down sparing the training."""
 
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -36,8 +37,9 @@ def tracking_server(tmp_path_factory):
         "--artifacts-destination",
         str(folder / "art"),
     ]
+    environment = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner: tracking only
     server = subprocess.Popen(
-        [*command, "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [*command, "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90

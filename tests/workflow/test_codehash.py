@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 import types
+from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -173,7 +175,8 @@ def full_run(main_run, tmp_path_factory):
             shutil.copy(source, workdir / name)
     (workdir / "config.yaml").write_text(yaml.safe_dump(main_config()))
     assert _planned_jobs(workdir) == {}
-    return workdir, _rule_scripts(workdir, set(_planned_jobs(workdir, "--forceall")))
+    graph = JobGraph(workdir)
+    return workdir, _rule_scripts(workdir, set(graph.rule_of.values()) - {"all"}), graph
 
 
 def _holders(workdir: Path, rule_scripts: dict[str, str], module: str) -> tuple[str, ...]:
@@ -199,37 +202,64 @@ def _replanned_after_an_edit(workdir: Path, module: str) -> dict[str, int]:
         path.write_bytes(original)
 
 
+class JobGraph:
+    """The job graph of a ``--forceall --dag``: what a ``--forcerun`` of some rules plans, computed
+    from it (one graph instead of a dry run per group of rules)."""
+
+    def __init__(self, workdir: Path) -> None:
+        dot = _snakemake(workdir, "--forceall", "--dag", "dot")
+        self.rule_of = dict(re.findall(r'^\s*(\d+)\[label = "(\w+)', dot, re.M))
+        self.children: dict[str, list[str]] = {job: [] for job in self.rule_of}
+        for parent, child in re.findall(r"^\s*(\d+) -> (\d+)", dot, re.M):
+            self.children[parent].append(child)
+
+    def forced(self, rules: Iterable[str]) -> dict[str, int]:
+        """Per rule, the jobs planned when ``rules`` are forced: theirs and every job downstream."""
+        rules = set(rules)
+        reached, pending = set(), [job for job, rule in self.rule_of.items() if rule in rules]
+        while pending:
+            job = pending.pop()
+            if job not in reached:
+                reached.add(job)
+                pending += self.children[job]
+        return dict(Counter(self.rule_of[job] for job in reached if self.rule_of[job] != "all"))
+
+
 @pytest.fixture(scope="module")
 def replanning(full_run):
-    """Per module: (what a dry run plans after appending a comment to it, what ``--forcerun`` of the
-    rules holding it plans). Snakemake's start-up (~4 s) dominates each dry run, so they run two at
-    a time, each lane on its own copy of the finished run (files, mtimes and .snakemake metadata)."""
-    workdir, rule_scripts = full_run
+    """Per module: (what a dry run plans after appending a comment to it, the jobs of the rules
+    holding it and every job downstream in the job graph). Snakemake's start-up (~4 s) dominates
+    each dry run, so they run two at a time, each lane on its own copy of the finished run (files,
+    mtimes and .snakemake metadata)."""
+    workdir, rule_scripts, graph = full_run
     lanes = [workdir, workdir.with_name(workdir.name + "_lane2")]
     shutil.copytree(workdir, lanes[1], symlinks=True)
     holders = {module: _holders(workdir, rule_scripts, module) for module in EDITED}
-    groups = sorted(set(holders.values()) - {()})
-    tasks = [("edit", module) for module in EDITED] + [("forcerun", group) for group in groups]
     free: queue.Queue[Path] = queue.Queue()
     for lane in lanes:
         free.put(lane)
 
-    def run(task):
+    def run(module: str) -> dict[str, int]:
         lane = free.get()
         try:
-            kind, what = task
-            return (
-                _replanned_after_an_edit(lane, what)
-                if kind == "edit"
-                else _planned_jobs(lane, "--forcerun", *what)
-            )
+            return _replanned_after_an_edit(lane, module)
         finally:
             free.put(lane)
 
     with ThreadPoolExecutor(max_workers=len(lanes)) as pool:
-        results = dict(zip(tasks, pool.map(run, tasks), strict=True))
-    forced = {group: results[("forcerun", group)] for group in groups} | {(): {}}
-    return {module: (results[("edit", module)], forced[holders[module]]) for module in EDITED}
+        results = dict(zip(EDITED, pool.map(run, EDITED), strict=True))
+    return {module: (results[module], graph.forced(holders[module])) for module in EDITED}
+
+
+@pytest.mark.slow
+def test_the_job_graph_expectation_is_what_snakemake_plans_when_forced(full_run, replanning):
+    """The oracle of the edits below, checked against Snakemake's own: --forcerun of the rules that
+    run the mask rasteriser plans the jobs the job graph puts downstream of them."""
+    workdir, rule_scripts, _ = full_run
+    _, expected = replanning["data/masks.py"]
+    holders = _holders(workdir, rule_scripts, "data/masks.py")
+    assert {"train", "images_and_masks"} <= set(holders)
+    assert _planned_jobs(workdir, "--forcerun", *holders) == expected
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from helpers.workflow import planned_jobs, snakemake
 
 from d2retrain.cli import main
 from d2retrain.compare import ComparisonFiles, Run, comparison_table, find_run, write_comparison
-from d2retrain.core.config import ConfigError, with_defaults
+from d2retrain.core.config import ConfigError, check_config, with_defaults
 from d2retrain.core.errors import D2RetrainError
 from d2retrain.core.fileio import file_digest
 from d2retrain.model.folder import ModelFolder
@@ -136,13 +136,24 @@ def test_a_bad_experiment_is_one_line_naming_where(keys, message):
             "config: subsets.s.experiments is 'two words'; expected matching",
         ),
         ({"select": "segm_AR"}, "subsets.s.select is 'segm_AR'; expected one of segm_AP"),
-        ({"experiments": {"a": {"balance": "most"}}}, "experiments.a: balance is 'most'"),
     ],
 )
-def test_the_snakefile_refuses_a_bad_experiment_before_its_first_job(tmp_path, keys, message):
+def test_the_schema_refuses_an_unsafe_name_and_an_unknown_select_metric(keys, message):
     config = {
         "datasets": {"demo": DEMO_DATASET},
         "subsets": {"s": {"dataset": "demo", "categories": ["person"], **keys}},
+    }
+    with pytest.raises(ConfigError, match=re.escape(message)) as caught:
+        check_config(config)
+    assert "\n" not in str(caught.value)
+
+
+def test_the_snakefile_refuses_a_bad_experiment_before_its_first_job(tmp_path):
+    config = {
+        "datasets": {"demo": DEMO_DATASET},
+        "subsets": {
+            "s": {"dataset": "demo", "categories": ["person"], "experiments": {"a": {"balance": "most"}}}
+        },
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n"]
@@ -150,6 +161,7 @@ def test_the_snakefile_refuses_a_bad_experiment_before_its_first_job(tmp_path, k
         [*command, "--configfile", str(tmp_path / "config.yaml")], capture_output=True, text=True
     )
     assert result.returncode != 0
+    message = "subsets.s.experiments.a: balance is 'most'"
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
@@ -317,15 +329,18 @@ def test_variants_train_side_by_side_and_only_a_new_selection_moves_the_served_m
         "experiments": {"base": {}, "repeat": {"balance": "repeat"}},
         "masks": False,
     }
-    config["train"] = {"iterations": 2, "eval_period": 1, "warmup_iterations": 1, "steps": []}
+    config["train"] = {"iterations": 2, "eval_period": 2, "warmup_iterations": 1, "steps": []}
     config["inference"] = {"images": [], "videos": []}  # its rules wait for select as the card's do
     config["mlflow"] = {
         "tracking_uri": "sqlite:///results/mlflow.db"
     }  # two trainings at once on one SQLite file
-    # two trainings at once, and one thread a job: the jobs after training are mostly start-up, two at a time
-    single = [f"{rule}=1" for rule in ("train_experiment", "evaluate_experiment", "evaluate_experiment_test")]
-    single += ["evaluate_test=1", "prediction_grid=1"]
-    two_at_once = ("--resources", "gpu=2", "--set-threads", *single)
+    # two trainings at once, and one thread a job: the jobs after training are mostly start-up, two at
+    # a time; the model card and the AP table stand for the served model's readers (not the
+    # prediction grid: an inference of its own)
+    single = [f"{rule}=1" for rule in ("train_experiment", "evaluate_experiment_with_test")]
+    targets = ["selected.json", "experiments.html", "eval/test_metrics.json", "eval/ap_table.html"]
+    targets = [f"results/person_ball/{name}" for name in [*targets, "model/MODEL_CARD.md"]]
+    two_at_once = (*targets, "--resources", "gpu=2", "--set-threads", *single)
     output = snakemake(tmp_path, config, *two_at_once)
     assert re.search(r"train_experiment\s+2\n", output) and "balance_variant" in output  # repeat's own data
     spans = {
@@ -353,7 +368,6 @@ def test_variants_train_side_by_side_and_only_a_new_selection_moves_the_served_m
     assert "is the estimate to quote" in (results / "experiments.html").read_text()
     served_test = json.loads((results / "eval/test_metrics.json").read_text())["retrained"]["segm"]["AP"]
     assert served_test == selected["test_value"]  # the served model's test AP is the selected variant's
-    assert planned_jobs(tmp_path, config) == {}
 
     from mlflow import MlflowClient
 
@@ -380,13 +394,14 @@ def test_variants_train_side_by_side_and_only_a_new_selection_moves_the_served_m
     record = json.loads(evaluation.read_text())
     record["retrained"]["bbox"]["AP75"] += 0.001  # evaluated again, no better: select alone reruns
     evaluation.write_text(json.dumps(record))
-    assert jobs_run(snakemake(tmp_path, config, *two_at_once)) == {"select"}
+    config["mlflow"]["tracking_uri"] = ""  # and tracking turned off reruns nothing
+    assert jobs_run(snakemake(tmp_path, config, *two_at_once)) == {"select"}  # (nothing else was due)
 
     record["retrained"]["segm"]["AP"] = 0.99  # evaluated again, now the best: the served model follows
     evaluation.write_text(json.dumps(record))
     ran = jobs_run(snakemake(tmp_path, config, *two_at_once))
-    assert {"select", "serve_selected", "evaluate_test", "model_card", "prediction_grid"} <= ran, ran
-    assert not ran & {"train_experiment", "evaluate_experiment"}
+    assert {"select", "serve_selected", "serve_selected_test", "model_card", "ap_table"} <= ran, ran
+    assert not ran & {"train_experiment", "evaluate_experiment_with_test", "evaluate_with_test"}
     assert json.loads((results / "selected.json").read_text())["experiment"] == other
     assert file_digest(results / "model/model.pth") == file_digest(
         served.parents[2] / other / "model/model.pth"

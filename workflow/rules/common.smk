@@ -434,3 +434,17 @@ def inference_params():
         for key, value in config["inference"].items()
         if key not in ("images", "videos", "ground_truth")
     }
+
+
+# Subsets whose evaluation covers a test split too (rules evaluate_with_test and
+# evaluate_experiment_with_test), and those evaluated on val alone.
+TESTED_PLAIN = one_of(n for n, v in EXPERIMENTS.items() if not v and subset_has_test(n))
+UNTESTED_PLAIN = one_of(
+    n for n, v in EXPERIMENTS.items() if not v and not subset_has_test(n)
+)
+TESTED_EXPERIMENT = one_of(
+    n for n, v in EXPERIMENTS.items() if v and subset_has_test(n)
+)
+UNTESTED_EXPERIMENT = one_of(
+    n for n, v in EXPERIMENTS.items() if v and not subset_has_test(n)
+)

@@ -79,10 +79,15 @@ def experiment_evaluations(wildcards):
     }
 
 
+def selected_experiment(subset):
+    """The variant select picked for a subset (once select has run)."""
+    selected = checkpoints.select.get(subset=subset).output.selected
+    return json.loads(Path(selected).read_text())["experiment"]
+
+
 def selected_files(wildcards):
     """The selected variant's files, named as serve_selected's outputs (after select ran)."""
-    selected = checkpoints.select.get(subset=wildcards.subset).output.selected
-    name = json.loads(Path(selected).read_text())["experiment"]
+    name = selected_experiment(wildcards.subset)
     folder = ModelFolder(f"results/{wildcards.subset}/experiments/{name}/model")
     evaluation = f"results/{wildcards.subset}/experiments/{name}/eval"
     return {
@@ -94,6 +99,16 @@ def selected_files(wildcards):
         "loss": str(folder.loss_plot),
         "metrics": f"{evaluation}/metrics.json",
         "per_class": f"{evaluation}/per_class.csv",
+    }
+
+
+def selected_test_files(wildcards):
+    """The selected variant's test evaluation, named as serve_selected_test's outputs."""
+    name = selected_experiment(wildcards.subset)
+    evaluation = f"results/{wildcards.subset}/experiments/{name}/eval"
+    return {
+        "metrics": f"{evaluation}/test_metrics.json",
+        "per_class": f"{evaluation}/test_per_class.csv",
     }
 
 
@@ -111,8 +126,7 @@ def card_train_data(wildcards):
     """The training data the served model was trained on: the subset's, or the selected variant's."""
     if not EXPERIMENTS[wildcards.subset]:
         return f"results/{wildcards.subset}/data/train.json"
-    selected = checkpoints.select.get(subset=wildcards.subset).output.selected
-    name = json.loads(Path(selected).read_text())["experiment"]
+    name = selected_experiment(wildcards.subset)
     train, _ = EXPERIMENTS[wildcards.subset][name].data_files(
         config["subsets"][wildcards.subset]
     )

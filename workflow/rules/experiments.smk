@@ -87,20 +87,24 @@ use rule evaluate as evaluate_experiment with:
     log:
         "logs/{subset}/experiments/{experiment}/evaluate.log",
     wildcard_constraints:
-        subset=EXPERIMENT_SUBSET,
+        subset=UNTESTED_EXPERIMENT,
 
 
-use rule evaluate_experiment as evaluate_experiment_test with:
+use rule evaluate_experiment as evaluate_experiment_with_test with:
     input:
         weights=str(EXPERIMENT.served),
         classes=str(EXPERIMENT.classes_file),
-        val="results/{subset}/data/test.json",
-        val_images=images_of_split("test"),
+        val="results/{subset}/data/val.json",
+        val_images=images_of_split("val"),
+        test="results/{subset}/data/test.json",
+        test_images=images_of_split("test"),
     output:
-        metrics="results/{subset}/experiments/{experiment}/eval/test_metrics.json",
-        per_class="results/{subset}/experiments/{experiment}/eval/test_per_class.csv",
-    log:
-        "logs/{subset}/experiments/{experiment}/evaluate_test.log",
+        metrics="results/{subset}/experiments/{experiment}/eval/metrics.json",
+        per_class="results/{subset}/experiments/{experiment}/eval/per_class.csv",
+        test_metrics="results/{subset}/experiments/{experiment}/eval/test_metrics.json",
+        test_per_class="results/{subset}/experiments/{experiment}/eval/test_per_class.csv",
+    wildcard_constraints:
+        subset=TESTED_EXPERIMENT,
 
 
 checkpoint select:
@@ -164,3 +168,14 @@ rule serve_selected:
         code=script_code("serve_selected"),
     script:
         "../scripts/serve_selected.py"
+
+
+# The selected variant's test evaluation as the subset's (a plain subset's is evaluate_with_test's).
+use rule serve_selected as serve_selected_test with:
+    input:
+        unpack(selected_test_files),
+    output:
+        metrics="results/{subset}/eval/test_metrics.json",
+        per_class="results/{subset}/eval/test_per_class.csv",
+    log:
+        "logs/{subset}/serve_selected_test.log",

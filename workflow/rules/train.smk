@@ -96,7 +96,7 @@ rule evaluate:
     log:
         "logs/{subset}/evaluate.log",
     wildcard_constraints:
-        subset=PLAIN_SUBSET,
+        subset=UNTESTED_PLAIN,
     conda:
         "../../envs/d2retrain.yaml"
     threads: 4
@@ -112,18 +112,21 @@ rule evaluate:
         "../scripts/evaluate.py"
 
 
-# The served model's AP on the test split (subsets with one): never used to train or to select.
-use rule evaluate as evaluate_test with:
+# With a test split, the served model's AP on it too, in the same job (the model loaded once): never
+# used to train or to select. For a subset with experiments, serve_selected_test copies the
+# selected variant's.
+use rule evaluate as evaluate_with_test with:
     input:
-        unpack(after_selection),
         weights=str(MODEL.served),
         classes=str(MODEL.classes_file),
-        val="results/{subset}/data/test.json",
-        val_images=images_of_split("test"),
+        val="results/{subset}/data/val.json",
+        val_images=images_of_split("val"),
+        test="results/{subset}/data/test.json",
+        test_images=images_of_split("test"),
     output:
-        metrics="results/{subset}/eval/test_metrics.json",
-        per_class="results/{subset}/eval/test_per_class.csv",
-    log:
-        "logs/{subset}/evaluate_test.log",
+        metrics="results/{subset}/eval/metrics.json",
+        per_class="results/{subset}/eval/per_class.csv",
+        test_metrics="results/{subset}/eval/test_metrics.json",
+        test_per_class="results/{subset}/eval/test_per_class.csv",
     wildcard_constraints:
-        subset=one_of(config["subsets"]),
+        subset=TESTED_PLAIN,

@@ -1,24 +1,27 @@
-"""Snakemake job: COCO AP of the subset's model (or an experiment's) on its val or test split."""
+"""Snakemake job: COCO AP of the subset's model (or an experiment's) on its val split, and on its
+test split when the subset has one (the model loaded once)."""
 
 from pathlib import Path
 
 from d2retrain.core.logutil import run_job
-from d2retrain.model.engines import evaluate_model
+from d2retrain.model.engines import EvalSplit, evaluate_splits
 
 snakemake = globals()["snakemake"]
-split = "test" if Path(snakemake.output.metrics).name.startswith("test_") else "val"
+inputs, outputs = snakemake.input, snakemake.output
+splits = [EvalSplit("val", inputs.val, inputs.val_images, outputs.metrics, outputs.per_class)]
+if "test" in dict(inputs.items()):  # a Namedlist: `in` would look among the values
+    splits.append(
+        EvalSplit("test", inputs.test, inputs.test_images, outputs.test_metrics, outputs.test_per_class)
+    )
 run_job(
     snakemake.log[0],
-    evaluate_model,
-    str(Path(snakemake.input.weights).parent),
-    snakemake.input.val,
-    snakemake.input.val_images,
+    evaluate_splits,
+    str(Path(inputs.weights).parent),
+    splits,
     list(snakemake.params.categories),
-    snakemake.output.metrics,
-    snakemake.output.per_class,
     device=snakemake.params.device,
     threads=snakemake.threads,
     score_threshold=snakemake.params.score_threshold,
     # read from the config, not a param: where a run is tracked does not change the AP
-    track_as=split if snakemake.config["mlflow"]["tracking_uri"] else None,
+    track=bool(snakemake.config["mlflow"]["tracking_uri"]),
 )

@@ -5,6 +5,7 @@ import difflib
 import functools
 import importlib.resources
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "load_config",
     "check_config",
     "ConfigError",
+    "dotted_keys",
 ]
 
 
@@ -248,3 +250,15 @@ def _explained(error: Any, prefix: str = "") -> str:
 def _short(value: Any, limit: int = 60) -> str:
     text = value if isinstance(value, str) and limit > 60 else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def dotted_keys(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as one level of dotted keys (``{"solver": {"base_lr": 0.01}}`` ->
+    ``{"solver.base_lr": 0.01}``), down to the values that are not mappings."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat |= dotted_keys(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from d2retrain.core.config import dotted_keys
 from d2retrain.core.fileio import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -165,6 +166,13 @@ class MlflowRun:
             with self._guard("end the run"), self._store_lock():
                 self._connect().set_terminated(self.run_id, status)
 
+    @property
+    def _database(self) -> Path | None:
+        """The database file of a SQLite store (None for other stores)."""
+        if not self.tracking_uri.startswith("sqlite:///"):
+            return None
+        return Path(self.tracking_uri.removeprefix("sqlite:///"))
+
     def _experiment_id(self, name: str) -> str:
         """The experiment's id, created when it does not exist (by this process or, on a server, by
         one racing it); a SQLite store's artifacts go beside its database (``mlflow-artifacts/``),
@@ -174,9 +182,8 @@ class MlflowRun:
         if experiment is not None:
             return experiment.experiment_id
         location = None
-        if self.tracking_uri.startswith("sqlite:///"):
-            database = Path(self.tracking_uri.removeprefix("sqlite:///")).resolve()
-            location = (database.parent / "mlflow-artifacts").as_uri()
+        if self._database is not None:
+            location = (self._database.resolve().parent / "mlflow-artifacts").as_uri()
         try:
             return client.create_experiment(name, artifact_location=location)
         except Exception:
@@ -202,10 +209,10 @@ class MlflowRun:
     @contextlib.contextmanager
     def _store_lock(self) -> Iterator[None]:
         """Between processes, one writer at a time to a SQLite store (a no-op for other stores)."""
-        if not self.tracking_uri.startswith("sqlite:///") or self._locked:  # held already: re-entered
+        database = self._database
+        if database is None or self._locked:  # held already: re-entered
             yield
             return
-        database = Path(self.tracking_uri.removeprefix("sqlite:///"))
         database.parent.mkdir(parents=True, exist_ok=True)
         with open(f"{database}.lock", "a") as handle:
             deadline = time.monotonic() + _LOCK_SECONDS
@@ -252,15 +259,12 @@ def copy_run_state(source: str | os.PathLike[str], target: str | os.PathLike[str
         (Path(target) / STATE_FILE).unlink(missing_ok=True)
 
 
-def flat_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+def flat_params(values: Mapping[str, Any]) -> dict[str, str]:
     """Nested settings as MLflow params: dotted keys, values as text (cut to MLflow's 6000 characters)."""
-    flat: dict[str, str] = {}
-    for key, value in values.items():
-        if isinstance(value, Mapping):
-            flat |= flat_params(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = (value if isinstance(value, str) else json.dumps(value))[:6000]
-    return flat
+    return {
+        key: (value if isinstance(value, str) else json.dumps(value))[:6000]
+        for key, value in dotted_keys(values).items()
+    }
 
 
 def mlflow_settings(

@@ -5,6 +5,7 @@ surgery, a predictor) and its training half (``d2retrain.train.<engine>``). Each
 one line: :data:`MODEL_ENGINES` here, ``d2retrain.train.engines.TRAIN_ENGINES`` there.
 """
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -38,6 +39,8 @@ __all__ = [
     "check_weights",
     "load_predictor",
     "evaluate_model",
+    "EvalSplit",
+    "evaluate_splits",
     "read_model_config",
 ]
 
@@ -145,6 +148,25 @@ def load_predictor(
     return predictor, info
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalSplit:
+    """A split to evaluate a model on, and where its evaluation goes.
+
+    Attributes:
+        name: ``val`` or ``test`` (the MLflow metrics' prefix and artifact folder).
+        annotations: The split's COCO annotations.
+        images: The split's image folder.
+        metrics: ``metrics.json`` to write.
+        per_class: The per-class CSV to write.
+    """
+
+    name: str
+    annotations: str
+    images: str
+    metrics: str
+    per_class: str
+
+
 def evaluate_model(
     model_dir: str,
     val_json: str,
@@ -157,48 +179,81 @@ def evaluate_model(
     score_threshold: float = 0.5,
     track_as: str | None = None,
 ) -> dict:
-    """Evaluate a model folder on a validation split and write the metrics files; warn (in the
-    log and in ``warnings`` of the report) when the model finds nothing at ``score_threshold`` (the
-    inference threshold) on any val image. With ``track_as`` (``val`` or ``test``) and a training
-    tracked in MLflow, the AP goes to its run too (``<track_as>_segm_AP``..., the files as artifacts).
+    """Evaluate a model folder on one split (:func:`evaluate_splits`, named ``track_as``, or ``val``
+    untracked) and write its metrics files.
 
     Returns:
         ``{"retrained": report}``, and ``"baseline"`` when there is one.
     """
+    split = EvalSplit(track_as or "val", val_json, val_images, metrics_path, per_class_path)
+    reports = evaluate_splits(
+        model_dir, [split], classes, device, threads, score_threshold, track=track_as is not None
+    )
+    return reports[split.name]
+
+
+def evaluate_splits(
+    model_dir: str,
+    splits: Sequence[EvalSplit],
+    classes: list[str],
+    device: str = "auto",
+    threads: int = 1,
+    score_threshold: float = 0.5,
+    track: bool = False,
+) -> dict[str, dict]:
+    """Evaluate a model folder on each split (val, and test when there is one), the model loaded
+    once, and write each split's metrics files; warn (in the log and in ``warnings`` of the report)
+    when the model finds nothing at ``score_threshold`` (the inference threshold) on any image of a
+    split. With ``track`` and a training tracked in MLflow, the AP goes to its run too
+    (``<split>_segm_AP``..., the files as artifacts under ``<split>/``).
+
+    Returns:
+        Per split name, ``{"retrained": report}``, and ``"baseline"`` when there is one.
+    """
     torch.set_num_threads(max(1, threads))
     predictor, info = load_predictor(model_dir, classes, device=device)
-    retrained = evaluate(predictor, val_json, val_images, info.classes, found_at=score_threshold)
-    reports = {"retrained": retrained | {"warnings": _found_nothing(retrained)}}
-    reports["retrained"]["weights"] = ModelFolder(model_dir).served_record()
     baseline = _baseline_predictor(model_dir, info, device)
     if isinstance(baseline, str):
-        reports["retrained"]["no_baseline"] = baseline
         logger.info("no baseline: %s", baseline)
-    else:
-        predictor, covered = baseline
-        reports["baseline"] = evaluate(predictor, val_json, val_images, info.classes, only=covered)
-    write_evaluation(reports, metrics_path, per_class_path)
-    run = MlflowRun.attach(ModelFolder(model_dir).checkpoints) if track_as else None
+    run = MlflowRun.attach(ModelFolder(model_dir).checkpoints) if track else None
+    served = ModelFolder(model_dir).served_record()
+    evaluations = {}
+    for split in splits:
+        retrained = evaluate(
+            predictor, split.annotations, split.images, info.classes, found_at=score_threshold
+        )
+        reports = {"retrained": retrained | {"warnings": _found_nothing(retrained, split.name)}}
+        reports["retrained"]["weights"] = served
+        if isinstance(baseline, str):
+            reports["retrained"]["no_baseline"] = baseline
+        else:
+            base_predictor, covered = baseline
+            reports["baseline"] = evaluate(
+                base_predictor, split.annotations, split.images, info.classes, only=covered
+            )
+        write_evaluation(reports, split.metrics, split.per_class)
+        if run is not None:
+            final = {
+                f"{split.name}_{kind}_{key}": retrained[kind][key]
+                for kind in ("segm", "bbox")
+                for key in ("AP", "AP50")
+            }
+            run.log_metrics(final, served.get("iteration") or 0)
+            run.log_artifacts([split.metrics, split.per_class], folder=split.name)
+        evaluations[split.name] = reports
     if run is not None:
-        final = {
-            f"{track_as}_{kind}_{key}": retrained[kind][key]
-            for kind in ("segm", "bbox")
-            for key in ("AP", "AP50")
-        }
-        run.log_metrics(final, reports["retrained"]["weights"].get("iteration") or 0)
-        run.log_artifacts([metrics_path, per_class_path], folder=track_as)
         run.flush()
-    return reports
+    return evaluations
 
 
-def _found_nothing(report: dict) -> list[str]:
-    """The warning when the model finds nothing at the inference threshold on any val image."""
+def _found_nothing(report: dict, split: str = "val") -> list[str]:
+    """The warning when the model finds nothing at the inference threshold on any image of a split."""
     found = report["found"]
     if found["images"] or not found["val_images"]:
         return []
     warning = (
         f"the model finds nothing at score >= {found['score_threshold']:g} on any of the "
-        f"{found['val_images']} val images (segm AP {report['segm']['AP']:.3f}): train longer "
+        f"{found['val_images']} {split} images (segm AP {report['segm']['AP']:.3f}): train longer "
         "(train.iterations), start from COCO weights (model.weights), check that the val images show "
         "the classes, or lower inference.score_threshold"
     )
