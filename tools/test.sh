@@ -2,7 +2,7 @@
 # Set up (or bring up to date, from uv.lock) and run every check: ruff, snakefmt, snakemake --lint,
 # import-linter, mypy and pytest. CI runs it as it is: every test, slow ones included.
 #
-#   bash tools/test.sh               every check and every test (CI; about 18 minutes on 2 cores)
+#   bash tools/test.sh               every check and every test (CI; about 20 minutes on 2 cores)
 #   bash tools/test.sh --fast        every check and the tests not marked slow (about 2.5 minutes)
 #   bash tools/test.sh --fast --no-lint   the fast tests alone (the pre-commit hook: the other
 #                                    hooks lint)

@@ -177,19 +177,15 @@ def evaluate_model(
     device: str = "auto",
     threads: int = 1,
     score_threshold: float = 0.5,
-    track_as: str | None = None,
 ) -> dict:
-    """Evaluate a model folder on one split (:func:`evaluate_splits`, named ``track_as``, or ``val``
-    untracked) and write its metrics files.
+    """Evaluate a model folder on its val split and write the metrics files
+    (:func:`evaluate_splits` with that one split, untracked).
 
     Returns:
         ``{"retrained": report}``, and ``"baseline"`` when there is one.
     """
-    split = EvalSplit(track_as or "val", val_json, val_images, metrics_path, per_class_path)
-    reports = evaluate_splits(
-        model_dir, [split], classes, device, threads, score_threshold, track=track_as is not None
-    )
-    return reports[split.name]
+    split = EvalSplit("val", val_json, val_images, metrics_path, per_class_path)
+    return evaluate_splits(model_dir, [split], classes, device, threads, score_threshold)["val"]
 
 
 def evaluate_splits(
