@@ -250,8 +250,8 @@ def _found_nothing(report: dict, split: str = "val") -> list[str]:
     warning = (
         f"the model finds nothing at score >= {found['score_threshold']:g} on any of the "
         f"{found['val_images']} {split} images (segm AP {report['segm']['AP']:.3f}): train longer "
-        "(train.iterations), start from COCO weights (model.weights), check that the val images show "
-        "the classes, or lower inference.score_threshold"
+        f"(train.iterations), start from COCO weights (model.weights), check that the {split} images "
+        "show the classes, or lower inference.score_threshold"
     )
     logger.warning(warning)
     return [warning]
